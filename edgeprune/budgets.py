@@ -1,0 +1,78 @@
+"""Budgets: compare a finished build with the profile's limits.
+
+Exit codes (documented in the README): 10 accuracy, 11 latency, 12 size,
+13 speed-up; 14 when several kinds are violated. ``edgeprune diff`` uses the
+same codes for regressions of the same kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from edgeprune.config import BudgetConfig
+
+EXIT_CODES = {"accuracy": 10, "latency": 11, "size": 12, "speedup": 13}
+SEVERAL_KINDS = 14
+# Command-line sugar for ``--set budgets.KEY=VALUE``: (flag, budget key, help).
+BUDGET_FLAGS = (
+    ("--max-accuracy-drop", "max_accuracy_drop", "fail (exit 10) when top-1 drops by more than this many points"),
+    ("--max-latency-p50-ms", "max_latency_p50_ms", "fail (exit 11) when the primary artefact's p50 latency exceeds this"),
+    ("--max-latency-p90-ms", "max_latency_p90_ms", "fail (exit 11) when the primary artefact's p90 latency exceeds this"),
+    ("--max-size-kb", "max_size_kb", "fail (exit 12) when the primary artefact is larger than this many KiB"),
+    ("--min-speedup", "min_speedup", "fail (exit 13) when the measured speed-up over the dense fp32 export is below this"),
+)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken budget: its kind (accuracy/latency/size/speedup), the budget key, limit and value."""
+
+    kind: str
+    message: str
+    budget: str = ""
+    limit: float | None = None
+    value: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "budget": self.budget, "limit": self.limit, "value": self.value}
+
+
+def budget_overrides(values: dict[str, float | None]) -> tuple[str, ...]:
+    """``--set`` strings for the budget flags given on the command line (None = not given)."""
+    return tuple(f"budgets.{key}={float(value)!r}" for key, value in values.items() if value is not None)
+
+
+def check_budgets(budgets: BudgetConfig, manifest: dict[str, Any]) -> list[Violation]:
+    """Every budget the manifest's primary artefact breaks (an unmeasured figure breaks its budget)."""
+    primary = manifest["primary_artifact"]
+    artifact = manifest["artifacts"].get(primary, {})
+    measured = artifact.get("benchmark", {})
+    checks = [
+        ("accuracy", "max_accuracy_drop", manifest["accuracy"].get("drop"), "accuracy drop", "points", max),
+        ("latency", "max_latency_p50_ms", measured.get("latency_p50_ms"), "latency p50", "ms", max),
+        ("latency", "max_latency_p90_ms", measured.get("latency_p90_ms"), "latency p90", "ms", max),
+        ("size", "max_size_kb", artifact.get("size_bytes", 0) / 1024, "artefact size", "KiB", max),
+        ("speedup", "min_speedup", manifest["speedups"].get(primary), "measured speed-up", "x", min),
+    ]
+    violations = []
+    for kind, key, value, what, unit, bound in checks:
+        limit = getattr(budgets, key)
+        if not limit:
+            continue
+        if value is None:
+            violations.append(Violation(kind, f"{what} of {primary} was not measured (budget {limit} {unit})", key, limit))
+        elif (bound is max and value > limit) or (bound is min and value < limit):
+            relation = "exceeds" if bound is max else "is below"
+            message = f"{what} of {primary} = {value:.3f} {unit} {relation} the budget {limit} {unit}"
+            violations.append(Violation(kind, message, key, limit, value))
+    return violations
+
+
+def exit_code(violations: Iterable[Violation | str]) -> int:
+    """0 with no violation, the kind's code for one kind (10-13), 14 for several kinds."""
+    kinds = {item if isinstance(item, str) else item.kind for item in violations}
+    if not kinds:
+        return 0
+    return EXIT_CODES[kinds.pop()] if len(kinds) == 1 else SEVERAL_KINDS

@@ -1,0 +1,373 @@
+"""Typed, frozen configuration: one dataclass per stage, loaded from TOML.
+
+A build's configuration is layered, later layers winning:
+built-in defaults < target profile (``targets/*.toml``) < project file
+(``edgeprune.toml``) < ``--set section.key=value`` overrides.
+
+Every layer is validated against the dataclasses below: an unknown section or
+key, a value of the wrong type or one outside its range is a ``ConfigError``
+naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgeprune.errors import ConfigError
+
+
+def _range(low: float, high: float) -> dict[str, Any]:
+    return {"range": (low, high)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network to build: a bundled one or the user's ``module:factory``."""
+
+    source: str = "example:small_cnn"
+    weights: str = ""
+    trust_checkpoint: bool = False
+    num_classes: int = field(default=10, metadata=_range(2, 100_000))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and the preprocessing a device app must repeat.
+
+    Images are turned into model input as ``(pixel * scale - mean) / std`` per
+    channel, in NCHW. ``layout`` is the layout of the *stored* images.
+    """
+
+    source: str = "example"
+    layout: Literal["auto", "NCHW", "NHWC"] = "auto"
+    scale: float = field(default=1 / 255, metadata=_range(0.0, 1e6))
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    calibration_samples: int = field(default=256, metadata=_range(1, 1_000_000))
+    eval_samples: int = field(default=0, metadata=_range(0, 10_000_000))
+    train_samples: int = field(default=0, metadata=_range(0, 10_000_000))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Baseline training, used only for the bundled example models."""
+
+    epochs: int = field(default=6, metadata=_range(1, 1000))
+    lr: float = field(default=5e-3, metadata=_range(1e-7, 10.0))
+    batch_size: int = field(default=128, metadata=_range(1, 65536))
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Structured and/or unstructured pruning settings.
+
+    Structured pruning removes ``amount`` of each layer group's channels in ``steps``
+    steps, with ``recover_epochs`` of (distilled) finetuning between them. Per-group
+    ratios: ``ratios_from`` (a ``sensitivity.json`` from ``edgeprune analyze``) scales
+    ``amount`` per group by its measured latency gain per point of accuracy lost, and
+    ``layer_ratios`` (``["layer.name=0.5", ...]``) fixes single groups. With
+    ``speedup`` > 0, pruning instead goes on in steps of ``speedup_step`` until the
+    speed-up measured on the target's runtime reaches it (``budgets.max_accuracy_drop``
+    checked after each step's recovery). ``prune_num_heads`` removes whole attention
+    heads instead of narrowing every head.
+    """
+
+    mode: Literal["none", "structured", "unstructured", "both"] = "structured"
+    amount: float = field(default=0.3, metadata=_range(0.0, 0.95))
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    global_pruning: bool = False
+    round_to: int = field(default=8, metadata=_range(1, 1024))
+    ignored_layers: tuple[str, ...] = ()
+    steps: int = field(default=1, metadata=_range(1, 100))
+    recover_epochs: int = field(default=1, metadata=_range(0, 100))
+    layer_ratios: tuple[str, ...] = ()
+    ratios_from: str = ""
+    speedup: float = field(default=0.0, metadata=_range(0.0, 100.0))
+    speedup_step: float = field(default=0.1, metadata=_range(0.01, 0.5))
+    prune_num_heads: bool = False
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Unstructured pruning (``prune.mode`` = unstructured or both): weights zeroed, for size or for GPUs.
+
+    ``amount`` is the final fraction of zero conv/linear weights, ranked by magnitude across
+    all layers (``scope = "global"``) or within each (``"layer"``). ``schedule = "cubic"``
+    reaches it gradually over ``schedule_steps`` steps (Zhu & Gupta) spread over the first
+    ``schedule_end`` fraction of finetuning. ``pattern = "2:4"`` keeps 2 of every 4 weights
+    along the input dimension of eligible layers instead (``amount``/``scope``/``schedule`` unused).
+    """
+
+    amount: float = field(default=0.5, metadata=_range(0.0, 0.99))
+    scope: Literal["global", "layer"] = "global"
+    schedule: Literal["oneshot", "cubic"] = "oneshot"
+    schedule_steps: int = field(default=8, metadata=_range(1, 10_000))
+    schedule_end: float = field(default=0.6, metadata=_range(0.0, 1.0))
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Accuracy recovery after pruning, optionally distilled from the unpruned model.
+
+    ``processes`` > 1 trains with DistributedDataParallel on that many local processes (gloo
+    backend, CPU; under ``torchrun`` the launcher's world is used): the same batches and
+    schedule, results within about a point of one process (BatchNorm sees per-rank slices).
+    """
+
+    epochs: int = field(default=3, metadata=_range(0, 1000))
+    lr: float = field(default=3e-3, metadata=_range(1e-7, 10.0))
+    batch_size: int = field(default=128, metadata=_range(1, 65536))
+    distill: bool = True
+    distill_alpha: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    temperature: float = field(default=4.0, metadata=_range(0.1, 100.0))
+    processes: int = field(default=1, metadata=_range(1, 256))  # > 1: DDP on that many local processes (gloo)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Post-training quantization of the exported artefacts.
+
+    ``int8``: static, calibrated on ``data.calibration_samples`` training images (ONNX QDQ /
+    full-integer TFLite); ``dynamic``: int8 weights, activations quantized at run time;
+    ``fp16``: ONNX only. ``activation_type`` is for ONNX; ``tflite_io`` is the TFLite model's
+    input/output type (``int8``: scale/zero-point in the manifest; ``float``: a Quantize and a
+    Dequantize op at the ends). An int8/dynamic artefact must stay within ``max_accuracy_drop``
+    top-1 points and ``min_top1_agreement`` of its fp32 sibling on the test split; otherwise the
+    layers with the loudest quantization noise are kept in float, at most ``max_float_layers``
+    of them (0 = no fallback: the build fails).
+    """
+
+    scheme: Literal["none", "int8", "fp16", "dynamic"] = "int8"
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    activation_type: Literal["int8", "uint8"] = "int8"
+    tflite_io: Literal["int8", "float"] = "int8"
+    max_accuracy_drop: float = field(default=0.5, metadata=_range(0.0, 100.0))
+    min_top1_agreement: float = field(default=0.99, metadata=_range(0.0, 1.0))
+    max_float_layers: int = field(default=8, metadata=_range(0, 10_000))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Which files to produce and how.
+
+    ONNX: ``opset``, onnxsim ``simplify`` (the unsimplified graph is kept when onnxsim
+    fails), ``dynamic_batch`` (a symbolic batch dimension instead of 1). TFLite:
+    ``tflite_channels_last`` gives the file NHWC input, what Android camera pipelines
+    feed; ``tflite_converter`` = ``auto`` uses litert-torch and falls back to
+    ONNX → onnx2tf (``pip install "edgeprune[tensorflow]"``) for ops it cannot lower.
+    """
+
+    formats: tuple[Literal["onnx", "tflite"], ...] = ("onnx",)
+    opset: int = field(default=17, metadata=_range(13, 23))
+    simplify: bool = True
+    dynamic_batch: bool = False
+    tflite_channels_last: bool = False
+    tflite_converter: Literal["auto", "litert-torch", "onnx2tf"] = "auto"
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    """How closely an artefact must reproduce its PyTorch parent's logits on ``samples`` test images.
+
+    fp32 and fp16: max abs logit error and top-1 agreement; int8: top-1 agreement only,
+    against the parent and against the fp32 artefact it was quantized from.
+    """
+
+    samples: int = field(default=512, metadata=_range(1, 1_000_000))
+    fp32_max_abs: float = field(default=1e-3, metadata=_range(0.0, 1e6))
+    fp16_max_abs: float = field(default=5e-2, metadata=_range(0.0, 1e6))
+    int8_min_top1_agreement: float = field(default=0.97, metadata=_range(0.0, 1.0))
+    fp32_min_top1_agreement: float = field(default=0.999, metadata=_range(0.0, 1.0))
+    fp16_min_top1_agreement: float = field(default=0.99, metadata=_range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Where and how latency is measured."""
+
+    enabled: bool = True
+    device: str = "local"
+    required: bool = True
+    threads: int = field(default=2, metadata=_range(1, 256))
+    warmup: int = field(default=10, metadata=_range(0, 100_000))
+    iterations: int = field(default=50, metadata=_range(1, 1_000_000))
+    repeats: int = field(default=3, metadata=_range(1, 100))
+    use_xnnpack: bool = True
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Limits a release build must respect; 0 means "no limit"."""
+
+    max_accuracy_drop: float = field(default=0.0, metadata=_range(0.0, 100.0))
+    max_latency_p50_ms: float = field(default=0.0, metadata=_range(0.0, 1e9))
+    max_latency_p90_ms: float = field(default=0.0, metadata=_range(0.0, 1e9))
+    max_size_kb: float = field(default=0.0, metadata=_range(0.0, 1e12))
+    min_speedup: float = field(default=0.0, metadata=_range(0.0, 1e6))
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything one build of one target needs; each stage reads its own section."""
+
+    name: str = "custom"
+    description: str = ""
+    seed: int = field(default=0, metadata=_range(0, 2**31))
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    prune: PruneConfig = PruneConfig()
+    sparsity: SparsityConfig = SparsityConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    export: ExportConfig = ExportConfig()
+    parity: ParityConfig = ParityConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    budgets: BudgetConfig = BudgetConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-safe dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file, turning syntax and I/O errors into ConfigError."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read: {error}") from None
+    except ValueError as error:  # TOMLDecodeError, or an integer past Python's 4300-digit limit
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+
+
+def merge_layers(layers: list[tuple[str, dict[str, Any]]]) -> BuildConfig:
+    """Build a validated BuildConfig from (origin, mapping) layers, later ones winning.
+
+    Each layer is validated on its own, so an error names the file it came from.
+    """
+    merged: dict[str, Any] = {}
+    for origin, mapping in layers:
+        _check_keys(BuildConfig, mapping, origin, prefix="")
+        for key, value in mapping.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    origins = " + ".join(origin for origin, _ in layers) or "defaults"
+    return _build(BuildConfig, merged, origins, prefix="")
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``section.key=value`` into ``{section: {key: value}}``; the value is TOML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except ValueError:  # TOMLDecodeError, or an integer past Python's 4300-digit limit
+        value = raw.strip()  # a bare word such as tflite or ssh://pi@host
+    parts = key.split(".")
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def _check_keys(cls: type, mapping: dict[str, Any], origin: str, prefix: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in mapping.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{origin}: unknown key '{where}' (known: {known})")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: '{where}' must be a table")
+            _check_keys(hints[key], value, origin, prefix=f"{where}.")
+
+
+def _build(cls: type, mapping: dict[str, Any], origin: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for spec in dataclasses.fields(cls):
+        if spec.name not in mapping:
+            continue
+        where = f"{prefix}{spec.name}"
+        hint = hints[spec.name]
+        if dataclasses.is_dataclass(hint):
+            values[spec.name] = _build(hint, mapping[spec.name], origin, prefix=f"{where}.")
+        else:
+            value = _coerce(hint, mapping[spec.name], origin, where)
+            _check_range(spec, value, origin, where)
+            values[spec.name] = value
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, origin: str, where: str) -> Any:
+    origin_type = typing.get_origin(hint)
+    if origin_type is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{origin}: '{where}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin_type is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{origin}: '{where}' must be a list, got {value!r}")
+        item_hint = typing.get_args(hint)[0]
+        return tuple(_coerce(item_hint, item, origin, f"{where}[{i}]") for i, item in enumerate(value))
+    if origin_type in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type at {where}")  # a bug, not user input
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{origin}: '{where}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{origin}: '{where}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{origin}: '{where}' must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ConfigError(f"{origin}: '{where}' is too large for a number") from None
+        if number != number:
+            raise ConfigError(f"{origin}: '{where}' must be a number, got nan")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{origin}: '{where}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def _check_range(spec: dataclasses.Field, value: Any, origin: str, where: str) -> None:
+    bounds = spec.metadata.get("range")
+    if bounds is None:
+        return
+    low, high = bounds
+    if not low <= value <= high:
+        raise ConfigError(f"{origin}: '{where}' = {value!r} is out of range [{low}, {high}]")

@@ -1,0 +1,134 @@
+"""Latency-aware pruning: prune in steps until the speed-up *measured* on the target's runtime is reached.
+
+A speed-up is never estimated from MACs here. After each pruning step the candidate is
+exported to the target's format (the first of ``export.formats``: ONNX for onnxruntime
+targets, TFLite for LiteRT ones) and benchmarked through the runtime adapter of
+``benchmark.device`` with the profile's benchmark settings, side by side with the
+unpruned model's export, so that drift on a shared machine moves both. Then the step's
+recovery finetune runs and the accuracy budget (``budgets.max_accuracy_drop``, points
+against the unpruned model) is checked; breaking it stops the build with a StageError.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from edgeprune.config import PruneConfig
+from edgeprune.errors import ConfigError, StageError
+from edgeprune.pipeline import StageContext
+from edgeprune.pruning import MAX_RATIO
+from edgeprune.runtimes import BenchSettings, benchmark
+
+
+class SteppedPruning(Protocol):
+    """What the speed-up loop drives (``edgeprune.stages.prune_structured.PruningRun``)."""
+
+    model: nn.Module
+    dense: nn.Module
+    reference_accuracy: float
+
+    def prune_to(self, level: float) -> None: ...
+
+    def macs(self) -> int: ...
+
+    def recover(self, step: int) -> None: ...
+
+    def row(self, step: int, level: float) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class LatencyProbe:
+    """Exports torch models to the target's format and measures their p50 through a runtime adapter."""
+
+    fmt: str
+    device: str
+    settings: BenchSettings
+    context: StageContext
+
+    @classmethod
+    def for_target(cls, context: StageContext) -> LatencyProbe:
+        """The target's first export format and its ``[benchmark]`` settings; ConfigError without an export format."""
+        config = context.config
+        if not config.export.formats:
+            raise ConfigError("prune.speedup needs an export format to measure (set export.formats)")
+        bench = config.benchmark
+        settings = BenchSettings(
+            threads=bench.threads, warmup=bench.warmup, iterations=bench.iterations, repeats=bench.repeats, use_xnnpack=bench.use_xnnpack
+        )
+        return cls(config.export.formats[0], bench.device, settings, context)
+
+    def export(self, model: nn.Module, stem: Path) -> Path:
+        """``model`` as ``stem.onnx`` or ``stem.tflite``, converted the way the build's export stage converts it."""
+        from edgeprune.stages.export_onnx import export_onnx
+        from edgeprune.stages.export_tflite import convert_for_target
+
+        path = stem.with_suffix(f".{self.fmt}")
+        if self.fmt == "onnx":
+            example = torch.from_numpy(self.context.dataset.x_test[:1].copy())
+            export_onnx(model, example, path, self.context.config.export, reporter=self.context.reporter)
+        else:
+            convert_for_target(model, path, self.context)
+        return path
+
+    def p50_ms(self, path: Path) -> float:
+        """Median latency (ms) over the settings' repeats, each in a fresh process (DeviceError on failure)."""
+        return benchmark(path, self.device, self.settings).latency_p50_ms
+
+    def describe(self) -> str:
+        return f"{self.device} ({self.fmt}, {self.settings.threads} threads)"
+
+
+def prune_to_speedup(run: SteppedPruning, probe: LatencyProbe, config: PruneConfig, max_accuracy_drop: float) -> list[dict[str, Any]]:
+    """Raise the pruning level by ``config.speedup_step`` until the measured speed-up reaches ``config.speedup``.
+
+    Returns the trajectory: one row per step (step 0 = the unpruned model) with the level,
+    the fraction of channels removed, MACs, p50 of the candidate and of the dense model,
+    the speed-up and top-1 after the step's recovery. Raises StageError when the accuracy
+    budget is broken or the last level (``MAX_RATIO``) does not reach the target.
+    """
+    levels = [step * config.speedup_step for step in range(1, int(MAX_RATIO / config.speedup_step + 1e-9) + 1)]
+    reporter = probe.context.reporter
+    with tempfile.TemporaryDirectory(prefix="edgeprune-latency-") as folder:
+        dense_path = probe.export(run.dense, Path(folder) / "dense")
+        dense_p50 = probe.p50_ms(dense_path)
+        trajectory = [{**run.row(0, 0.0), "latency_p50_ms": dense_p50, "dense_p50_ms": dense_p50, "speedup": 1.0}]
+        for step, level in enumerate(levels, start=1):
+            run.prune_to(level)
+            if run.macs() == trajectory[-1]["macs"]:  # rounding kept every width: nothing new to measure
+                continue
+            candidate = probe.export(run.model, Path(folder) / f"step{step}")
+            dense_p50, p50 = probe.p50_ms(dense_path), probe.p50_ms(candidate)
+            run.recover(step)
+            row = {**run.row(step, level), "latency_p50_ms": p50, "dense_p50_ms": dense_p50, "speedup": dense_p50 / p50}
+            trajectory.append(row)
+            reporter.info(
+                f"[{probe.context.config.name}] prune_structured  step {step}: {row['ratio']:.0%} of channels removed, "
+                f"{row['mac_reduction']:.2f}x fewer MACs, measured {row['speedup']:.2f}x, top-1 {row['accuracy']:.2f} %"
+            )
+            check_budget(row, run.reference_accuracy, max_accuracy_drop, config, probe)
+            if row["speedup"] >= config.speedup:
+                return trajectory
+    last = trajectory[-1]
+    raise StageError(
+        f"prune.speedup={config.speedup:g} not reached: with {last['ratio']:.0%} of the channels removed the measured speed-up on "
+        f"{probe.describe()} is {last['speedup']:.2f}x ({last['mac_reduction']:.2f}x fewer MACs); the runtime's per-layer overhead "
+        "bounds what pruning gains on this model: lower prune.speedup"
+    )
+
+
+def check_budget(row: dict[str, Any], reference_accuracy: float, max_drop: float, config: PruneConfig, probe: LatencyProbe) -> None:
+    """StageError when top-1 after this step's recovery fell more than ``max_drop`` points (0 = no limit)."""
+    drop = reference_accuracy - row["accuracy"]
+    if max_drop <= 0 or drop <= max_drop:
+        return
+    raise StageError(
+        f"prune.speedup={config.speedup:g} stopped at step {row['step']}: measured {row['speedup']:.2f}x on {probe.describe()}, "
+        f"but top-1 fell {drop:.2f} points ({reference_accuracy:.2f} -> {row['accuracy']:.2f} %) after recovery, over "
+        f"budgets.max_accuracy_drop={max_drop:g}; lower prune.speedup, allow a larger drop, or recover longer (prune.recover_epochs)"
+    )

@@ -1,0 +1,229 @@
+"""manifest.json: everything a release job or a device app needs to know about a build.
+
+A manifest records what is needed to reproduce the build (the resolved profile,
+the seed, tool versions, hashes of the weights, data and model code) and what was
+measured. Two builds from the same inputs on the same kind of machine give the
+same manifest except for the ``VOLATILE_FIELDS`` (timestamps, wall-clock times,
+cache history and benchmark measurements); ``content_sha256`` hashes the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeprune.artifacts import Artifact, gzip_size, sha256_of
+from edgeprune.config import BuildConfig
+from edgeprune.data import Dataset
+from edgeprune.pipeline import PipelineResult, tool_versions
+
+MANIFEST_VERSION = 2  # 2: reproducibility inputs, content_sha256, volatile fields
+# Fields that differ between two builds of the same inputs: when and how long it ran,
+# whether a stage came from the cache and why it ran, and every benchmark measurement
+# (latency, memory, speed-ups, and the budget verdicts that follow from them).
+# "*" matches every key of a table or every item of a list.
+VOLATILE_FIELDS = (
+    "created_at",
+    "content_sha256",
+    "stages.*.seconds",
+    "stages.*.cached",
+    "stages.*.reason",
+    "stages.*.metrics.results",
+    "stages.*.metrics.speedups",
+    "artifacts.*.benchmark",
+    "speedups",
+    "budgets.violations",
+    "budgets.passed",
+)
+SHIPPED = {  # artefact name in the pipeline -> file name in the output folder
+    "model": "model.pt",
+    "onnx_fp32": "model_fp32.onnx",
+    "onnx_int8": "model_int8.onnx",
+    "onnx_fp16": "model_fp16.onnx",
+    "tflite_fp32": "model_fp32.tflite",
+    "tflite_int8": "model_int8.tflite",
+}
+
+
+def primary_artifact(config: BuildConfig) -> str:
+    """The artefact the target ships to its device: first export format, target precision."""
+    precision = "fp32" if config.quantize.scheme == "none" else config.quantize.scheme
+    return f"{config.export.formats[0]}_{precision}"
+
+
+def make_manifest(config: BuildConfig, dataset: Dataset, result: PipelineResult, shipped: dict[str, Artifact]) -> dict[str, Any]:
+    stages = {record.name: record for record in result.records}
+    benchmark = stages["benchmark"].metrics if "benchmark" in stages else {}
+    primary = primary_artifact(config)
+    artifacts = {name: describe_artifact(artifact, benchmark) for name, artifact in shipped.items()}
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "target": config.name,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "primary_artifact": primary,
+        "artifacts": artifacts,
+        "accuracy": accuracy_summary(stages, artifacts, primary),
+        "model": model_summary(stages),
+        "speedups": benchmark.get("speedups", {}),
+        "benchmark_device": benchmark.get("device"),
+        "preprocessing": preprocessing(config, dataset),
+        "inputs": input_hashes(config, dataset),
+        "stages": [stage_entry(record) for record in result.records],
+        "config": config.to_dict(),
+        "profile_sha256": _json_sha256(config.to_dict()),
+        "seed": config.seed,
+        "tools": tool_versions(),
+        "environment": {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine()},
+        "volatile_fields": list(VOLATILE_FIELDS),
+    }
+    return manifest
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Add ``content_sha256``: the hash of everything but the volatile fields. Call last."""
+    manifest["content_sha256"] = content_sha256(manifest)
+    return manifest
+
+
+def content_sha256(manifest: dict[str, Any]) -> str:
+    return _json_sha256(strip_volatile(manifest))
+
+
+def strip_volatile(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``manifest`` without the ``VOLATILE_FIELDS``: what a rebuild must reproduce."""
+    stripped = copy.deepcopy(manifest)
+    for pattern in VOLATILE_FIELDS:
+        _drop(stripped, pattern.split("."))
+    return stripped
+
+
+def _drop(node: Any, path: list[str]) -> None:
+    head, rest = path[0], path[1:]
+    if head == "*":
+        children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+    elif isinstance(node, dict) and head in node:
+        if not rest:
+            del node[head]
+            return
+        children = [node[head]]
+    else:
+        return
+    for child in children:
+        if rest:
+            _drop(child, rest)
+
+
+def _json_sha256(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def input_hashes(config: BuildConfig, dataset: Dataset) -> dict[str, Any]:
+    """What went in, by content: the weights file, the data (file and preprocessed arrays), the model code."""
+    weights = Path(config.model.weights) if config.model.weights else None
+    return {
+        "model_source": config.model.source,
+        "model_source_sha256": _module_file_sha256(config.model.source),
+        "weights": config.model.weights,
+        "weights_sha256": sha256_of(weights) if weights and weights.is_file() else None,
+        "data_source": config.data.source,
+        "data_sha256": _data_file_sha256(config.data.source),
+        "data_fingerprint": dataset.fingerprint,
+    }
+
+
+def _data_file_sha256(source: str) -> str | None:
+    from edgeprune.data import EXAMPLE_DATA
+
+    path = EXAMPLE_DATA if source == "example" else Path(source)
+    if path.suffix == ".npz" and path.is_file():
+        return sha256_of(path)
+    return _module_file_sha256(source)
+
+
+def _module_file_sha256(source: str) -> str | None:
+    """The hash of the Python file defining ``module:function`` (bundled examples: None, see tools)."""
+    if ":" not in source or source.startswith("example:"):
+        return None
+    module_name = source.partition(":")[0]
+    module = sys.modules.get(module_name)
+    origin = getattr(module, "__file__", None)
+    if origin is None:
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except (ImportError, ValueError):
+            return None
+        origin = spec.origin if spec else None
+    return sha256_of(Path(origin)) if origin and Path(origin).is_file() else None
+
+
+def describe_artifact(artifact: Artifact, benchmark: dict[str, Any]) -> dict[str, Any]:
+    entry = {
+        "file": artifact.path.name,
+        "kind": artifact.kind,
+        "sha256": artifact.sha256,
+        "size_bytes": artifact.size_bytes,
+        "size_gzip_bytes": gzip_size(artifact.path),
+        **{key: value for key, value in artifact.meta.items()},
+    }
+    measured = benchmark.get("results", {}).get(artifact.name)
+    if measured is not None:  # without the cache path the runner measured, which means nothing to a reader
+        entry["benchmark"] = {key: value for key, value in measured.items() if key != "artifact"}
+    return entry
+
+
+def accuracy_summary(stages: dict[str, Any], artifacts: dict[str, Any], primary: str) -> dict[str, Any]:
+    """Top-1 (percent, real test split) after every stage and of every artefact."""
+    summary: dict[str, Any] = {"after_stage": {}}
+    for name, record in stages.items():
+        if "accuracy" in record.metrics:
+            summary["after_stage"][name] = record.metrics["accuracy"]
+    summary["artifacts"] = {name: entry["accuracy"] for name, entry in artifacts.items() if "accuracy" in entry}
+    baseline = summary["after_stage"].get("baseline")
+    summary["baseline"] = baseline
+    summary["primary"] = summary["artifacts"].get(primary)
+    if baseline is not None and summary["primary"] is not None:
+        summary["drop"] = baseline - summary["primary"]
+    return summary
+
+
+def model_summary(stages: dict[str, Any]) -> dict[str, Any]:
+    baseline = stages["baseline"].metrics
+    pruned = stages.get("prune_structured")
+    summary = {"macs_dense": baseline["macs"], "params_dense": baseline["params"], "macs": baseline["macs"], "params": baseline["params"]}
+    if pruned is not None:
+        summary.update(macs=pruned.metrics["macs_after"], params=pruned.metrics["params_after"], channels=pruned.metrics["layers"])
+    sparse = stages.get("prune_unstructured")
+    if sparse is not None:
+        summary.update(global_sparsity=sparse.metrics["global_sparsity"], sparsity=sparse.metrics["layers"])
+    return summary
+
+
+def preprocessing(config: BuildConfig, dataset: Dataset) -> dict[str, Any]:
+    """What a device app must do to a raw image before feeding the model."""
+    return {
+        "formula": "input = (pixel * scale - mean[c]) / std[c]",
+        "layout": "NCHW",
+        "input_shape": [1, *dataset.input_shape],
+        "scale": config.data.scale,
+        "mean": list(config.data.mean),
+        "std": list(config.data.std),
+    }
+
+
+def stage_entry(record) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "version": record.version,
+        "cache_key": record.key,
+        "cached": record.cached,
+        "reason": record.reason,
+        "seconds": round(record.seconds, 3),
+        "metrics": record.metrics,
+    }

@@ -1,0 +1,213 @@
+"""The Stage protocol, the ordered plan for a target, and the cached runner.
+
+A stage is file-in, file-out: it reads named artefacts produced by earlier
+stages (``consumes``), writes new ones into a fresh folder, and returns them
+with its metrics. Its cache key is (name, version, its config sections, the
+hashes of what it consumes, the data fingerprint, the seed, tool versions).
+
+A stage's files only become a cache entry when it returns: Ctrl-C, SIGTERM
+(see ``edgeprune.interrupts``), a full disk or a crash leave no entry behind,
+so a rerun resumes after the last stage that finished.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from edgeprune import interrupts
+from edgeprune.artifacts import Artifact, write_error
+from edgeprune.cache import Cache, cache_key
+from edgeprune.config import BuildConfig
+from edgeprune.data import Dataset
+from edgeprune.progress import Reporter
+
+TOOLS = ("edgeprune", "torch", "torch-pruning", "onnx", "onnxruntime", "onnxsim", "litert-torch", "ai-edge-litert", "numpy")
+
+
+@dataclass
+class StageContext:
+    """What a running stage may use: its config, the data, its inputs, its output folder."""
+
+    config: BuildConfig
+    dataset: Dataset
+    inputs: dict[str, Artifact]
+    workdir: Path
+    reporter: Reporter
+
+
+@dataclass
+class StageOutput:
+    artifacts: list[Artifact] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    name: ClassVar[str]
+    version: ClassVar[str]
+    sections: ClassVar[tuple[str, ...]]  # the config sections the stage reads
+    consumes: ClassVar[tuple[str, ...]]  # artefact names it needs
+    # A stage may set ``trains = True``: torch's thread count then joins its cache key.
+
+    def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
+        """Extra cache-key inputs not covered by config and artefacts (e.g. a weights file hash)."""
+        ...
+
+    def run(self, context: StageContext) -> StageOutput: ...
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    name: str
+    version: str
+    key: str
+    cached: bool
+    reason: str
+    seconds: float
+    metrics: dict[str, Any]
+    artifacts: tuple[str, ...]
+
+
+@dataclass
+class PipelineResult:
+    records: list[StageRecord]
+    artifacts: dict[str, Artifact]
+
+
+def plan_for(config: BuildConfig) -> list[Stage]:
+    """The ordered stages a target's config asks for."""
+    from edgeprune.stages import (
+        Baseline,
+        Benchmark,
+        ExportOnnx,
+        ExportTflite,
+        Finetune,
+        PruneStructured,
+        PruneUnstructured,
+        Quantize,
+    )
+
+    plan: list[Stage] = [Baseline()]
+    if config.prune.mode in ("structured", "both"):
+        plan.append(PruneStructured())
+    if config.prune.mode in ("unstructured", "both"):
+        plan.append(PruneUnstructured())
+    if config.prune.mode != "none" and config.finetune.epochs > 0:
+        plan.append(Finetune())
+    if "onnx" in config.export.formats:
+        plan.append(ExportOnnx())
+    if "tflite" in config.export.formats:
+        plan.append(ExportTflite())
+    if config.quantize.scheme != "none":
+        plan.append(Quantize())
+    if config.benchmark.enabled:
+        plan.append(Benchmark())
+    return plan
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for tool in TOOLS:
+        try:
+            versions[tool] = metadata.version(tool)
+        except metadata.PackageNotFoundError:
+            versions[tool] = "not installed"
+    return versions
+
+
+def key_components(stage: Stage, config: BuildConfig, dataset: Dataset, inputs: dict[str, Artifact]) -> dict[str, Any]:
+    sections = config.to_dict()
+    return {
+        "stage": stage.name,
+        "version": stage.version,
+        "config": {section: sections[section] for section in stage.sections},
+        "inputs": {name: inputs[name].sha256 for name in stage.consumes if name in inputs},
+        "data": {"fingerprint": dataset.fingerprint, "preprocessing": sections["data"]},
+        "seed": config.seed,
+        "extra": stage.fingerprint(config),
+        "tools": tool_versions(),
+        **({"torch_threads": _torch_threads()} if getattr(stage, "trains", False) else {}),
+    }
+
+
+def _torch_threads() -> int:
+    """Training with 1 or 2 intra-op threads sums in another order: other weights, so another cache entry."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def run_pipeline(
+    config: BuildConfig,
+    dataset: Dataset,
+    cache: Cache,
+    reporter: Reporter,
+    force: bool = False,
+    scope: str = "",
+) -> PipelineResult:
+    """Run (or reuse from the cache) every stage of the plan, in order.
+
+    SIGTERM raises ``interrupts.Interrupted`` (a KeyboardInterrupt) meanwhile, so
+    a terminated build cleans up like a Ctrl-C'd one.
+    """
+    artifacts: dict[str, Artifact] = {}
+    records: list[StageRecord] = []
+    with interrupts.interruptible():
+        for stage in plan_for(config):
+            record, produced = _run_stage(stage, config, dataset, artifacts, cache, reporter, force, scope or config.name)
+            artifacts.update({artifact.name: artifact for artifact in produced})
+            records.append(record)
+    return PipelineResult(records, artifacts)
+
+
+# A stage failing to write for one of these reasons is the machine's state, not a bug.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _run_stage(stage, config, dataset, artifacts, cache, reporter, force, scope):
+    components = key_components(stage, config, dataset, artifacts)
+    key = cache_key(components)
+    started = time.perf_counter()
+    with cache.entry_lock(stage.name, key):  # two builds never compute the same entry at once
+        stored = None if force else cache.lookup(stage.name, key)
+        if stored is not None:
+            produced = [Artifact.from_dict(item, cache.entry(stage.name, key)) for item in stored["artifacts"]]
+            seconds = time.perf_counter() - started
+            reporter.stage(config.name, stage.name, "cached", seconds)
+            cache.remember(scope, stage.name, components)
+            names = tuple(a.name for a in produced)
+            return StageRecord(stage.name, stage.version, key, True, "unchanged", seconds, stored["metrics"], names), produced
+        reason = _why_it_runs(stage, key, components, cache, force, scope)
+        reporter.info(f"[{config.name}] {stage.name:<18} run    ({reason})")
+        with cache.new_entry(stage.name, key) as workdir:
+            output = _run_in(stage, StageContext(config, dataset, dict(artifacts), workdir, reporter))
+            stored_artifacts = [artifact.to_dict(relative_to=workdir) for artifact in output.artifacts]
+            cache.publish_result(workdir, {"artifacts": stored_artifacts, "metrics": output.metrics, "key": components})
+        entry = cache.entry(stage.name, key)
+        produced = [Artifact.from_dict(item, entry) for item in stored_artifacts]
+    seconds = time.perf_counter() - started
+    reporter.stage(config.name, stage.name, "done", seconds)
+    cache.remember(scope, stage.name, components)
+    return StageRecord(stage.name, stage.version, key, False, reason, seconds, output.metrics, tuple(a.name for a in produced)), produced
+
+
+def _why_it_runs(stage, key, components, cache, force, scope) -> str:
+    if force:
+        return "--force"
+    if cache.entry(stage.name, key).exists():
+        return "cache entry damaged"
+    return cache.explain(scope, stage.name, components)
+
+
+def _run_in(stage: Stage, context: StageContext) -> StageOutput:
+    """``stage.run``, with a failed write (disk full, read-only, ...) as one clear line."""
+    try:
+        return stage.run(context)
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(error, Path(error.filename or context.workdir)) from error

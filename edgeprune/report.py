@@ -1,0 +1,127 @@
+"""report.md: a person-readable account of what the build did and measured.
+
+Plots are PNG files beside it (``plots/<name>.png``, linked by relative path);
+report.html carries the same content self-contained (see ``html_report``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+PLOTS_DIR = "plots"
+
+
+def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] = ()) -> str:
+    """The report; ``plots`` are (file stem, title) pairs of PNGs written to ``plots/``."""
+    lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
+    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _channels(manifest) + _budgets(manifest)
+    lines += [
+        "## Preprocessing (a device app must repeat it)",
+        "",
+        f"`{manifest['preprocessing']['formula']}` with "
+        f"scale={manifest['preprocessing']['scale']:.6g}, mean={manifest['preprocessing']['mean']}, "
+        f"std={manifest['preprocessing']['std']}, layout {manifest['preprocessing']['layout']}, "
+        f"input shape {manifest['preprocessing']['input_shape']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _summary(manifest: dict[str, Any]) -> list[str]:
+    accuracy, model = manifest["accuracy"], manifest["model"]
+    primary = manifest["primary_artifact"]
+    speedup = manifest["speedups"].get(primary)
+    lines = [
+        f"- primary artefact: `{manifest['artifacts'].get(primary, {}).get('file', primary)}`",
+        f"- top-1 (test split): baseline {_pct(accuracy.get('baseline'))} → primary {_pct(accuracy.get('primary'))}"
+        + (f" (drop {accuracy['drop']:.2f} points)" if "drop" in accuracy else ""),
+        f"- MACs {model['macs_dense']:,} → {model['macs']:,} ({model['macs_dense'] / max(model['macs'], 1):.2f}× fewer); "
+        f"params {model['params_dense']:,} → {model['params']:,}",
+    ]
+    if "global_sparsity" in model:
+        lines.append(f"- global weight sparsity: {model['global_sparsity'] * 100:.1f} %")
+    if speedup:
+        device = _escape(manifest["benchmark_device"])
+        lines.append(f"- measured speed-up of {primary} over the dense fp32 export on {device}: {speedup:.2f}×")
+    return lines + [""]
+
+
+def _plots(plots: Iterable[tuple[str, str]]) -> list[str]:
+    images = [line for name, title in plots for line in (f"![{_escape(title)}]({PLOTS_DIR}/{name}.png)", "")]
+    return ["## Plots", "", *images] if images else []
+
+
+def _stages(manifest: dict[str, Any]) -> list[str]:
+    lines = ["## Stages", "", "| stage | status | seconds | top-1 after | why it ran |", "|---|---|---:|---:|---|"]
+    for stage in manifest["stages"]:
+        status = "cached" if stage["cached"] else "ran"
+        accuracy = stage["metrics"].get("accuracy")
+        lines.append(f"| {stage['name']} | {status} | {stage['seconds']:.2f} | {_pct(accuracy)} | {_escape(stage['reason'])} |")
+    return lines + [""]
+
+
+def _artifacts(manifest: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Artefacts",
+        "",
+        "| file | precision | size KiB | gzip KiB | top-1 | max abs err | top-1 agree | p50 ms | p90 ms | p99 ms | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in manifest["artifacts"].values():
+        parity, bench = entry.get("parity", {}), entry.get("benchmark", {})
+        lines.append(
+            f"| {entry['file']} | {entry.get('precision', '-')} | {entry['size_bytes'] / 1024:.1f} | {entry['size_gzip_bytes'] / 1024:.1f} "
+            f"| {_pct(entry.get('accuracy'))} | {_num(parity.get('max_abs_error'))} | {_num(parity.get('top1_agreement'))} "
+            f"| {_num(bench.get('latency_p50_ms'))} | {_num(bench.get('latency_p90_ms'))} | {_num(bench.get('latency_p99_ms'))} "
+            f"| {_num(bench.get('peak_rss_mb'))} |"
+        )
+    return lines + [""]
+
+
+def _channels(manifest: dict[str, Any]) -> list[str]:
+    channels = manifest["model"].get("channels")
+    if not channels:
+        return []
+    lines = ["## Channels per layer (structured pruning)", "", "| layer | before | after |", "|---|---:|---:|"]
+    lines += [f"| {_escape(row['layer'])} | {row['channels_before']} | {row['channels_after']} |" for row in channels]
+    return lines + [""]
+
+
+def _budgets(manifest: dict[str, Any]) -> list[str]:
+    budgets = manifest.get("budgets", {})
+    if not budgets.get("violations"):
+        return ["## Budgets", "", "All budgets met.", ""]
+    return ["## Budgets", ""] + [f"- **{v['kind']}**: {_escape(v['message'])}" for v in budgets["violations"]] + [""]
+
+
+def summary_table(manifests: list[dict[str, Any]], failures: dict[str, str] | None = None) -> str:
+    """One Markdown row per target of a matrix build: primary artefact, top-1, size, latency, speed-up, budgets."""
+    lines = ["| target | primary artefact | top-1 | drop | KiB | p50 ms | speed-up | budgets |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for manifest in manifests:
+        primary = manifest["primary_artifact"]
+        entry, accuracy = manifest["artifacts"].get(primary, {}), manifest["accuracy"]
+        speedup = manifest["speedups"].get(primary)
+        violations = manifest.get("budgets", {}).get("violations", [])
+        verdict = "ok" if not violations else "violated: " + ", ".join(sorted({v["kind"] for v in violations}))
+        p50 = entry.get("benchmark", {}).get("latency_p50_ms")
+        lines.append(
+            f"| {_escape(manifest['target'])} | {entry.get('file', primary)} | {_pct(accuracy.get('primary'))} "
+            f"| {_num(accuracy.get('drop'))} | {entry.get('size_bytes', 0) / 1024:.1f} | {_num(p50)} "
+            f"| {'-' if speedup is None else f'{speedup:.2f}×'} | {verdict} |"
+        )
+    for target, error in (failures or {}).items():
+        lines.append(f"| {_escape(target)} | - | - | - | - | - | - | failed: {_escape(error)} |")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} %"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")

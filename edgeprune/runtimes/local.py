@@ -1,0 +1,85 @@
+"""``local``: benchmark on this machine, one fresh Python process per repeat.
+
+A fresh process per repeat keeps allocator state, JIT caches and the peak-RSS figure of
+one repeat out of the next, and keeps the runtime out of the caller's process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+from edgeprune.errors import InputError
+from edgeprune.runtimes.base import (
+    RUNNER_PATH,
+    BenchResult,
+    BenchSettings,
+    DeviceUrl,
+    register_adapter,
+    run_repeats,
+)
+from edgeprune.runtimes.commands import parse_runner_stdout, run_command
+
+
+def check_artifact(artifact: Path) -> None:
+    """Raises InputError unless ``artifact`` is an existing .onnx or .tflite file."""
+    if artifact.suffix.lower() not in (".onnx", ".tflite"):
+        raise InputError(f"cannot benchmark {artifact}: expected a .onnx or .tflite file")
+    if not artifact.is_file():
+        raise InputError(f"cannot benchmark {artifact}: file not found")
+
+
+class LocalAdapter:
+    """Runs ``runner.py`` with ``python`` (default: this interpreter) as a child process.
+
+    ``providers`` are used when ``BenchSettings.providers`` is empty; ``extra_env`` is
+    added to the children's environment (this process's is left alone). ``host_affinity``
+    records the CPUs this process (and so every child) may use.
+    """
+
+    def __init__(
+        self, device: str = "local", python: str = sys.executable, providers: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
+    ) -> None:
+        self.name = device
+        self.python = python
+        self.providers = providers
+        self.extra_env = dict(extra_env or {})
+        self.host_affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+    def prepare(self, artifact: Path) -> None:
+        """Check the artefact; a local device needs nothing copied."""
+        check_artifact(artifact)
+
+    def run(self, artifact: Path, settings: BenchSettings) -> BenchResult:
+        """``settings.repeats`` isolated runner processes, aggregated.
+
+        Raises:
+            DeviceError: the runner failed (its error message is kept) or timed out
+                ``settings.retries + 1`` times.
+        """
+        self.prepare(artifact)
+        if not settings.providers and self.providers:
+            settings = replace(settings, providers=self.providers)
+        argv = [self.python, str(RUNNER_PATH), *settings.runner_args(str(artifact.resolve()))]
+        label = f"{self.name} ({artifact.name})"
+        return run_repeats(partial(self._run_once, argv, settings), settings, label, self.name, artifact)
+
+    def _run_once(self, argv: list[str], settings: BenchSettings, what: str) -> dict:
+        env = {**os.environ, **self.extra_env} if self.extra_env else None
+        completed = run_command(argv, settings.timeout_s, what, env=env)
+        result = parse_runner_stdout(completed, what)
+        result["host_affinity"] = self.host_affinity
+        return result
+
+    def cleanup(self) -> None:
+        """Nothing to remove: the runner writes no files."""
+
+
+@register_adapter("local")
+def open_local(url: DeviceUrl, settings: BenchSettings) -> LocalAdapter:
+    """``local`` or ``local?python=/path/to/python`` (another interpreter on this machine)."""
+    url.check_options(("python",))
+    return LocalAdapter(url.text, python=url.options.get("python", sys.executable))

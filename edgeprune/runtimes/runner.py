@@ -1,0 +1,367 @@
+#!/usr/bin/env python3
+"""Benchmark one .onnx or .tflite artefact in this process and print one JSON object.
+
+This file is deliberately self-contained (stdlib + numpy + the runtime, no edgeprune
+imports) so it can be copied alone to a Raspberry Pi, a phone or a remote server::
+
+    python3 runner.py --model model.onnx --threads 2 --warmup 10 --iterations 50
+    python3 runner.py --model model.tflite --no-xnnpack --min-seconds 2
+    python3 runner.py --model model.onnx --providers CUDAExecutionProvider,CPUExecutionProvider
+
+Stdout carries exactly one JSON object (anything the runtimes print to stdout is
+redirected to stderr). Times are milliseconds, memory is MiB. On any failure the
+object is ``{"error": "..."}`` and the exit code is 2.
+
+Latency statistics are over the timed iterations only (after ``--warmup`` untimed
+ones); percentiles use linear interpolation and ``latency_std_ms`` is the population
+standard deviation. ``init_ms`` covers session/interpreter creation plus tensor
+allocation, ``first_run_ms`` the first inference after that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+try:
+    import numpy as np
+except ImportError:  # reported as JSON by main(), not as a traceback
+    np = None
+
+EXIT_ERROR = 2
+INPUT_SEED = 0
+_ORT_TYPES = {  # onnxruntime type string -> numpy dtype name
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+
+
+class RunnerError(Exception):
+    """A failure reported as ``{"error": ...}`` with exit code 2."""
+
+
+class _JsonArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit 2
+        raise RunnerError(f"bad arguments: {message}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line; raises RunnerError on bad arguments."""
+    parser = _JsonArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help=".onnx or .tflite file")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op / interpreter threads")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed runs after the first")
+    parser.add_argument("--iterations", type=int, default=50, help="minimum timed runs")
+    parser.add_argument("--min-seconds", type=float, default=0.0, help="minimum timed seconds")
+    parser.add_argument("--providers", default="", help="onnxruntime providers, comma list")
+    parser.add_argument("--no-xnnpack", action="store_true", help="litert: no XNNPACK delegate")
+    parser.add_argument("--input", default=None, help=".npy (one input) or .npz (by name)")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.warmup < 0 or args.iterations < 1 or args.min_seconds < 0:
+        raise RunnerError("need --threads >= 1, --warmup >= 0, --iterations >= 1, --min-seconds >= 0")
+    return args
+
+
+# ---------------------------------------------------------------- memory and host facts
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in MiB, None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _ru_maxrss_mb() -> float | None:
+    """Peak resident set size of this process from getrusage, in MiB."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
+
+
+def current_rss_mb() -> float | None:
+    """Resident set size now (VmRSS) in MiB, or the peak so far where VmRSS is absent."""
+    rss = _proc_status_mb("VmRSS")
+    return rss if rss is not None else _ru_maxrss_mb()
+
+
+def cpu_model() -> str:
+    """Human CPU name from /proc/cpuinfo (x86, Arm boards, RISC-V) or platform."""
+    keys = ("model name", "hardware", "model", "uarch", "cpu model", "isa")
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, sep, value = line.partition(":")
+                key = key.strip().lower()
+                if sep and key in keys and value.strip() and key not in found:
+                    found[key] = value.strip()
+    except OSError:
+        pass
+    for key in keys:
+        if key in found:
+            return found[key]
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_affinity() -> list[int] | None:
+    """CPUs this process may run on, None where the OS does not say."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return None
+
+
+def host_facts() -> dict:
+    """Python, OS and CPU facts recorded next to every measurement."""
+    return {
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": cpu_affinity(),
+    }
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def random_input(shape: list[int], dtype: type, rng: np.random.Generator) -> np.ndarray:
+    """Seeded random tensor; integer types get values spanning their range (capped)."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        low, high = max(int(info.min), -128), min(int(info.max), 255)
+        return rng.integers(low, high + 1, size=shape).astype(dtype)
+    if dtype == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    return rng.standard_normal(size=shape).astype(dtype)
+
+
+def static_shape(shape: list) -> list[int]:
+    """Replace dynamic dimensions (None, names, -1, 0) by 1."""
+    return [dim if isinstance(dim, int) and dim > 0 else 1 for dim in shape]
+
+
+def load_inputs(path: str | None, specs: list[tuple[str, list[int], type]]) -> dict:
+    """Inputs by name: from ``path`` (.npy for one input, .npz keyed by name) or random."""
+    if path is None:
+        rng = np.random.default_rng(INPUT_SEED)
+        return {name: random_input(shape, dtype, rng) for name, shape, dtype in specs}
+    loaded = np.load(path)
+    if isinstance(loaded, np.ndarray):
+        if len(specs) != 1:
+            raise RunnerError(f"model has {len(specs)} inputs; pass an .npz keyed by input name")
+        name, _, dtype = specs[0]
+        return {name: loaded.astype(dtype, copy=False)}
+    missing = [name for name, _, _ in specs if name not in loaded.files]
+    if missing:
+        raise RunnerError(f"{path} lacks inputs {missing}; it has {loaded.files}")
+    return {name: loaded[name].astype(dtype, copy=False) for name, _, dtype in specs}
+
+
+# ---------------------------------------------------------------- runtimes
+
+
+def import_onnxruntime() -> tuple:
+    """The onnxruntime module and its facts; raises RunnerError if it is not installed."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise RunnerError("no ONNX runtime: pip install onnxruntime (or onnxruntime-gpu)") from error
+    return onnxruntime, {"runtime": "onnxruntime", "runtime_version": onnxruntime.__version__}
+
+
+def open_onnx(args: argparse.Namespace, ort) -> tuple:
+    """Create an onnxruntime session; returns (run_once, providers actually used)."""
+    requested = [p.strip() for p in args.providers.split(",") if p.strip()]
+    available = ort.get_available_providers()
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise RunnerError(f"onnxruntime lacks providers {missing}; available: {available}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(args.model, options, providers=requested or ["CPUExecutionProvider"])
+    used = session.get_providers()
+    # onnxruntime silently falls back to CPU when e.g. CUDA libraries fail to load.
+    if requested and used[0] != requested[0]:
+        raise RunnerError(f"asked for {requested[0]} but the session runs on {used}")
+    specs = [(i.name, static_shape(i.shape), np.dtype(_ORT_TYPES.get(i.type, "float32")).type) for i in session.get_inputs()]
+    feeds = load_inputs(args.input, specs)
+
+    def run_once() -> None:
+        session.run(None, feeds)
+
+    return run_once, used
+
+
+def import_tflite() -> tuple:
+    """The TFLite interpreter module and its facts: ai_edge_litert, else tflite_runtime."""
+    try:
+        from ai_edge_litert import interpreter
+
+        return interpreter, {"runtime": "ai-edge-litert", "runtime_version": _dist_version("ai-edge-litert")}
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime import interpreter
+
+        return interpreter, {"runtime": "tflite-runtime", "runtime_version": _dist_version("tflite-runtime")}
+    except ImportError as error:
+        raise RunnerError("no TFLite runtime: pip install ai-edge-litert (or tflite-runtime)") from error
+
+
+def _dist_version(distribution: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(distribution)
+    except Exception:  # metadata missing on hand-copied installs
+        return "unknown"
+
+
+def open_tflite(args: argparse.Namespace, module) -> tuple:
+    """Create and allocate a TFLite interpreter; returns (run_once, delegates used)."""
+    options = {"model_path": args.model, "num_threads": args.threads}
+    if args.no_xnnpack:
+        options["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interpreter = module.Interpreter(**options)
+    details = interpreter.get_input_details()
+    for detail in details:
+        signature = list(detail.get("shape_signature", detail["shape"]))
+        if any(dim < 1 for dim in signature):
+            interpreter.resize_input_tensor(detail["index"], static_shape(signature))
+    interpreter.allocate_tensors()
+    details = interpreter.get_input_details()
+    specs = [(d["name"], [int(x) for x in d["shape"]], d["dtype"]) for d in details]
+    feeds = load_inputs(args.input, specs)
+    indexed = [(d["index"], feeds[d["name"]]) for d in details]
+
+    def run_once() -> None:
+        for index, value in indexed:
+            interpreter.set_tensor(index, value)
+        interpreter.invoke()
+
+    return run_once, ["builtin"] if args.no_xnnpack else ["xnnpack"]
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def latency_stats(latencies_ns: list[int]) -> dict:
+    """p50/p90/p99/mean/std/min of per-iteration latencies, in ms."""
+    ms = np.asarray(latencies_ns, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {
+        "latency_p50_ms": float(p50),
+        "latency_p90_ms": float(p90),
+        "latency_p99_ms": float(p99),
+        "latency_mean_ms": float(ms.mean()),
+        "latency_std_ms": float(ms.std()),
+        "latency_min_ms": float(ms.min()),
+        "iterations": int(ms.size),
+    }
+
+
+def timed_loop(run_once, iterations: int, min_seconds: float) -> list[int]:
+    """Run at least ``iterations`` times and at least ``min_seconds``; latencies in ns."""
+    latencies: list[int] = []
+    deadline = time.perf_counter_ns() + int(min_seconds * 1e9)
+    while len(latencies) < iterations or time.perf_counter_ns() < deadline:
+        start = time.perf_counter_ns()
+        run_once()
+        latencies.append(time.perf_counter_ns() - start)
+    return latencies
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Load, time and describe one artefact; raises on any failure."""
+    if np is None:
+        raise RunnerError("numpy is not installed for this Python: pip install numpy")
+    if not os.path.isfile(args.model):
+        raise RunnerError(f"model file not found: {args.model}")
+    extension = os.path.splitext(args.model)[1].lower()
+    runtimes = {".onnx": (import_onnxruntime, open_onnx), ".tflite": (import_tflite, open_tflite)}
+    if extension not in runtimes:
+        raise RunnerError(f"unsupported model type {extension!r}: expected .onnx or .tflite")
+    import_runtime, open_runtime = runtimes[extension]
+    start = time.perf_counter_ns()
+    module, runtime_facts = import_runtime()
+    import_ns = time.perf_counter_ns() - start
+    rss_before_load = current_rss_mb()
+    start = time.perf_counter_ns()
+    run_once, providers = open_runtime(args, module)
+    init_ns = time.perf_counter_ns() - start
+    start = time.perf_counter_ns()
+    run_once()
+    first_run_ns = time.perf_counter_ns() - start
+    for _ in range(args.warmup):
+        run_once()
+    latencies = timed_loop(run_once, args.iterations, args.min_seconds)
+    ru_maxrss = _ru_maxrss_mb()
+    vm_hwm = _proc_status_mb("VmHWM")
+    peaks = [mb for mb in (ru_maxrss, vm_hwm) if mb is not None]
+    result = {
+        "import_ms": import_ns / 1e6,
+        "init_ms": init_ns / 1e6,
+        "first_run_ms": first_run_ns / 1e6,
+        **latency_stats(latencies),
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "peak_rss_mb": max(peaks) if peaks else None,
+        "ru_maxrss_mb": ru_maxrss,
+        "vm_hwm_mb": vm_hwm,
+        "rss_before_load_mb": rss_before_load,
+        "pid": os.getpid(),
+        "model": os.path.basename(args.model),
+        "model_bytes": os.path.getsize(args.model),
+        **runtime_facts,
+        "providers": providers,
+        **host_facts(),
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: print one JSON object on the real stdout; 0 on success, 2 on error."""
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)  # native runtime chatter must not corrupt the JSON on stdout
+    try:
+        result = benchmark(parse_args(sys.argv[1:] if argv is None else argv))
+        code = 0
+    except Exception as error:  # every failure becomes one JSON line
+        message = str(error) if isinstance(error, RunnerError) else f"{type(error).__name__}: {error}"
+        result, code = {"error": message}, EXIT_ERROR
+    finally:
+        sys.stdout.flush()
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Benchmark every exported artefact through the target's runtime adapter.
+
+Each measurement runs in its own process (see ``edgeprune.runtimes``). The
+dense fp32 export of the unpruned model is measured alongside, so the
+speed-up is measured, not estimated from MACs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeprune.config import BuildConfig
+from edgeprune.errors import DeviceError
+from edgeprune.pipeline import StageContext, StageOutput
+
+EXPORTED = ("onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp32", "tflite_int8", "tflite_fp32_dense")
+
+
+class Benchmark:
+    name = "benchmark"
+    version = "1"
+    sections = ("benchmark",)
+    consumes = EXPORTED
+
+    def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
+        return {}
+
+    def run(self, context: StageContext) -> StageOutput:
+        from edgeprune.runtimes.base import BenchSettings, benchmark
+
+        config = context.config.benchmark
+        settings = BenchSettings(
+            threads=config.threads,
+            warmup=config.warmup,
+            iterations=config.iterations,
+            repeats=config.repeats,
+            use_xnnpack=config.use_xnnpack,
+        )
+        results: dict[str, Any] = {}
+        present = [name for name in EXPORTED if name in context.inputs]
+        for name in context.reporter.track(present, len(present), f"benchmark on {config.device}"):
+            try:
+                results[name] = benchmark(context.inputs[name].path, config.device, settings).to_dict()
+            except DeviceError as error:
+                if config.required:
+                    raise
+                context.reporter.warn(f"benchmark of {name} on {config.device} skipped: {error}")
+                results[name] = {"skipped": str(error)}
+        return StageOutput([], {"device": config.device, "results": results, "speedups": speedups(results)})
+
+
+def speedups(results: dict[str, Any]) -> dict[str, float]:
+    """p50 of the dense fp32 export over the p50 of each artefact of the same format."""
+    ratios = {}
+    for fmt in ("onnx", "tflite"):
+        dense = results.get(f"{fmt}_fp32_dense", {}).get("latency_p50_ms")
+        if not dense:
+            continue
+        for name, result in results.items():
+            p50 = result.get("latency_p50_ms")
+            if name.startswith(fmt) and p50 and not name.endswith("_dense"):
+                ratios[name] = dense / p50
+    return ratios

@@ -1,0 +1,259 @@
+"""Structured pruning: whole channels, filters and attention heads physically removed.
+
+Torch-Pruning's dependency graph (DepGraph) finds the layers coupled through residual
+adds, concatenations, splits, depthwise convolutions and attention heads, so they are
+pruned together (see ``edgeprune.pruning``). Each group's target width comes from
+``prune.amount``, scaled per group by a sensitivity analysis (``prune.ratios_from``) or
+fixed (``prune.layer_ratios``); ``prune.speedup`` instead prunes until the speed-up
+measured on the target's runtime is reached (``edgeprune.latency_target``).
+
+Every step prunes a copy and accepts it only once it runs and (where no LayerNorm
+intervenes) computes exactly the previous model minus the removed channels; groups whose
+coupling the graph gets wrong are bisected out, left unpruned and listed in the metrics
+(key ``untracked_coupling``). The saved model is verified by rebuilding it from its file.
+Metrics key ``trajectory`` has one row per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeprune.artifacts import sha256_of
+from edgeprune.config import BuildConfig, PruneConfig
+from edgeprune.errors import ConfigError, InputError, StageError
+from edgeprune.latency_target import LatencyProbe, prune_to_speedup
+from edgeprune.modelio import load_model
+from edgeprune.pipeline import StageContext, StageOutput
+from edgeprune.pruning import (
+    MAX_RATIO,
+    Guard,
+    LayerGroup,
+    UntrackedCoupling,
+    guarded_prune,
+    layer_groups,
+    protected_layers,
+    root_channels,
+    rounded_width,
+    verify_pruned_model,
+)
+from edgeprune.sensitivity import group_weights
+from edgeprune.stages.common import count_macs_params, example_input, read_model, write_model
+from edgeprune.training import TrainSettings, evaluate, train
+
+TAYLOR_SAMPLES = 256  # training images whose gradients feed first-order Taylor importance
+
+
+class PruneStructured:
+    name = "prune_structured"
+    version = "2"
+    trains = True  # its cache key includes torch's thread count
+    sections = ("prune", "finetune")
+    consumes = ("model",)
+
+    def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
+        """The sensitivity file's hash; with a speed-up target, the export/benchmark/budget settings it uses."""
+        extra: dict[str, Any] = {}
+        if config.prune.ratios_from:
+            path = Path(config.prune.ratios_from)
+            if not path.is_file():
+                raise InputError(f"prune.ratios_from: {path} not found (write it with 'edgeprune analyze')")
+            extra["ratios_from_sha256"] = sha256_of(path)
+        if config.prune.speedup > 0:
+            sections = config.to_dict()
+            extra["latency"] = {name: sections[name] for name in ("export", "benchmark", "budgets")}
+        return extra
+
+    def run(self, context: StageContext) -> StageOutput:
+        config = context.config
+        model = read_model(context)
+        example, sample = example_input(context), example_input(context, batch=4)
+        before, widths_before = count_macs_params(model, example), layer_widths(model)
+        protected = protected_layers(model, config.prune.ignored_layers, config.model.num_classes)
+        groups = layer_groups(model, example, config.prune, protected)
+        run = PruningRun(model, copy.deepcopy(model), context, protected, groups, GroupPlan.from_config(groups, config.prune))
+        if config.prune.speedup > 0:
+            trajectory = prune_to_speedup(run, LatencyProbe.for_target(context), config.prune, config.budgets.max_accuracy_drop)
+        else:
+            trajectory = run.prune_by_ratio()
+        model = run.model
+        artifacts = write_model(context, model)
+        check_reloads(artifacts[0].path, model, sample)
+        after = count_macs_params(model, example)
+        metrics = {
+            "macs_before": before["macs"],
+            "macs_after": after["macs"],
+            "params_before": before["params"],
+            "params_after": after["params"],
+            "mac_reduction": before["macs"] / max(after["macs"], 1),
+            "accuracy_before": run.reference_accuracy,
+            "accuracy": trajectory[-1]["accuracy"],
+            "layers": layer_report(widths_before, layer_widths(model)),
+            "group_ratios": {name: round(1 - root_channels(model, name) / width, 4) for name, width in run.plan.widths.items()},
+            "untracked_coupling": [{"layer": item.layer, "reason": item.reason} for item in run.untracked],
+            "trajectory": trajectory,
+        }
+        return StageOutput(artifacts, metrics)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Per-group pruning ratios as a function of one *level* in [0, MAX_RATIO].
+
+    Group ``g`` is pruned to ``min(weights[g] * level, MAX_RATIO)`` of its original
+    channels (``widths``), or to ``fixed[g]`` when the profile fixes it. Uniform pruning
+    is every weight 1; ``prune.ratios_from`` supplies measured weights.
+    """
+
+    widths: dict[str, int]
+    weights: dict[str, float]
+    fixed: dict[str, float]
+
+    @classmethod
+    def from_config(cls, groups: list[LayerGroup], config: PruneConfig) -> GroupPlan:
+        if config.global_pruning and (config.layer_ratios or config.ratios_from):
+            raise ConfigError(
+                "prune.global_pruning ranks channels across all groups; it cannot be combined with prune.layer_ratios or prune.ratios_from"
+            )
+        widths = {group.name: group.channels for group in groups}
+        weights = dict.fromkeys(widths, 1.0)
+        if config.ratios_from:
+            weights.update(group_weights(Path(config.ratios_from), list(widths)))
+        return cls(widths, weights, parse_layer_ratios(config.layer_ratios, widths))
+
+    def ratio(self, name: str, level: float) -> float:
+        return self.fixed.get(name, min(self.weights[name] * level, MAX_RATIO))
+
+    def targets(self, level: float, round_to: int = 1) -> dict[str, int]:
+        """Channels each group keeps at ``level``: the nearest multiple of ``round_to``, at least one multiple."""
+        return {name: rounded_width(width * (1 - self.ratio(name, level)), width, round_to) for name, width in self.widths.items()}
+
+
+def parse_layer_ratios(entries: tuple[str, ...], widths: dict[str, int]) -> dict[str, float]:
+    """``("layer=0.5", ...)`` → ``{"layer": 0.5}``; ConfigError for a bad entry, an unknown group or a ratio out of range."""
+    ratios = {}
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = -1.0
+        if not sep or not 0.0 <= ratio <= MAX_RATIO:
+            raise ConfigError(f"prune.layer_ratios: {entry!r} must be 'layer.name=RATIO' with RATIO in [0, {MAX_RATIO}]")
+        if name.strip() not in widths:
+            known = ", ".join(widths) or "none"
+            raise ConfigError(f"prune.layer_ratios: '{name.strip()}' is not a prunable layer group (groups: {known})")
+        ratios[name.strip()] = ratio
+    return ratios
+
+
+@dataclass
+class PruningRun:
+    """The model being pruned step by step, with what verification and recovery need.
+
+    ``prune_to`` replaces ``model`` by a pruned copy once ``guarded_prune`` has proven it
+    correct; groups found to break the model join ``untracked`` and stay unpruned.
+    """
+
+    model: nn.Module
+    dense: nn.Module  # the unpruned model: distillation teacher and latency reference
+    context: StageContext
+    protected: set[str]
+    groups: list[LayerGroup]
+    plan: GroupPlan
+    untracked: list[UntrackedCoupling] = field(default_factory=list)
+    reference_accuracy: float = field(init=False)  # top-1 of the unpruned model
+    dense_macs: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        dataset = self.context.dataset
+        self.reference_accuracy = evaluate(self.dense, dataset.x_test, dataset.y_test)
+        self.dense_macs = count_macs_params(self.dense, example_input(self.context))["macs"]
+
+    def prune_to(self, level: float) -> None:
+        """Prune every group to its width at ``level``; a group that breaks the model is left out and reported."""
+        config, dataset = self.context.config, self.context.dataset
+        guard = Guard(
+            example_input(self.context, batch=4),
+            config.model.num_classes,
+            torch.from_numpy(dataset.x_train[:TAYLOR_SAMPLES]),
+            torch.from_numpy(dataset.y_train[:TAYLOR_SAMPLES]),
+        )
+        flagged = {item.layer for item in self.untracked}
+        widths = {name: width for name, width in self.plan.targets(level, config.prune.round_to).items() if name not in flagged}
+        pruned = guarded_prune(self.model, config.prune, self.protected | flagged, self.groups, widths, guard)
+        self.model, found = pruned.model, pruned.untracked
+        for item in found:
+            self.context.reporter.warn(f"prune_structured: not pruning {item.layer}: {item.reason}")
+        self.untracked += found
+        verify_pruned_model(self.model, guard.sample, config.model.num_classes)
+
+    def macs(self) -> int:
+        return count_macs_params(self.model, example_input(self.context))["macs"]
+
+    def recover(self, step: int) -> None:
+        """``prune.recover_epochs`` of finetuning, distilled from the unpruned model when ``finetune.distill``."""
+        config = self.context.config
+        if config.prune.recover_epochs == 0:
+            return
+        finetune = config.finetune
+        alpha = finetune.distill_alpha if finetune.distill else 0.0
+        settings = TrainSettings(
+            config.prune.recover_epochs, finetune.lr, finetune.batch_size, config.seed + step, alpha, finetune.temperature
+        )
+        dataset = self.context.dataset
+        teacher = self.dense if finetune.distill else None
+        train(self.model, dataset.x_train, dataset.y_train, settings, teacher, self.context.reporter, f"recover step {step}")
+
+    def row(self, step: int, level: float) -> dict[str, Any]:
+        """One trajectory row: the level, the fraction of prunable channels removed, MACs and top-1 now."""
+        dataset, total = self.context.dataset, sum(self.plan.widths.values())
+        kept = sum(root_channels(self.model, name) for name in self.plan.widths)
+        macs, dense_macs = self.macs(), self.dense_macs
+        return {
+            "step": step,
+            "level": round(level, 4),
+            "ratio": round(1 - kept / total, 4) if total else 0.0,
+            "macs": macs,
+            "mac_reduction": dense_macs / max(macs, 1),
+            "accuracy": evaluate(self.model, dataset.x_test, dataset.y_test),
+        }
+
+    def prune_by_ratio(self) -> list[dict[str, Any]]:
+        """``prune.steps`` steps to ``prune.amount``, recovering between steps (the finetune stage follows the last)."""
+        steps, amount = self.context.config.prune.steps, self.context.config.prune.amount
+        trajectory = []
+        for step in range(1, steps + 1):
+            self.prune_to(amount * step / steps)
+            if step < steps:
+                self.recover(step)
+            trajectory.append(self.row(step, amount * step / steps))
+        return trajectory
+
+
+def check_reloads(path: Path, model: nn.Module, sample: torch.Tensor) -> None:
+    """The saved file must rebuild (architecture + plan, no pickles) into the same network."""
+    with torch.no_grad():
+        expected, rebuilt = model.eval()(sample), load_model(path)(sample)
+    if tuple(rebuilt.shape) != tuple(expected.shape) or float((rebuilt - expected).abs().max()) > 1e-5:
+        raise StageError(f"the pruned model saved to {path.name} does not rebuild into the same network from its plan")
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels/features of every conv and linear layer."""
+    widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            widths[name] = module.out_channels
+        elif isinstance(module, nn.Linear):
+            widths[name] = module.out_features
+    return widths
+
+
+def layer_report(before: dict[str, int], after: dict[str, int]) -> list[dict[str, Any]]:
+    return [{"layer": name, "channels_before": before[name], "channels_after": after.get(name, 0)} for name in before]

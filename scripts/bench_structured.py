@@ -1,0 +1,240 @@
+"""Structured pruning, measured: MAC reduction against the speed-up onnxruntime and LiteRT really deliver.
+
+Usage (from the repository root):
+
+    .venv/bin/python scripts/bench_structured.py
+    .venv/bin/python scripts/bench_structured.py --models small_cnn,resnet_mini --speedup-models small_cnn
+    .venv/bin/python scripts/bench_structured.py --help
+
+Table 1, for each reference architecture (``edgeprune.models.list_models()``) and each ``--round-to``:
+the dense baseline is trained on the bundled Fashion-MNIST subset, the uniform pruning ratio whose MAC
+reduction is closest to ``--mac-target`` is picked, and the build prunes, finetunes (distilled) and exports
+ONNX and TFLite; its benchmark stage then measures the pruned and the dense fp32 exports one after the
+other in the same run (``--threads`` threads, ``--repeats`` fresh processes each; p50 = median of the
+per-process medians). realized/MAC = measured speed-up / MAC reduction.
+
+Table 2, for ``--speedup-models``: the latency-aware mode (``prune.speedup``) with uniform per-group
+ratios against ratios guided by ``edgeprune analyze`` (``prune.ratios_from``), with the same finetune
+budget (no recovery between steps, ``--finetune-epochs`` after): the measured speed-up at the last
+step, the benchmark stage's independent re-measurement, and top-1 before/after on the test split.
+
+Channel multiples matter: onnxruntime's x86 kernels use NCHWc blocks of 16 channels with AVX-512 (8
+with AVX2); a width off that multiple makes it wrap layers in layout reorders that eat the gain.
+
+Stage results are cached in ``--cache-dir``, so a rerun re-measures without retraining. The machine
+may be shared: every figure is a median over repeats, measured side by side, and printed as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edgeprune import api  # noqa: E402
+from edgeprune.progress import Reporter  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", help="comma-separated reference architectures (default: all registered)")
+    parser.add_argument("--speedup-models", default="small_cnn,resnet_mini", help="architectures for table 2 ('' to skip)")
+    parser.add_argument("--mac-target", type=float, default=2.0, help="MAC reduction of the uniform builds (default 2.0)")
+    parser.add_argument("--round-to", default="16,8", help="prune.round_to values of table 1; table 2 uses the first (default 16,8)")
+    parser.add_argument("--speedup", type=float, default=2.5, help="prune.speedup of table 2 (default 2.5)")
+    parser.add_argument("--speedup-step", type=float, default=0.05, help="prune.speedup_step (default 0.05)")
+    parser.add_argument("--epochs", type=int, default=4, help="baseline training epochs (default 4)")
+    parser.add_argument("--finetune-epochs", type=int, default=2, help="finetune epochs after pruning (default 2)")
+    parser.add_argument("--train-samples", type=int, default=0, help="training images (default 0 = all 6000)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="benchmark processes per artefact (default 5)")
+    parser.add_argument("--iterations", type=int, default=1000, help="timed runs per process (default 1000)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--cache-dir", type=Path, default=REPO / ".edgeprune-cache")
+    parser.add_argument("--out", type=Path, default=REPO / "dist" / "bench_structured")
+    return parser.parse_args(argv)
+
+
+def common_overrides(args: argparse.Namespace, round_to: int) -> tuple[str, ...]:
+    return (
+        f"train.epochs={args.epochs}",
+        f"data.train_samples={args.train_samples}",
+        f"finetune.epochs={args.finetune_epochs}",
+        "quantize.scheme='none'",
+        f"prune.round_to={round_to}",
+        "budgets.max_accuracy_drop=0",
+        "benchmark.enabled=true",
+        f"benchmark.threads={args.threads}",
+        f"benchmark.repeats={args.repeats}",
+        f"benchmark.iterations={args.iterations}",
+        f"benchmark.warmup={args.warmup}",
+    )
+
+
+def amount_for_mac_target(name: str, target: float, round_to: int) -> float:
+    """The uniform level whose MAC reduction is closest to ``target``, found on the (untrained) architecture itself."""
+    from edgeprune.config import PruneConfig
+    from edgeprune.models import create_model, example_input
+    from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers, prune_to_widths
+    from edgeprune.stages.common import count_macs_params
+    from edgeprune.stages.prune_structured import GroupPlan
+
+    model, example, config = create_model(name).eval(), example_input(name), PruneConfig(round_to=round_to)
+    protected = protected_layers(model, (), 10)
+    groups = layer_groups(model, example, config, protected)
+    untracked = {
+        item.layer
+        for item in guarded_prune(
+            model, config, protected, groups, {g.name: g.channels // 2 for g in groups}, Guard(example_input(name, batch=4), 10)
+        ).untracked
+    }
+    plan = GroupPlan.from_config([group for group in groups if group.name not in untracked], config)
+    dense = count_macs_params(model, example)["macs"]
+
+    def reduction(level: float) -> float:
+        candidate = copy.deepcopy(model)
+        prune_to_widths(candidate, example, config, protected | untracked, plan.targets(level, config.round_to))
+        return dense / count_macs_params(candidate, example)["macs"]
+
+    low, high = 0.0, 0.9
+    for _ in range(7):  # the reduction grows with the level, in steps (round_to)
+        middle = (low + high) / 2
+        low, high = (middle, high) if reduction(middle) < target else (low, middle)
+    return round(min((low, high), key=lambda level: abs(reduction(level) - target)), 4)
+
+
+def build(name: str, args: argparse.Namespace, round_to: int, *overrides: str, tag: str) -> dict[str, Any]:
+    result = api.build(
+        "cpu-x86",
+        model=f"example:{name}",
+        overrides=common_overrides(args, round_to) + overrides,
+        out=args.out / f"{name}-{tag}",
+        cache_dir=args.cache_dir,
+        reporter=Reporter(verbosity=0),
+    )
+    return result.manifest
+
+
+def stage_metrics(manifest: dict[str, Any], stage: str) -> dict[str, Any]:
+    return next(entry["metrics"] for entry in manifest["stages"] if entry["name"] == stage)
+
+
+def uniform_row(name: str, args: argparse.Namespace, round_to: int) -> dict[str, Any]:
+    amount = amount_for_mac_target(name, args.mac_target, round_to)
+    manifest = build(name, args, round_to, "export.formats=['onnx', 'tflite']", f"prune.amount={amount}", tag=f"uniform{round_to}")
+    results = stage_metrics(manifest, "benchmark")["results"]
+    macs = manifest["model"]["macs_dense"] / manifest["model"]["macs"]
+    row = {"model": name, "round_to": round_to, "amount": amount, "macs": macs, "before": manifest["accuracy"]["baseline"]}
+    row["after"] = manifest["artifacts"]["onnx_fp32"]["accuracy"]
+    row["untracked"] = len(stage_metrics(manifest, "prune_structured")["untracked_coupling"])
+    for fmt in ("onnx", "tflite"):
+        dense, pruned = results[f"{fmt}_fp32_dense"]["latency_p50_ms"], results[f"{fmt}_fp32"]["latency_p50_ms"]
+        row[fmt] = {"dense": dense, "pruned": pruned, "speedup": dense / pruned, "spread": results[f"{fmt}_fp32"]["p50_spread_pct"]}
+    return row
+
+
+def speedup_rows(name: str, args: argparse.Namespace, round_to: int) -> list[dict[str, Any]]:
+    from edgeprune.sensitivity import run_analysis
+
+    latency = (
+        "export.formats=['onnx']",
+        f"prune.speedup={args.speedup}",
+        f"prune.speedup_step={args.speedup_step}",
+        "prune.recover_epochs=0",  # the same finetune budget for both: finetune.epochs after the last step
+    )
+    config = api.resolve("cpu-x86", overrides=common_overrides(args, round_to) + latency, model=f"example:{name}")
+    started = time.perf_counter()
+    analysis = run_analysis(config, out=args.out / f"{name}-analysis", cache_dir=args.cache_dir, reporter=Reporter(verbosity=0))
+    analysis_seconds = time.perf_counter() - started
+    rows = []
+    for mode, extra in (("uniform", ()), ("sensitivity", (f"prune.ratios_from='{analysis.json_path}'",))):
+        started = time.perf_counter()
+        manifest = build(name, args, round_to, *latency, *extra, tag=f"speedup-{mode}")
+        trajectory = stage_metrics(manifest, "prune_structured")["trajectory"]
+        rows.append(
+            {
+                "model": name,
+                "mode": mode,
+                "steps": len(trajectory) - 1,
+                "macs": manifest["model"]["macs_dense"] / manifest["model"]["macs"],
+                "loop_speedup": trajectory[-1]["speedup"],
+                "bench_speedup": manifest["speedups"]["onnx_fp32"],
+                "before": manifest["accuracy"]["baseline"],
+                "after": manifest["artifacts"]["onnx_fp32"]["accuracy"],
+                "seconds": time.perf_counter() - started + (analysis_seconds if mode == "sensitivity" else 0.0),
+            }
+        )
+    return rows
+
+
+def print_tables(uniform: list[dict[str, Any]], latency: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(f"\n## Uniform pruning to ~{args.mac_target:g}x fewer MACs, fp32, {args.threads} threads, p50 of {args.repeats} processes\n")
+    print(
+        "| model | round_to | ratio | MACs ↓ | ORT dense / pruned ms | ORT speed-up | ORT realized/MAC "
+        "| LiteRT dense / pruned ms | LiteRT speed-up | LiteRT realized/MAC | top-1 before → after | groups left out |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in uniform:
+        cells = [row["model"], str(row["round_to"]), f"{row['amount']:.3f}", f"{row['macs']:.2f}x"]
+        for fmt in ("onnx", "tflite"):
+            result = row[fmt]
+            realized = result["speedup"] / row["macs"]
+            cells += [f"{result['dense']:.4f} / {result['pruned']:.4f}", f"{result['speedup']:.2f}x", f"{realized:.2f}"]
+        cells += [f"{row['before']:.2f} → {row['after']:.2f} %", str(row["untracked"])]
+        print("| " + " | ".join(cells) + " |")
+    if not latency:
+        return
+    round_to = args.round_to.split(",")[0]
+    print(
+        f"\n## prune.speedup={args.speedup:g} on onnxruntime ({args.threads} threads, round_to {round_to}): "
+        f"uniform vs sensitivity-guided group ratios, {args.finetune_epochs} finetune epochs each\n"
+    )
+    print("| model | group ratios | steps | MACs ↓ | speed-up (loop) | re-measured (benchmark stage) | top-1 before → after | drop | s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in latency:
+        cells = [row["model"], row["mode"], str(row["steps"]), f"{row['macs']:.2f}x", f"{row['loop_speedup']:.2f}x"]
+        cells += [f"{row['bench_speedup']:.2f}x", f"{row['before']:.2f} → {row['after']:.2f} %", f"{row['before'] - row['after']:.2f}"]
+        print("| " + " | ".join([*cells, f"{row['seconds']:.0f}"]) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure everything asked for; Ctrl-C prints the tables of what was measured so far."""
+    from edgeprune.models import list_models
+
+    args = parse_args(argv)
+    names = args.models.split(",") if args.models else [spec.name for spec in list_models()]
+    round_tos = [int(value) for value in args.round_to.split(",")]
+    uniform: list[dict[str, Any]] = []
+    latency: list[dict[str, Any]] = []
+    try:
+        for name in names:
+            for round_to in round_tos:
+                started = time.perf_counter()
+                uniform.append(uniform_row(name, args, round_to))
+                save_rows(args.out, uniform, latency)
+                print(f"{name}: uniform, round_to {round_to}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        for name in filter(None, args.speedup_models.split(",")):
+            latency += speedup_rows(name, args, round_tos[0])
+            save_rows(args.out, uniform, latency)
+            print(f"{name}: latency-aware builds measured", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: the tables hold what was measured so far", file=sys.stderr)
+    print_tables(uniform, latency, args)
+    return 0
+
+
+def save_rows(out: Path, uniform: list[dict[str, Any]], latency: list[dict[str, Any]]) -> None:
+    """Every row measured so far, as JSON in ``out``, so a long run's figures survive an interruption."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"uniform": uniform, "latency": latency}, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

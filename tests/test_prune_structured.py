@@ -1,0 +1,384 @@
+"""Structured pruning: importance criteria, rounding, exclusions, per-group ratios, untracked coupling,
+attention heads, iterative and latency-aware pruning, sensitivity analysis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from edgeprune import api
+from edgeprune.config import PruneConfig
+from edgeprune.errors import ConfigError, InputError, StageError
+from edgeprune.models import example_input, get_spec
+from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers, root_channels
+from edgeprune.stages.common import count_macs_params
+from edgeprune.stages.prune_structured import GroupPlan
+from tests.conftest import USER_MODEL
+from tests.test_models import attention_modules
+from tests.test_models import build as build_model
+
+NUM_CLASSES = 10
+
+
+def prune(model: nn.Module, config: PruneConfig, widths: dict[str, int] | None = None, level: float = 0.5, data=None, ignored=()):
+    """``guarded_prune`` the way the stage calls it: every group to ``widths`` (default: the plan at ``level``)."""
+    example = example_input("small_cnn", batch=4, input_shape=(1, 28, 28))
+    protected = protected_layers(model, ignored, NUM_CLASSES)
+    groups = layer_groups(model, example[:1], config, protected)
+    widths = widths or GroupPlan.from_config(groups, config).targets(level, config.round_to)
+    images, labels = (torch.from_numpy(data.x_train[:256]), torch.from_numpy(data.y_train[:256])) if data else (None, None)
+    return guarded_prune(model, config, protected, groups, widths, Guard(example, NUM_CLASSES, images, labels))
+
+
+def zeroed_reference(model: nn.Module, removed: dict[str, set[int]], x: torch.Tensor) -> torch.Tensor:
+    """``model``'s logits with the removed output channels of each layer set to zero."""
+    handles = []
+    for name, channels in removed.items():
+        module = model.get_submodule(name)
+        dim = -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
+        index = torch.tensor(sorted(channels))
+        handles.append(module.register_forward_hook(lambda m, i, out, dim=dim, index=index: out.index_fill(dim, index, 0.0)))
+    with torch.no_grad():
+        logits = model(x)
+    for handle in handles:
+        handle.remove()
+    return logits
+
+
+# --------------------------------------------------------------------------- widths, rounding, exclusions
+
+
+def test_every_group_is_rounded_to_the_targets_multiple_and_the_pruned_model_is_the_original_minus_those_channels() -> None:
+    model = build_model(get_spec("small_cnn"))
+    x = example_input("small_cnn", batch=8)
+    result = prune(model, PruneConfig(round_to=8), level=0.3)
+    pruned = result.model
+    # 32*0.7=22.4 -> 24, 64*0.7=44.8 -> 48, 128*0.7=89.6 -> 88: the nearest multiple of 8
+    assert [pruned.features[i][0].out_channels for i in (0, 2, 4)] == [24, 48, 88]
+    assert [model.features[i][0].out_channels for i in (0, 2, 4)] == [32, 64, 128]  # the input model is untouched
+    assert result.untracked == []
+    assert count_macs_params(model, x[:1])["macs"] / count_macs_params(pruned, x[:1])["macs"] > 1.8
+    with torch.no_grad():
+        assert (pruned(x) - zeroed_reference(model, result.removed, x)).abs().max() < 1e-4
+
+
+def test_global_pruning_keeps_the_total_and_lets_the_importance_decide_each_groups_share() -> None:
+    model = build_model(get_spec("small_cnn"))
+    with torch.no_grad():
+        model.features[4][0].weight[:64].mul_(1e-3)  # half the last layer's filters look unimportant to any ranking
+    pruned = prune(model, PruneConfig(round_to=1, global_pruning=True), level=0.5).model
+    widths = [pruned.features[i][0].out_channels for i in (0, 2, 4)]
+    assert sum(widths) == pytest.approx(112, abs=3)  # half of 32 + 64 + 128
+    assert widths[2] <= 64 and widths != [16, 32, 64]  # those go first; the rest is not the uniform split
+
+
+def test_ignored_layers_and_the_classifier_keep_their_width() -> None:
+    model = build_model(get_spec("resnet_mini"))
+    assert "head.2" in protected_layers(model, (), NUM_CLASSES)  # the classifier, always
+    pruned = prune(model, PruneConfig(round_to=1), level=0.5, ignored=("blocks.1",)).model
+    assert root_channels(pruned, "blocks.1.conv1.0") == 32 and root_channels(pruned, "head.2") == NUM_CLASSES
+    assert root_channels(pruned, "blocks.2.conv1.0") == 32  # a layer not listed is pruned
+    with pytest.raises(ConfigError, match="prune.ignored_layers: no layer named 'stem.9'"):
+        protected_layers(model, ("stem.9",), NUM_CLASSES)
+
+
+# --------------------------------------------------------------------------- importance criteria
+
+
+def crafted_cnn(gamma: torch.Tensor | None = None, dead: torch.Tensor | None = None) -> nn.Module:
+    """small_cnn whose first layer has two kinds of filters: 0-15 all ones (L1 9, L2 3), 16-31 one 5 (L1 5, L2 5).
+
+    Everything else coupled to those channels is uniform, unless ``gamma`` (BatchNorm scales) or
+    ``dead`` (channels whose BatchNorm shift is so negative that ReLU always outputs 0) say otherwise.
+    """
+    model = build_model(get_spec("small_cnn"))
+    conv, norm, following = model.features[0][0], model.features[0][1], model.features[2][0]
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:16] = 1.0
+        conv.weight[16:, 0, 1, 1] = 5.0
+        norm.weight.fill_(1.0) if gamma is None else norm.weight.copy_(gamma)
+        norm.bias.zero_()
+        norm.running_mean.zero_()
+        norm.running_var.fill_(1.0)
+        if dead is not None:
+            norm.bias[dead] = -100.0
+        following.weight.fill_(0.01)
+    return model.eval()
+
+
+def removed_by(model: nn.Module, importance: str, data=None) -> list[int]:
+    result = prune(model, PruneConfig(importance=importance, round_to=1), {"features.0.0": 16}, data=data)
+    return sorted(result.removed["features.0.0"])
+
+
+def test_l1_and_l2_magnitude_rank_filters_by_their_own_norm() -> None:
+    assert removed_by(crafted_cnn(), "l1") == list(range(16, 32))  # L1 5 < 9
+    assert removed_by(crafted_cnn(), "l2") == list(range(16))  # L2 3 < 5
+
+
+def test_bn_scale_removes_the_channels_with_the_smallest_batchnorm_scale() -> None:
+    gamma = torch.linspace(0.1, 3.2, 32)[torch.randperm(32, generator=torch.Generator().manual_seed(1))]
+    assert removed_by(crafted_cnn(gamma=gamma), "bn_scale") == sorted(torch.argsort(gamma)[:16].tolist())
+
+
+def test_taylor_removes_channels_whose_loss_gradient_is_zero(example_data) -> None:
+    dead = torch.arange(0, 32, 2)  # half of each filter kind: magnitude alone cannot find them
+    assert removed_by(crafted_cnn(dead=dead), "taylor", data=example_data) == dead.tolist()
+    assert removed_by(crafted_cnn(dead=dead), "l2") != dead.tolist()
+
+
+# --------------------------------------------------------------------------- per-group ratios
+
+
+def write_sensitivity(path: Path, weights: dict[str, float]) -> Path:
+    groups = [{"layer": name, "channels": 0, "results": [], "weight": weight} for name, weight in weights.items()]
+    path.write_text(json.dumps({"format": "edgeprune-sensitivity/1", "groups": groups}))
+    return path
+
+
+def test_sensitivity_weights_and_layer_ratios_set_each_groups_width(tmp_path: Path) -> None:
+    model = build_model(get_spec("small_cnn"))
+    groups = layer_groups(model, example_input("small_cnn"), PruneConfig(), protected_layers(model, (), NUM_CLASSES))
+    sensitivity = write_sensitivity(tmp_path / "sensitivity.json", {"features.0.0": 2.0, "features.2.0": 0.5, "other.layer": 9.0})
+    config = PruneConfig(ratios_from=str(sensitivity), layer_ratios=("features.4.0=0.25",))
+    plan = GroupPlan.from_config(groups, config)
+    # weight * level: 2 * 0.3 = 0.6 of 32, 0.5 * 0.3 = 0.15 of 64; fixed 0.25 of 128
+    assert plan.targets(0.3) == {"features.0.0": 13, "features.2.0": 54, "features.4.0": 96}
+    assert plan.targets(0.6)["features.0.0"] == 3  # capped at 0.9 of the channels
+
+
+@pytest.mark.parametrize(
+    "changes,error,message",
+    [
+        ({"layer_ratios": ("features.9=0.5",)}, ConfigError, "'features.9' is not a prunable layer group .*features.0.0"),
+        ({"layer_ratios": ("features.0.0=2",)}, ConfigError, "must be 'layer.name=RATIO'"),
+        ({"layer_ratios": ("features.0.0",)}, ConfigError, "must be 'layer.name=RATIO'"),
+        ({"ratios_from": "{tmp}/not-json.json"}, InputError, "cannot read"),
+        ({"ratios_from": "{tmp}/other.json"}, ConfigError, "names none of this model's layer groups"),
+        ({"layer_ratios": ("features.0.0=0.5",), "global_pruning": True}, ConfigError, "global_pruning ranks channels"),
+    ],
+)
+def test_bad_per_group_ratios_are_one_line_errors(tmp_path: Path, changes: dict, error: type, message: str) -> None:
+    (tmp_path / "not-json.json").write_text("{")
+    write_sensitivity(tmp_path / "other.json", {"encoder.conv": 1.0})
+    changes = {key: value.format(tmp=tmp_path) if isinstance(value, str) else value for key, value in changes.items()}
+    model = build_model(get_spec("small_cnn"))
+    groups = layer_groups(model, example_input("small_cnn"), PruneConfig(), protected_layers(model, (), NUM_CLASSES))
+    with pytest.raises(error, match=message) as raised:
+        GroupPlan.from_config(groups, PruneConfig(**changes))
+    assert "\n" not in str(raised.value)
+
+
+# --------------------------------------------------------------------------- couplings the graph misses
+
+
+def test_untracked_coupling_is_bisected_out_and_the_rest_is_pruned() -> None:
+    model = build_model(get_spec("padded_shortcut_net"))
+    result = prune(model, PruneConfig(round_to=8), level=0.5)
+    assert [item.layer for item in result.untracked] == ["stem.0"]
+    assert "size of tensor" in result.untracked[0].reason
+    assert root_channels(result.model, "stem.0") == 16  # the residual stream keeps its width
+    assert [root_channels(result.model, f"blocks.{i}.conv1.0") for i in range(4)] == [8, 16, 32, 24]
+    x = example_input("padded_shortcut_net", batch=4)
+    with torch.no_grad():
+        assert (result.model(x) - zeroed_reference(model, result.removed, x)).abs().max() < 1e-4
+
+
+def test_shufflenet_is_pruned_to_an_exact_subnetwork_despite_the_channel_shuffle() -> None:
+    """Torch-Pruning reads the shuffle as an identity (see test_models); the groups it mis-maps are left out."""
+    model = build_model(get_spec("shufflenet_mini"))
+    result = prune(model, PruneConfig(round_to=1), level=0.5)
+    assert result.untracked and all("branch.2.0" in item.layer for item in result.untracked)
+    assert any("no longer computes" in item.reason for item in result.untracked)
+    x = example_input("shufflenet_mini", batch=4)
+    assert count_macs_params(model, x[:1])["macs"] / count_macs_params(result.model, x[:1])["macs"] > 1.3
+    with torch.no_grad():
+        assert (result.model(x) - zeroed_reference(model, result.removed, x)).abs().max() < 1e-4
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("prune_num_heads", [False, True])
+def test_vit_prunes_head_dims_or_whole_heads(prune_num_heads: bool) -> None:
+    model = build_model(get_spec("vit_tiny"))
+    pruned = prune(model, PruneConfig(round_to=1, prune_num_heads=prune_num_heads), level=0.5).model
+    for before, after in zip(attention_modules(model), attention_modules(pruned), strict=True):
+        assert after.num_heads * after.head_dim * 3 == after.qkv.out_features
+        if prune_num_heads:
+            assert (after.num_heads, after.head_dim) == (2, before.head_dim)
+        else:
+            assert (after.num_heads, after.head_dim) == (before.num_heads, 8)
+    assert root_channels(pruned, "blocks.0.mlp.fc1") == 64
+    with torch.no_grad():
+        assert tuple(pruned(example_input("vit_tiny", batch=2)).shape) == (2, NUM_CLASSES)
+
+
+# --------------------------------------------------------------------------- the stage, in builds
+
+FAST_BUILD = (
+    "data.train_samples=1000",
+    "data.eval_samples=500",
+    "parity.samples=200",
+    "finetune.epochs=1",
+    "quantize.scheme='none'",
+    "benchmark.enabled=false",
+    "benchmark.repeats=2",
+    "benchmark.iterations=40",
+    "benchmark.warmup=5",
+)
+
+
+def prune_metrics(result) -> dict:
+    return next(stage["metrics"] for stage in result.manifest["stages"] if stage["name"] == "prune_structured")
+
+
+def build_tiny(workdir: Path, checkpoint: Path, *overrides: str, target: str = "cpu-x86"):
+    return api.build(
+        target,
+        model=USER_MODEL,
+        weights=str(checkpoint),
+        overrides=FAST_BUILD + overrides,
+        out=workdir / "out",
+        cache_dir=workdir / "cache",
+    )
+
+
+@pytest.mark.slow
+def test_iterative_pruning_steps_to_the_final_amount_recovering_between_steps(workdir: Path, user_checkpoint: Path) -> None:
+    metrics = prune_metrics(build_tiny(workdir, user_checkpoint, "prune.amount=0.5", "prune.steps=2", "prune.round_to=4"))
+    trajectory = metrics["trajectory"]
+    assert [row["step"] for row in trajectory] == [1, 2] and [row["level"] for row in trajectory] == [0.25, 0.5]
+    assert trajectory[0]["ratio"] < trajectory[1]["ratio"] and trajectory[0]["macs"] > trajectory[1]["macs"]
+    assert metrics["group_ratios"] == {"features.0": 0.5, "features.4": 0.5, "features.8": 0.5}
+    assert metrics["accuracy"] == trajectory[-1]["accuracy"] and metrics["accuracy_before"] > 60
+    assert metrics["untracked_coupling"] == []
+
+
+@pytest.mark.slow
+def test_latency_target_prunes_until_the_measured_speedup_is_reached(workdir: Path, user_checkpoint: Path) -> None:
+    # the tiny CNN runs in ~0.05 ms, where onnxruntime's per-call overhead dominates: 7.5x fewer MACs measured
+    # only 1.29x on a CI machine, so the target here is one the measurement reaches on any machine
+    result = build_tiny(workdir, user_checkpoint, "prune.speedup=1.1", "prune.speedup_step=0.2", "budgets.max_accuracy_drop=0")
+    metrics = prune_metrics(result)
+    trajectory = metrics["trajectory"]
+    assert trajectory[0]["step"] == 0 and trajectory[0]["speedup"] == 1.0 and trajectory[0]["ratio"] == 0.0
+    assert trajectory[-1]["speedup"] >= 1.1 and all(row["speedup"] < 1.1 for row in trajectory[1:-1])
+    for row in trajectory[1:]:
+        assert row["speedup"] == pytest.approx(row["dense_p50_ms"] / row["latency_p50_ms"])
+        assert 0 < row["latency_p50_ms"] < 1000 and row["mac_reduction"] > 1
+    assert [row["ratio"] for row in trajectory] == sorted(row["ratio"] for row in trajectory)
+    assert result.manifest["model"]["macs"] == trajectory[-1]["macs"]
+
+
+class ScriptedRun:
+    """A stepped pruning whose MACs fall with the level and whose accuracy stays at 90 %."""
+
+    def __init__(self) -> None:
+        self.model, self.dense = nn.Identity(), nn.Identity()
+        self.reference_accuracy, self.level, self.recovered = 90.0, 0.0, []
+
+    def prune_to(self, level: float) -> None:
+        self.level = level
+
+    def macs(self) -> int:
+        return round(1000 * (1 - self.level) ** 2)
+
+    def recover(self, step: int) -> None:
+        self.recovered.append(step)
+
+    def row(self, step: int, level: float) -> dict:
+        return {"step": step, "ratio": level, "macs": self.macs(), "mac_reduction": 1000 / self.macs(), "accuracy": 90.0}
+
+
+class ScriptedProbe:
+    """Latency = a fixed per-call overhead of 1 ms plus 1 ms per 1000 MACs: what a small model sees on a real runtime."""
+
+    def __init__(self, run: ScriptedRun) -> None:
+        self.run, self.measured = run, []
+        self.context = type(
+            "Context",
+            (),
+            {
+                "reporter": type("Quiet", (), {"info": staticmethod(lambda text: None)})(),
+                "config": type("Config", (), {"name": "scripted"})(),
+            },
+        )()
+
+    def export(self, model: nn.Module, stem: Path) -> Path:
+        return stem.with_name(f"{stem.name}-{self.run.macs() if model is not self.run.dense else 1000}")
+
+    def p50_ms(self, path: Path) -> float:
+        self.measured.append(path.name)
+        return 1.0 + int(path.name.rsplit("-", 1)[1]) / 1000
+
+    def describe(self) -> str:
+        return "scripted"
+
+
+def test_the_speedup_loop_stops_at_the_first_step_whose_measured_speedup_reaches_the_target() -> None:
+    from edgeprune.latency_target import prune_to_speedup
+
+    run = ScriptedRun()
+    probe = ScriptedProbe(run)
+    trajectory = prune_to_speedup(run, probe, PruneConfig(speedup=1.5, speedup_step=0.2), max_accuracy_drop=1.0)
+    # level 0.2: 640 MACs -> 2/1.64 = 1.22x; 0.4: 360 -> 1.47x; 0.6: 160 -> 1.72x, the first at or over 1.5
+    assert [row["ratio"] for row in trajectory] == [0.0, 0.2, 0.4, pytest.approx(0.6)]
+    assert [round(row["speedup"], 2) for row in trajectory] == [1.0, 1.22, 1.47, 1.72]
+    assert run.recovered == [1, 2, 3]  # each step recovers before its accuracy is judged
+    assert probe.measured.count("dense-1000") == 4  # the dense model is measured again beside every candidate
+
+
+def test_the_speedup_loop_names_the_measured_ceiling_when_the_target_is_out_of_reach() -> None:
+    from edgeprune.latency_target import prune_to_speedup
+
+    run = ScriptedRun()
+    with pytest.raises(StageError) as raised:
+        prune_to_speedup(run, ScriptedProbe(run), PruneConfig(speedup=3.0, speedup_step=0.2), max_accuracy_drop=1.0)
+    message = str(raised.value)
+    # the overhead bounds the speed-up below 2x however many channels go
+    assert message.startswith("prune.speedup=3 not reached") and "scripted" in message and "lower prune.speedup" in message
+    assert "1.9" in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_latency_target_stops_with_a_stage_error_when_the_accuracy_budget_breaks(workdir: Path, user_checkpoint: Path) -> None:
+    with pytest.raises(StageError) as raised:
+        build_tiny(
+            workdir,
+            user_checkpoint,
+            "prune.speedup=20",
+            "prune.speedup_step=0.45",
+            "prune.recover_epochs=0",
+            "budgets.max_accuracy_drop=0.01",
+        )
+    message = str(raised.value)
+    assert "budgets.max_accuracy_drop=0.01" in message and "prune.speedup=20" in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_sensitivity_analysis_writes_table_plot_and_weights_that_drive_the_build(workdir: Path, user_checkpoint: Path) -> None:
+    from edgeprune.sensitivity import run_analysis
+
+    config = api.resolve("cpu-x86", overrides=FAST_BUILD, model=USER_MODEL, weights=str(user_checkpoint))
+    analysis = run_analysis(config, out=workdir / "analysis", cache_dir=workdir / "cache", ratios=(0.5,))
+    data = json.loads(analysis.json_path.read_text())
+    assert [group["layer"] for group in data["groups"]] == ["features.0", "features.4", "features.8"]
+    for group in data["groups"]:
+        (row,) = group["results"]
+        assert row["ratio"] == 0.5 and row["channels"] == group["channels"] // 2
+        assert row["accuracy_drop"] == pytest.approx(data["dense"]["accuracy"] - row["accuracy"])
+        assert row["mac_reduction"] > 1 and row["latency_p50_ms"] > 0
+    weights = {group["layer"]: group["weight"] for group in data["groups"]}
+    assert sum(weights.values()) == pytest.approx(3.0, abs=0.01) or max(weights.values()) == 3.0
+    assert analysis.plot_path.read_bytes().startswith(b"\x89PNG") and "| features.4 | 32 | 0.50 | 16 |" in analysis.table_path.read_text()
+
+    metrics = prune_metrics(build_tiny(workdir, user_checkpoint, f"prune.ratios_from='{analysis.json_path}'", "prune.round_to=1"))
+    for name, ratio in metrics["group_ratios"].items():
+        channels = next(group["channels"] for group in data["groups"] if group["layer"] == name)
+        assert ratio == pytest.approx(min(weights[name] * 0.3, 0.9), abs=1 / channels)

@@ -1,0 +1,250 @@
+"""Quantization within an accuracy budget: noise ranking, the float fallback, float TFLite I/O, dynamic range."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune import api
+from edgeprune.config import ExportConfig, QuantizeConfig
+from edgeprune.errors import StageError
+from edgeprune.parity import artifact_logits, tflite_interpreter
+from edgeprune.quant_sensitivity import TensorNoise, pt2e_tensor_noise, sqnr_db
+from edgeprune.stages import quantize
+from edgeprune.stages.export_onnx import export_onnx
+from edgeprune.stages.quantize import OnnxQuantizer, TfliteQuantizer, quantize_within_budget, retype_tflite_io
+from tests.conftest import FAST, USER_MODEL, onnx_op_types
+from tests.user_models import tiny_cnn
+
+BROKEN_CHANNEL = 3
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoint(user_checkpoint, tmp_path_factory) -> Path:
+    """tiny_cnn computing the same function in float, with one activation channel 1000x the others.
+
+    The first BatchNorm's channel 3 is scaled up 1000x and the second conv reads it 1000x
+    weaker (ReLU and max pooling commute with a positive scale), so one per-tensor int8
+    scale for that activation rounds every other channel to zero.
+    """
+    state = torch.load(user_checkpoint, weights_only=True)
+    state["features.1.weight"][BROKEN_CHANNEL] *= 1000
+    state["features.1.bias"][BROKEN_CHANNEL] *= 1000
+    state["features.4.weight"][:, BROKEN_CHANNEL] /= 1000
+    path = tmp_path_factory.mktemp("broken") / "tiny_cnn_broken.pt"
+    torch.save(state, path)
+    return path
+
+
+def trained_tiny_cnn(checkpoint: Path) -> torch.nn.Module:
+    model = tiny_cnn()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- noise measure and search loop (fast)
+
+
+class TwoConvs(torch.nn.Sequential):
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(
+            torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 8, 3), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10),
+        )  # fmt: skip
+        with torch.no_grad():  # channel 3 of the first ReLU 1000x larger, read 1000x weaker: the same function
+            self[0].weight[BROKEN_CHANNEL] *= 1000
+            self[0].bias[BROKEN_CHANNEL] *= 1000
+            self[2].weight[:, BROKEN_CHANNEL] /= 1000
+
+
+def pt2e_converted(model: torch.nn.Module, images: np.ndarray, keep_float: tuple[str, ...]) -> torch.fx.GraphModule:
+    from litert_torch.quantize import pt2e_quantizer
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    scheme = pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
+    exported = torch.export.export(model.eval(), (torch.from_numpy(images),)).module()  # one batch: all the images
+    prepared = quantize_pt2e.prepare_pt2e(exported, quantize.keep_float_quantizer(scheme, keep_float))
+    prepared(torch.from_numpy(images))
+    return quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+
+
+@pytest.mark.slow
+def test_rounding_one_tensor_at_a_time_finds_the_rescaled_channel_and_keeping_its_layers_float_removes_it():
+    images = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    noise = pt2e_tensor_noise(pt2e_converted(TwoConvs(), images, ()), images, batch=16)
+    by_tensor = {item.tensor: item for item in noise}
+    # The 1000x channel swamps the ReLU's one activation scale, and its 1000x smaller weights round to 0 in conv 2's rows.
+    assert [item.tensor for item in noise[:2]] == ["2.weight", "1:relu"] and noise[1].sqnr_db < 25
+    assert by_tensor["1:relu"].layers == ("1", "2") and by_tensor["2.weight"].layers == ("2",)  # written by the ReLU, read by conv 2
+    assert min(item.sqnr_db for item in noise[2:]) > 40  # the rest rounds harmlessly
+    assert set(by_tensor) >= {"input", "0.weight", "6.weight", "6:linear"}
+    # With the ReLU and conv 2 float, conv 1's output is quantized instead (no ReLU to fuse): the next round's pick.
+    healed = pt2e_tensor_noise(pt2e_converted(TwoConvs(), images, ("1", "2")), images, batch=16)
+    assert healed[0].tensor == "0:conv2d" and healed[0].layers == ("0", "1") and healed[0].sqnr_db < 25
+    assert "2.weight" not in {item.tensor for item in healed} and min(item.sqnr_db for item in healed[1:]) > 40
+    assert sqnr_db(np.ones(4), np.ones(4)) == 200.0 and sqnr_db(np.ones(4), np.zeros(4)) == pytest.approx(0.0)
+
+
+class ScriptedQuantizer:
+    """A LayerQuantizer whose artefact is good once ``fixing`` layers are all float."""
+
+    layout = None
+
+    def __init__(self, fixing: set[str]) -> None:
+        self.fixing, self.calls = fixing, []
+
+    def quantize(self, path: Path, keep_float: tuple[str, ...]) -> None:
+        self.calls.append(keep_float)
+        path.write_bytes(b"q" * (100 + 10 * len(keep_float)))  # float layers cost bytes
+
+    def tensor_noise(self) -> list[TensorNoise]:
+        return [TensorNoise("act_b", 0.5, ("relu_b", "conv_c")), TensorNoise("act_a", 1.0, ("conv_a",)), TensorNoise("w", 40.0, ("gemm",))]
+
+    def describe(self) -> dict:
+        return {"calibration": "scripted"}
+
+    def output_grid(self):
+        return self.grid
+
+    def close(self) -> None: ...
+
+    grid = None  # float output
+
+
+@pytest.fixture
+def scripted_logits(monkeypatch):
+    """artifact_logits of the scripted artefact: right when the fixing layers are float, else every label shifted."""
+    labels = np.arange(200) % 10
+    fp32 = np.eye(10, dtype=np.float32)[labels]
+
+    def fake_logits(path, images, layout=None):
+        quantizer = fake_logits.quantizer
+        good = quantizer.fixing <= set(quantizer.calls[-1])
+        return fp32 if good else np.roll(fp32, 1, axis=1)
+
+    monkeypatch.setattr(quantize, "artifact_logits", fake_logits)
+    return fake_logits, fp32, labels
+
+
+def test_the_fallback_keeps_the_noisiest_layers_float_until_the_budget_holds(tmp_path, scripted_logits):
+    fake_logits, fp32, labels = scripted_logits
+    fake_logits.quantizer = quantizer = ScriptedQuantizer({"relu_b", "conv_c"})
+    logits, meta = quantize_within_budget("onnx_int8", "onnx_fp32", quantizer, tmp_path / "q.onnx", fp32, fp32, labels, QuantizeConfig())
+    assert quantizer.calls == [(), ("relu_b", "conv_c")]
+    assert meta["float_layers"] == ["relu_b", "conv_c"] and meta["float_layers_size_bytes"] == 20
+    assert meta["budget"] == {"max_accuracy_drop": 0.5, "min_top1_agreement": 0.99, "accuracy_drop": 0.0, "top1_agreement": 1.0,
+                              "passed": True}  # fmt: skip
+    assert meta["fallback"]["first_attempt"] == {"accuracy_drop": 100.0, "top1_agreement": 0.0, "passed": False}
+    assert meta["fallback"]["noisiest_tensors"][0] == {"tensor": "act_b", "sqnr_db": 0.5, "layers": ["relu_b", "conv_c"]}
+    assert np.array_equal(logits, fp32) and meta["calibration"] == "scripted"
+
+
+def test_the_budget_fails_the_stage_when_the_fallback_is_off_or_exhausted(tmp_path, scripted_logits):
+    fake_logits, fp32, labels = scripted_logits
+    fake_logits.quantizer = ScriptedQuantizer({"gemm"})
+    with pytest.raises(StageError, match=r"onnx_int8: quantization loses 100.00 top-1 points \(agreement 0.0000\) against onnx_fp32.*"
+                       r"fallback is off \(quantize.max_float_layers = 0\); noisiest tensors: act_b 0.5 dB"):  # fmt: skip
+        quantize_within_budget("onnx_int8", "onnx_fp32", fake_logits.quantizer, tmp_path / "q.onnx", fp32, fp32, labels,
+                               QuantizeConfig(max_float_layers=0))  # fmt: skip
+    fake_logits.quantizer = quantizer = ScriptedQuantizer({"gemm"})
+    with pytest.raises(StageError, match=r"even with 3 layer\(s\) kept float \(relu_b, conv_c, conv_a\)"):
+        quantize_within_budget("onnx_int8", "onnx_fp32", quantizer, tmp_path / "q.onnx", fp32, fp32, labels,
+                               QuantizeConfig(max_float_layers=3))  # fmt: skip
+    assert quantizer.calls[-1] == ("relu_b", "conv_c", "conv_a")  # never more than max_float_layers
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.mark.slow
+def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_layers_float(workdir, broken_checkpoint):
+    overrides = (*FAST, "prune.mode='none'", "benchmark.enabled=false")
+
+    def build(*extra):
+        return api.build("cpu-x86", model=USER_MODEL, weights=str(broken_checkpoint), overrides=overrides + extra)
+
+    with pytest.raises(StageError, match=r"onnx_int8: quantization loses [1-9]\d\.\d\d top-1 points .*fallback is off"):
+        build("quantize.max_float_layers=0")
+    int8 = build().manifest["artifacts"]["onnx_int8"]
+    assert int8["fallback"]["first_attempt"]["accuracy_drop"] > 20  # the collapse is real
+    worst = int8["fallback"]["noisiest_tensors"][0]
+    assert worst["sqnr_db"] < 3 and worst["tensor"].startswith("/features/features.")
+    assert int8["budget"]["passed"] and int8["budget"]["accuracy_drop"] <= 0.5 and int8["budget"]["top1_agreement"] >= 0.99
+    assert "/features/features.4/Conv" in int8["float_layers"]  # the conv reading the broken channel
+    assert 0 < len(int8["float_layers"]) <= 8 and int8["float_layers_size_bytes"] > 0
+    graph = __import__("onnx").load(str(workdir / "dist/cpu-x86/model_int8.onnx")).graph
+    dequantized = {output for node in graph.node if node.op_type == "DequantizeLinear" for output in node.output}
+    convs = {node.name: node for node in graph.node if node.op_type == "Conv"}
+    assert convs["/features/features.4/Conv"].input[1] not in dequantized  # its weights really are float
+    assert convs["/features/features.8/Conv"].input[1] in dequantized  # the healthy part stays int8
+
+
+@pytest.mark.slow
+def test_tflite_fallback_and_float_io(workdir, broken_checkpoint):
+    overrides = (*FAST, "prune.mode='none'", "benchmark.enabled=false", "quantize.tflite_io='float'")
+    result = api.build("android", model=USER_MODEL, weights=str(broken_checkpoint), overrides=overrides)
+    int8 = result.manifest["artifacts"]["tflite_int8"]
+    assert int8["fallback"]["first_attempt"]["accuracy_drop"] > 20
+    assert int8["budget"]["passed"] and int8["versus_fp32"]["top1_agreement"] >= 0.99
+    assert "features.4" in int8["float_layers"]  # torch module paths for TFLite
+    assert int8["io"]["input"]["dtype"] == "float32" and int8["io"]["output"]["dtype"] == "float32"
+    interpreter = tflite_interpreter(workdir / "dist/android/model_int8.tflite", threads=1)
+    dtypes = {detail["index"]: detail["dtype"] for detail in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    assert {"QUANTIZE", "DEQUANTIZE"} <= {op["op_name"] for op in ops}
+    assert any(op["op_name"] == "CONV_2D" and dtypes[op["inputs"][0]] == np.int8 for op in ops)  # the healthy convs stay int8
+    assert any(op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D") and dtypes[op["inputs"][0]] == np.float32 for op in ops)
+
+
+@pytest.mark.slow
+def test_float_io_wraps_the_same_integer_graph(tmp_path, user_checkpoint, example_data):
+    model, images = trained_tiny_cnn(user_checkpoint), example_data.x_test[:300]
+    quantizer = TfliteQuantizer(model, torch.from_numpy(images[:1].copy()), example_data.x_train[:64], QuantizeConfig())
+    quantizer.quantize(tmp_path / "int8_io.tflite", ())
+    unused = lambda is_input: pytest.fail("no int8 tensor to create")  # noqa: E731
+    (tmp_path / "float_io.tflite").write_bytes(retype_tflite_io((tmp_path / "int8_io.tflite").read_bytes(), "float", unused))
+    assert quantizer.describe()["io"]["input"]["dtype"] == "int8"
+    float_io = tflite_interpreter(tmp_path / "float_io.tflite", threads=1)
+    assert float_io.get_input_details()[0]["dtype"] == np.float32 and float_io.get_output_details()[0]["dtype"] == np.float32
+    assert float_io.get_signature_list()["serving_default"]["inputs"]  # the signature follows the new input
+    int8_logits, float_logits = artifact_logits(tmp_path / "int8_io.tflite", images), artifact_logits(tmp_path / "float_io.tflite", images)
+    assert np.array_equal(int8_logits, float_logits)  # parity quantizes int8 input exactly as the QUANTIZE op does
+
+
+@pytest.mark.slow
+def test_dynamic_range_onnx_quantizes_weights_and_holds_the_budget(tmp_path, user_checkpoint, example_data):
+    model, data = trained_tiny_cnn(user_checkpoint), example_data
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(model, torch.from_numpy(data.x_test[:1].copy()), fp32, ExportConfig())
+    config = QuantizeConfig(scheme="dynamic")
+    quantizer = OnnxQuantizer(fp32, data.x_train[:64], config, tmp_path)
+    fp32_logits = artifact_logits(fp32, data.x_test)
+    try:
+        path = tmp_path / "dyn.onnx"
+        logits, meta = quantize_within_budget("onnx_dynamic", "onnx_fp32", quantizer, path, fp32_logits, data.x_test, data.y_test, config)
+        noise = quantizer.tensor_noise()
+    finally:
+        quantizer.close()
+    assert {"DynamicQuantizeLinear", "ConvInteger"} <= onnx_op_types(tmp_path / "dyn.onnx")
+    assert meta["budget"]["passed"] and meta["float_layers"] == [] and "calibration" not in meta
+    assert (logits.argmax(1) == fp32_logits.argmax(1)).mean() >= 0.99
+    assert len(noise) == 4 and all(15 < item.sqnr_db < 80 for item in noise)  # 3 convs + the classifier, int8 weights
+    assert not (tmp_path / "preprocessed.onnx").exists()
+
+
+def test_an_int8_output_too_coarse_for_the_logits_fails_at_once_with_the_remedy(tmp_path, monkeypatch):
+    """Logits 0.1 apart on an int8 grid of step 0.5: every close call is a tie no float layer can break."""
+    labels = np.arange(200) % 10
+    fp32 = np.full((200, 10), 1.0, np.float32)
+    fp32[np.arange(200), labels] += 0.1 * (labels > 0)  # class 0 images are a tie already; the others win by 0.1
+    quantizer = ScriptedQuantizer(fixing=set())
+    quantizer.grid = (0.5, 0)
+    monkeypatch.setattr(quantize, "artifact_logits", lambda path, images, layout=None: np.roll(fp32, 1, axis=1))
+    with pytest.raises(StageError) as raised:
+        quantize.quantize_within_budget("tflite_int8", "tflite_fp32", quantizer, tmp_path / "q", fp32, None, labels, QuantizeConfig())
+    message = str(raised.value)
+    assert message.startswith("tflite_int8: its int8 output (scale 0.5) alone agrees with tflite_fp32 on 0.1000 of the test split")
+    assert "quantize.tflite_io = 'float'" in message and "\n" not in message
+    assert quantizer.calls == [()]  # no pointless float rounds
