@@ -74,7 +74,8 @@ class PruneConfig:
     ``layer_ratios`` (``["layer.name=0.5", ...]``) fixes single groups. With
     ``speedup`` > 0, pruning instead goes on in steps of ``speedup_step`` until the
     speed-up measured on the target's runtime reaches it (``budgets.max_accuracy_drop``
-    checked after each step's recovery). ``prune_num_heads`` removes whole attention
+    checked after each step's recovery) or every group is at its cap (with ``ratios_from``
+    the levels go on until the held-back groups reach theirs too). ``prune_num_heads`` removes whole attention
     heads instead of narrowing every head.
     """
 

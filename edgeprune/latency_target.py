@@ -22,7 +22,6 @@ from torch import nn
 from edgeprune.config import PruneConfig
 from edgeprune.errors import ConfigError, StageError
 from edgeprune.pipeline import StageContext
-from edgeprune.pruning import MAX_RATIO
 from edgeprune.runtimes import BenchSettings, benchmark
 
 
@@ -34,6 +33,8 @@ class SteppedPruning(Protocol):
     reference_accuracy: float
 
     def prune_to(self, level: float) -> None: ...
+
+    def max_level(self) -> float: ...
 
     def macs(self) -> int: ...
 
@@ -90,9 +91,9 @@ def prune_to_speedup(run: SteppedPruning, probe: LatencyProbe, config: PruneConf
     Returns the trajectory: one row per step (step 0 = the unpruned model) with the level,
     the fraction of channels removed, MACs, p50 of the candidate and of the dense model,
     the speed-up and top-1 after the step's recovery. Raises StageError when the accuracy
-    budget is broken or the last level (``MAX_RATIO``) does not reach the target.
+    budget is broken or the last level (``run.max_level()``: every group at its cap) does not reach the target.
     """
-    levels = [step * config.speedup_step for step in range(1, int(MAX_RATIO / config.speedup_step + 1e-9) + 1)]
+    levels = [step * config.speedup_step for step in range(1, int(run.max_level() / config.speedup_step + 1e-9) + 1)]
     reporter = probe.context.reporter
     with tempfile.TemporaryDirectory(prefix="edgeprune-latency-") as folder:
         dense_path = probe.export(run.dense, Path(folder) / "dense")

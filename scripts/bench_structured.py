@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edgeprune import api  # noqa: E402
+from edgeprune.errors import StageError  # noqa: E402
 from edgeprune.progress import Reporter  # noqa: E402
 
 
@@ -156,7 +157,11 @@ def speedup_rows(name: str, args: argparse.Namespace, round_to: int) -> list[dic
     rows = []
     for mode, extra in (("uniform", ()), ("sensitivity", (f"prune.ratios_from='{analysis.json_path}'",))):
         started = time.perf_counter()
-        manifest = build(name, args, round_to, *latency, *extra, tag=f"speedup-{mode}")
+        try:
+            manifest = build(name, args, round_to, *latency, *extra, tag=f"speedup-{mode}")
+        except StageError as error:  # the target is out of reach or the accuracy budget broke: a measured result too
+            rows.append({"model": name, "mode": mode, "error": str(error), "seconds": time.perf_counter() - started})
+            continue
         trajectory = stage_metrics(manifest, "prune_structured")["trajectory"]
         rows.append(
             {
@@ -199,6 +204,9 @@ def print_tables(uniform: list[dict[str, Any]], latency: list[dict[str, Any]], a
     print("| model | group ratios | steps | MACs ↓ | speed-up (loop) | re-measured (benchmark stage) | top-1 before → after | drop | s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in latency:
+        if "error" in row:
+            print(f"| {row['model']} | {row['mode']} | {row['error']} |")
+            continue
         cells = [row["model"], row["mode"], str(row["steps"]), f"{row['macs']:.2f}x", f"{row['loop_speedup']:.2f}x"]
         cells += [f"{row['bench_speedup']:.2f}x", f"{row['before']:.2f} → {row['after']:.2f} %", f"{row['before'] - row['after']:.2f}"]
         print("| " + " | ".join([*cells, f"{row['seconds']:.0f}"]) + " |")

@@ -276,6 +276,16 @@ def test_latency_target_prunes_until_the_measured_speedup_is_reached(workdir: Pa
     assert result.manifest["model"]["macs"] == trajectory[-1]["macs"]
 
 
+def test_measured_weights_extend_the_levels_until_the_held_back_groups_reach_their_cap_too() -> None:
+    widths = {"a": 32, "b": 64, "c": 128}
+    assert GroupPlan(widths, dict.fromkeys(widths, 1.0), {}).max_level() == pytest.approx(0.9)
+    plan = GroupPlan(widths, {"a": 0.5, "b": 1.5, "c": 1.0}, {})
+    assert plan.max_level() == pytest.approx(1.8)  # "a" reaches 0.9 of its channels only at level 1.8
+    assert plan.ratio("a", 1.8) == pytest.approx(0.9) and plan.ratio("b", 1.8) == pytest.approx(0.9)
+    assert GroupPlan(widths, {"a": 0.01, "b": 1.5, "c": 1.49}, {}).max_level() == pytest.approx(3.6)  # at most 4x
+    assert GroupPlan(widths, {"a": 0.0, "b": 1.5, "c": 1.5}, {"c": 0.2}).max_level() == pytest.approx(0.6)  # a never, c fixed
+
+
 class ScriptedRun:
     """A stepped pruning whose MACs fall with the level and whose accuracy stays at 90 %."""
 
@@ -285,6 +295,9 @@ class ScriptedRun:
 
     def prune_to(self, level: float) -> None:
         self.level = level
+
+    def max_level(self) -> float:
+        return 0.8
 
     def macs(self) -> int:
         return round(1000 * (1 - self.level) ** 2)

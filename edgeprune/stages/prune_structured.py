@@ -46,12 +46,13 @@ from edgeprune.sensitivity import group_weights
 from edgeprune.stages.common import count_macs_params, example_input, read_model, write_model
 from edgeprune.training import TrainSettings, evaluate, train
 
+MAX_LEVEL_SPAN = 4.0  # a weighted plan's levels go up to this many times MAX_RATIO
 TAYLOR_SAMPLES = 256  # training images whose gradients feed first-order Taylor importance
 
 
 class PruneStructured:
     name = "prune_structured"
-    version = "2"
+    version = "3"
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)
@@ -129,6 +130,12 @@ class GroupPlan:
     def ratio(self, name: str, level: float) -> float:
         return self.fixed.get(name, min(self.weights[name] * level, MAX_RATIO))
 
+    def max_level(self) -> float:
+        """The level at which every group it scales reaches MAX_RATIO: MAX_RATIO when uniform, higher when
+        measured weights hold the sensitive groups back (at most ``MAX_LEVEL_SPAN`` times MAX_RATIO)."""
+        scaled = [weight for name, weight in self.weights.items() if name not in self.fixed and weight > 0]
+        return min(MAX_RATIO / min(scaled), MAX_RATIO * MAX_LEVEL_SPAN) if scaled else MAX_RATIO
+
     def targets(self, level: float, round_to: int = 1) -> dict[str, int]:
         """Channels each group keeps at ``level``: the nearest multiple of ``round_to``, at least one multiple."""
         return {name: rounded_width(width * (1 - self.ratio(name, level)), width, round_to) for name, width in self.widths.items()}
@@ -192,6 +199,9 @@ class PruningRun:
             self.context.reporter.warn(f"prune_structured: not pruning {item.layer}: {item.reason}")
         self.untracked += found
         verify_pruned_model(self.model, guard.sample, config.model.num_classes)
+
+    def max_level(self) -> float:
+        return self.plan.max_level()
 
     def macs(self) -> int:
         return count_macs_params(self.model, example_input(self.context))["macs"]
