@@ -16,6 +16,7 @@ from html import escape
 from typing import Any
 
 from edgeprune.plots import Plot
+from edgeprune.report import QUANTIZATION_HEADER, quantization_rows
 
 NUMBER = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?( %)?$")
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -44,7 +45,14 @@ window.addEventListener("load", function () {
 def html_report(manifest: dict[str, Any], plots: list[Plot]) -> str:
     """The whole page as a string (UTF-8)."""
     title = f"edgeprune build: {manifest['target']}"
-    body = [f"<h1>{_e(title)}</h1>", *_summary(manifest), *_plots(plots), *_stages(manifest), *_artifacts(manifest)]
+    body = [
+        f"<h1>{_e(title)}</h1>",
+        *_summary(manifest),
+        *_plots(plots),
+        *_stages(manifest),
+        *_artifacts(manifest),
+        *_quantization(manifest),
+    ]
     body += [*_budgets(manifest), *_reproduce(manifest)]
     return "\n".join(
         [
@@ -122,6 +130,11 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
         )
     header = ["file", "precision", "KiB", "gzip KiB", "top-1", "max abs err", "top-1 agree", "p50 ms", "p90 ms", "peak RSS MB", "sha256"]
     return ["<h2>Artefacts</h2>", _table(header, rows)]
+
+
+def _quantization(manifest: dict[str, Any]) -> list[str]:
+    rows = quantization_rows(manifest)
+    return ["<h2>Quantization accuracy budget</h2>", _table(QUANTIZATION_HEADER, rows)] if rows else []
 
 
 def _budgets(manifest: dict[str, Any]) -> list[str]:

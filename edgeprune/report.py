@@ -15,7 +15,8 @@ PLOTS_DIR = "plots"
 def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] = ()) -> str:
     """The report; ``plots`` are (file stem, title) pairs of PNGs written to ``plots/``."""
     lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
-    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _channels(manifest) + _budgets(manifest)
+    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _quantization(manifest)
+    lines += _channels(manifest) + _budgets(manifest)
     lines += [
         "## Preprocessing (a device app must repeat it)",
         "",
@@ -76,6 +77,61 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
             f"| {_num(bench.get('latency_p50_ms'))} | {_num(bench.get('latency_p90_ms'))} | {_num(bench.get('latency_p99_ms'))} "
             f"| {_num(bench.get('peak_rss_mb'))} |"
         )
+    return lines + [""]
+
+
+QUANTIZATION_HEADER = [
+    "artefact",
+    "vs",
+    "top-1 drop (points)",
+    "top-1 agreement",
+    "budget (drop / agreement)",
+    "layers kept float",
+    "size cost KiB",
+    "p50 ms (fp32 parent)",
+]
+
+
+def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """One row per quantized artefact: the accuracy budget's figures, the layers the fallback kept float and their cost.
+
+    The size cost is what the float layers add to the all-int8 file; the latency is the artefact's measured p50
+    beside its fp32 parent's (the float layers' latency cost is inside it, measured, never estimated).
+    """
+    artifacts, rows = manifest["artifacts"], []
+    for entry in artifacts.values():
+        budget = entry.get("budget")
+        if budget is None:
+            continue
+        parent = artifacts.get(entry.get("parent", ""), {})
+        p50, parent_p50 = entry.get("benchmark", {}).get("latency_p50_ms"), parent.get("benchmark", {}).get("latency_p50_ms")
+        layers = entry.get("float_layers", [])
+        rows.append(
+            [
+                entry["file"],
+                parent.get("file", entry.get("parent", "-")),
+                f"{budget['accuracy_drop']:+.2f}",
+                f"{budget['top1_agreement']:.4f}",
+                f"{budget['max_accuracy_drop']:g} / {budget['min_top1_agreement']:g}",
+                ", ".join(layers) if layers else "none",
+                f"{entry.get('float_layers_size_bytes', 0) / 1024:.1f}",
+                f"{_num(p50)} ({_num(parent_p50)})",
+            ]
+        )
+    return rows
+
+
+def _quantization(manifest: dict[str, Any]) -> list[str]:
+    rows = quantization_rows(manifest)
+    if not rows:
+        return []
+    lines = [
+        "## Quantization accuracy budget",
+        "",
+        "| " + " | ".join(QUANTIZATION_HEADER) + " |",
+        "|---|---|---:|---:|---|---|---:|---:|",
+    ]
+    lines += ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows]
     return lines + [""]
 
 

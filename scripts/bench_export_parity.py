@@ -73,7 +73,12 @@ def measure(name: str, data, args, fallback: bool) -> list[tuple]:
 
         def timed(fmt: str, precision: str, converter: str, path: Path, convert) -> None:
             started = time.perf_counter()
-            extra = convert() or {}
+            try:
+                extra = convert() or {}
+            except StageError as error:  # a converter that cannot take this model is a result too
+                print(f"  {name} {fmt} {precision} via {converter}: {error}", flush=True)
+                rows.append((name, fmt, precision, converter, time.perf_counter() - started, float("nan"), float("nan"), "FAILED"))
+                return
             seconds = time.perf_counter() - started
             report = parity_report(parent, artifact_logits(path, images), labels)
             rows.append(

@@ -179,6 +179,15 @@ def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_laye
     convs = {node.name: node for node in graph.node if node.op_type == "Conv"}
     assert convs["/features/features.4/Conv"].input[1] not in dequantized  # its weights really are float
     assert convs["/features/features.8/Conv"].input[1] in dequantized  # the healthy part stays int8
+    report = (workdir / "dist/cpu-x86/report.md").read_text()
+    (row,) = [line for line in report.splitlines() if line.startswith("| model_int8.onnx | model_fp32.onnx |")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[2] == f"{int8['budget']['accuracy_drop']:+.2f}" and cells[4] == "0.5 / 0.99"
+    assert cells[5] == ", ".join(int8["float_layers"]) and float(cells[6]) == pytest.approx(
+        int8["float_layers_size_bytes"] / 1024, abs=0.05
+    )
+    html = (workdir / "dist/cpu-x86/report.html").read_text()
+    assert "Quantization accuracy budget" in html and "/features/features.4/Conv" in html
 
 
 @pytest.mark.slow
@@ -248,3 +257,27 @@ def test_an_int8_output_too_coarse_for_the_logits_fails_at_once_with_the_remedy(
     assert message.startswith("tflite_int8: its int8 output (scale 0.5) alone agrees with tflite_fp32 on 0.1000 of the test split")
     assert "quantize.tflite_io = 'float'" in message and "\n" not in message
     assert quantizer.calls == [()]  # no pointless float rounds
+
+
+def test_the_report_lists_each_quantized_artefacts_budget_float_layers_and_their_cost():
+    from edgeprune.report import quantization_rows
+
+    budget = {"max_accuracy_drop": 0.5, "min_top1_agreement": 0.99, "accuracy_drop": -0.2, "top1_agreement": 0.9935, "passed": True}
+    manifest = {
+        "artifacts": {
+            "onnx_fp32": {"file": "model.onnx", "benchmark": {"latency_p50_ms": 0.08}},
+            "onnx_int8": {
+                "file": "model_int8.onnx",
+                "parent": "onnx_fp32",
+                "budget": budget,
+                "float_layers": ["/stem/Conv", "<b>head</b>"],
+                "float_layers_size_bytes": 3072,
+                "benchmark": {"latency_p50_ms": 0.11},
+            },
+            "tflite_int8": {"file": "model_int8.tflite", "parent": "tflite_fp32", "budget": budget, "float_layers": []},
+        }
+    }
+    assert quantization_rows(manifest) == [
+        ["model_int8.onnx", "model.onnx", "-0.20", "0.9935", "0.5 / 0.99", "/stem/Conv, <b>head</b>", "3.0", "0.11 (0.08)"],
+        ["model_int8.tflite", "tflite_fp32", "-0.20", "0.9935", "0.5 / 0.99", "none", "0.0", "- (-)"],
+    ]

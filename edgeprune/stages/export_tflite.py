@@ -35,7 +35,7 @@ from edgeprune.training import predict_logits
 
 class ExportTflite:
     name = "export_tflite"
-    version = "2"
+    version = "3"  # 3: onnx2tf fallback builds builtin-op Erf/GeLU and refuses Flex ops
     sections = ("export", "parity", "prune", "benchmark")
     consumes = ("model", "baseline_model")
 

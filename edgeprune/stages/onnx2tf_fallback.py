@@ -33,6 +33,7 @@ REQUIREMENTS = ("tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "sng4o
 INSTALL_HINT = 'install the optional fallback with pip install "edgeprune[tensorflow]"'
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # the name onnx2tf looks for
 SAMPLE_COUNT = 20
+PSEUDO_OPERATORS = ("Erf", "GeLU")  # onnx2tf would lower these to TensorFlow select ops
 TIMEOUT_S = 1800
 NOWHERE = "http://127.0.0.1:9"  # the discard port: connections are refused at once
 
@@ -71,14 +72,34 @@ def convert_onnx(onnx_path: Path, tflite_path: Path, samples: np.ndarray, channe
         np.save(folder / "samples.npy", nhwc if channels_last else inputs)  # -cind data is in the TF model's layout
         command = [sys.executable, "-m", "onnx2tf", "-i", str(Path(onnx_path).resolve()), "-o", "out", "-n", "-nuo"]
         command += ["-cind", input_name(onnx_path), "samples.npy"]
+        command += ["-rtpo", *PSEUDO_OPERATORS]  # builtin-op forms, else GELU's Erf becomes a Flex op LiteRT cannot run
         if not channels_last:
             command += ["-k", input_name(onnx_path)]
         _run(command, folder, onnx_path)
         produced = folder / "out" / f"{Path(onnx_path).stem}_float32.tflite"
         if not produced.is_file():
             raise ExportError(f"onnx2tf wrote no {produced.name} for {Path(onnx_path).name}; rerun with --debug and report the model")
+        check_builtin_ops(produced, Path(onnx_path).name)
         os.replace(produced, tflite_path)
     return _input_layout(tflite_path, samples.shape)
+
+
+def check_builtin_ops(tflite_path: Path, filename: str) -> None:
+    """ExportError when the converted file needs TensorFlow select (Flex) ops that LiteRT's builtin interpreter lacks."""
+    from edgeprune.parity import tflite_interpreter
+
+    try:
+        tflite_interpreter(tflite_path, 1).allocate_tensors()
+    except (RuntimeError, ValueError) as error:
+        flex = sorted(set(re.findall(r"\b(Flex\w+)", str(error))))
+        if not flex:
+            raise ExportError(
+                f"onnx2tf converted {filename}, but LiteRT cannot load the result: {str(error).splitlines()[0][:300]}"
+            ) from None
+        raise ExportError(
+            f"onnx2tf converted {filename} with TensorFlow select ops ({', '.join(flex)}) that LiteRT's builtin interpreter "
+            "cannot run (a device app would need the Flex delegate); replace the operator in the model"
+        ) from None
 
 
 def _input_layout(tflite_path: Path, images_shape: tuple[int, ...]) -> str:
