@@ -263,7 +263,7 @@ def test_iterative_pruning_steps_to_the_final_amount_recovering_between_steps(wo
 @pytest.mark.slow
 def test_latency_target_prunes_until_the_measured_speedup_is_reached(workdir: Path, user_checkpoint: Path) -> None:
     # the tiny CNN runs in ~0.05 ms, where onnxruntime's per-call overhead dominates: 7.5x fewer MACs measured
-    # only 1.29x on a CI machine, so the target here is one the measurement reaches on any machine
+    # only 1.29x on a CI machine, so the target here is low enough that noise cannot keep every step from reaching it
     result = build_tiny(workdir, user_checkpoint, "prune.speedup=1.1", "prune.speedup_step=0.2", "budgets.max_accuracy_drop=0")
     metrics = prune_metrics(result)
     trajectory = metrics["trajectory"]
