@@ -283,7 +283,7 @@ def test_an_onnx2tf_result_needing_flex_ops_is_refused_naming_them(tmp_path):
     path = tmp_path / "o2t.tflite"
     path.write_bytes(b"not a flatbuffer")
     with pytest.raises(ExportError) as unreadable:
-        onnx2tf_fallback.check_builtin_ops(path, "m.onnx")  # the real interpreter, on a file it cannot load
+        onnx2tf_fallback.builtin_interpreter(path, "m.onnx")  # the real interpreter, on a file it cannot load
     assert str(unreadable.value).startswith("onnx2tf converted m.onnx, but LiteRT cannot load the result: ")
 
     class FlexInterpreter:
@@ -293,7 +293,7 @@ def test_an_onnx2tf_result_needing_flex_ops_is_refused_naming_them(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("edgeprune.parity.tflite_interpreter", lambda path, threads: FlexInterpreter())
         with pytest.raises(ExportError) as flex:
-            onnx2tf_fallback.check_builtin_ops(path, "m.onnx")
+            onnx2tf_fallback.builtin_interpreter(path, "m.onnx")
     assert str(flex.value) == (
         "onnx2tf converted m.onnx with TensorFlow select ops (FlexErf) that LiteRT's builtin interpreter cannot run "
         "(a device app would need the Flex delegate); replace the operator in the model"

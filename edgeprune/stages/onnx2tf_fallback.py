@@ -61,6 +61,8 @@ def convert_onnx(onnx_path: Path, tflite_path: Path, samples: np.ndarray, channe
     The input stays NCHW unless ``channels_last``. Raises ExportError naming
     the ONNX node onnx2tf failed on, or the missing packages.
     """
+    from edgeprune.parity import input_layout
+
     missing = missing_requirements()
     if missing:
         raise ExportError(f"the onnx2tf fallback needs {', '.join(missing)}; {INSTALL_HINT}")
@@ -71,25 +73,31 @@ def convert_onnx(onnx_path: Path, tflite_path: Path, samples: np.ndarray, channe
         np.save(folder / SAMPLE_FILE, nhwc)
         np.save(folder / "samples.npy", nhwc if channels_last else inputs)  # -cind data is in the TF model's layout
         command = [sys.executable, "-m", "onnx2tf", "-i", str(Path(onnx_path).resolve()), "-o", "out", "-n", "-nuo"]
-        command += ["-cind", input_name(onnx_path), "samples.npy"]
+        name = input_name(onnx_path)
+        command += ["-cind", name, "samples.npy"]
         command += ["-rtpo", *PSEUDO_OPERATORS]  # builtin-op forms, else GELU's Erf becomes a Flex op LiteRT cannot run
         if not channels_last:
-            command += ["-k", input_name(onnx_path)]
+            command += ["-k", name]
         _run(command, folder, onnx_path)
         produced = folder / "out" / f"{Path(onnx_path).stem}_float32.tflite"
         if not produced.is_file():
             raise ExportError(f"onnx2tf wrote no {produced.name} for {Path(onnx_path).name}; rerun with --debug and report the model")
-        check_builtin_ops(produced, Path(onnx_path).name)
+        input_shape = builtin_interpreter(produced, Path(onnx_path).name).get_input_details()[0]["shape"]
         os.replace(produced, tflite_path)
-    return _input_layout(tflite_path, samples.shape)
+    return input_layout(tflite_path, input_shape, samples.shape)  # the layout onnx2tf really gave it (it may transpose despite -k)
 
 
-def check_builtin_ops(tflite_path: Path, filename: str) -> None:
-    """ExportError when the converted file needs TensorFlow select (Flex) ops that LiteRT's builtin interpreter lacks."""
+def builtin_interpreter(tflite_path: Path, filename: str):
+    """The converted file loaded in LiteRT's builtin interpreter, tensors allocated.
+
+    ExportError when it needs TensorFlow select (Flex) ops that interpreter lacks, or does not load at all.
+    """
     from edgeprune.parity import tflite_interpreter
 
     try:
-        tflite_interpreter(tflite_path, 1).allocate_tensors()
+        interpreter = tflite_interpreter(tflite_path, 1)
+        interpreter.allocate_tensors()
+        return interpreter
     except (RuntimeError, ValueError) as error:
         flex = sorted(set(re.findall(r"\b(Flex\w+)", str(error))))
         if not flex:
@@ -100,13 +108,6 @@ def check_builtin_ops(tflite_path: Path, filename: str) -> None:
             f"onnx2tf converted {filename} with TensorFlow select ops ({', '.join(flex)}) that LiteRT's builtin interpreter "
             "cannot run (a device app would need the Flex delegate); replace the operator in the model"
         ) from None
-
-
-def _input_layout(tflite_path: Path, images_shape: tuple[int, ...]) -> str:
-    """The layout onnx2tf really gave the file's input (it may transpose despite ``-k``)."""
-    from edgeprune.parity import input_layout, tflite_interpreter
-
-    return input_layout(tflite_path, tflite_interpreter(tflite_path, 1).get_input_details()[0]["shape"], images_shape)
 
 
 def input_name(onnx_path: Path) -> str:
