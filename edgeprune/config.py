@@ -137,7 +137,11 @@ class QuantizeConfig:
 
     ``int8``: static, calibrated on ``data.calibration_samples`` training images (ONNX QDQ /
     full-integer TFLite); ``dynamic``: int8 weights, activations quantized at run time;
-    ``fp16``: ONNX only. ``activation_type`` is for ONNX; ``tflite_io`` is the TFLite model's
+    ``fp16``: ONNX only. ``activation_type`` is for ONNX (``float``: weight-only int8, the
+    weights stored int8 behind DequantizeLinear, activations and compute float: the
+    smallest file and no activation rounding, for size targets); ``minify_names`` gives
+    the ONNX int8 file short internal tensor names once it is verified (fewer bytes;
+    the float fallback's layer names in the manifest are the unminified ones). ``tflite_io`` is the TFLite model's
     input/output type (``int8``: scale/zero-point in the manifest; ``float``: a Quantize and a
     Dequantize op at the ends). An int8/dynamic artefact must stay within ``max_accuracy_drop``
     top-1 points and ``min_top1_agreement`` of its fp32 sibling on the test split; otherwise the
@@ -148,7 +152,8 @@ class QuantizeConfig:
     scheme: Literal["none", "int8", "fp16", "dynamic"] = "int8"
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
-    activation_type: Literal["int8", "uint8"] = "int8"
+    activation_type: Literal["int8", "uint8", "float"] = "int8"
+    minify_names: bool = False
     tflite_io: Literal["int8", "float"] = "int8"
     max_accuracy_drop: float = field(default=0.5, metadata=_range(0.0, 100.0))
     min_top1_agreement: float = field(default=0.99, metadata=_range(0.0, 1.0))

@@ -3,14 +3,21 @@
 A speed-up is never estimated from MACs here. After each pruning step the candidate is
 exported to the target's format (the first of ``export.formats``: ONNX for onnxruntime
 targets, TFLite for LiteRT ones) and benchmarked through the runtime adapter of
-``benchmark.device`` with the profile's benchmark settings, side by side with the
-unpruned model's export, so that drift on a shared machine moves both. Then the step's
+``benchmark.device`` with the profile's benchmark settings. The unpruned model's export
+and the candidate are measured as ``benchmark.repeats`` pairs: on the local device each
+pair is one process that times both in alternation, iteration by iteration (a shared
+machine's slow moments hit both alike); on remote devices a pair is two processes run one
+after the other. The speed-up is the median of the per-pair ratios. A step whose speed-up reaches the target is measured
+again (as many pairs more) and is accepted only if the median over all its pairs still
+reaches it: one lucky round on a noisy machine does not end the loop. Then the step's
 recovery finetune runs and the accuracy budget (``budgets.max_accuracy_drop``, points
 against the unpruned model) is checked; breaking it stops the build with a StageError.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +29,8 @@ from torch import nn
 from edgeprune.config import PruneConfig
 from edgeprune.errors import ConfigError, StageError
 from edgeprune.pipeline import StageContext
-from edgeprune.runtimes import BenchSettings, benchmark
+from edgeprune.runtimes import BenchSettings, benchmark, open_adapter
+from edgeprune.runtimes.base import device_lock
 
 
 class SteppedPruning(Protocol):
@@ -45,12 +53,16 @@ class SteppedPruning(Protocol):
 
 @dataclass(frozen=True)
 class LatencyProbe:
-    """Exports torch models to the target's format and measures their p50 through a runtime adapter."""
+    """Exports torch models to the target's format and measures their p50 through a runtime adapter.
+
+    ``settings`` measure one process per call; ``rounds`` is how many dense/candidate pairs a comparison takes.
+    """
 
     fmt: str
     device: str
     settings: BenchSettings
     context: StageContext
+    rounds: int = 1
 
     @classmethod
     def for_target(cls, context: StageContext) -> LatencyProbe:
@@ -60,9 +72,9 @@ class LatencyProbe:
             raise ConfigError("prune.speedup needs an export format to measure (set export.formats)")
         bench = config.benchmark
         settings = BenchSettings(
-            threads=bench.threads, warmup=bench.warmup, iterations=bench.iterations, repeats=bench.repeats, use_xnnpack=bench.use_xnnpack
+            threads=bench.threads, warmup=bench.warmup, iterations=bench.iterations, repeats=1, use_xnnpack=bench.use_xnnpack
         )
-        return cls(config.export.formats[0], bench.device, settings, context)
+        return cls(config.export.formats[0], bench.device, settings, context, rounds=bench.repeats)
 
     def export(self, model: nn.Module, stem: Path) -> Path:
         """``model`` as ``stem.onnx`` or ``stem.tflite``, converted the way the build's export stage converts it."""
@@ -78,8 +90,20 @@ class LatencyProbe:
         return path
 
     def p50_ms(self, path: Path) -> float:
-        """Median latency (ms) over the settings' repeats, each in a fresh process (DeviceError on failure)."""
-        return benchmark(path, self.device, self.settings).latency_p50_ms
+        """Median latency (ms) of one fresh process (DeviceError on failure)."""
+        return benchmark(path, self.device, dataclasses.replace(self.settings, repeats=1)).latency_p50_ms
+
+    def compare(self, dense: Path, candidate: Path) -> list[tuple[float, float]] | None:
+        """``rounds`` (dense p50, candidate p50) pairs, each from one process timing both in alternation, where the
+        device's adapter can (local); None where it cannot (remote devices: one process per artefact)."""
+        adapter = open_adapter(self.device, self.settings)
+        if not hasattr(adapter, "compare"):
+            return None
+        with device_lock(self.device):
+            try:
+                return adapter.compare(dense, candidate, dataclasses.replace(self.settings, repeats=max(1, self.rounds)))
+            finally:
+                adapter.cleanup()
 
     def describe(self) -> str:
         return f"{self.device} ({self.fmt}, {self.settings.threads} threads)"
@@ -104,9 +128,11 @@ def prune_to_speedup(run: SteppedPruning, probe: LatencyProbe, config: PruneConf
             if run.macs() == trajectory[-1]["macs"]:  # rounding kept every width: nothing new to measure
                 continue
             candidate = probe.export(run.model, Path(folder) / f"step{step}")
-            dense_p50, p50 = probe.p50_ms(dense_path), probe.p50_ms(candidate)
+            pairs = measure_pairs(probe, dense_path, candidate)
+            if paired_speedup(pairs) >= config.speedup:  # confirm: one lucky round does not end the loop
+                pairs += measure_pairs(probe, dense_path, candidate)
             run.recover(step)
-            row = {**run.row(step, level), "latency_p50_ms": p50, "dense_p50_ms": dense_p50, "speedup": dense_p50 / p50}
+            row = {**run.row(step, level), **pairs_summary(pairs)}
             trajectory.append(row)
             reporter.info(
                 f"[{probe.context.config.name}] prune_structured  step {step}: {row['ratio']:.0%} of channels removed, "
@@ -121,6 +147,33 @@ def prune_to_speedup(run: SteppedPruning, probe: LatencyProbe, config: PruneConf
         f"{probe.describe()} is {last['speedup']:.2f}x ({last['mac_reduction']:.2f}x fewer MACs); the runtime's per-layer overhead "
         "bounds what pruning gains on this model: lower prune.speedup"
     )
+
+
+def measure_pairs(probe: LatencyProbe, dense: Path, candidate: Path) -> list[tuple[float, float]]:
+    """``probe.rounds`` (dense p50, candidate p50) pairs: timed in one process each where the probe can
+    (``probe.compare``), else in alternating processes, one per measurement."""
+    in_process = getattr(probe, "compare", None)
+    pairs = in_process(dense, candidate) if in_process else None
+    if pairs is not None:
+        return pairs
+    return [(probe.p50_ms(dense), probe.p50_ms(candidate)) for _ in range(max(1, probe.rounds))]
+
+
+def paired_speedup(pairs: list[tuple[float, float]]) -> float:
+    """The median of the per-pair speed-ups (dense / candidate)."""
+    return statistics.median(dense / candidate for dense, candidate in pairs)
+
+
+def pairs_summary(pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    """A trajectory row's latency figures: both medians, the paired speed-up, how many pairs and their spread."""
+    ratios = [dense / candidate for dense, candidate in pairs]
+    return {
+        "latency_p50_ms": statistics.median(candidate for _, candidate in pairs),
+        "dense_p50_ms": statistics.median(dense for dense, _ in pairs),
+        "speedup": paired_speedup(pairs),
+        "pairs": len(pairs),
+        "speedup_range": [min(ratios), max(ratios)],
+    }
 
 
 def check_budget(row: dict[str, Any], reference_accuracy: float, max_drop: float, config: PruneConfig, probe: LatencyProbe) -> None:

@@ -4,9 +4,12 @@
 For every bundled reference architecture (or ``--models``) the script builds, through
 ``edgeprune.api.build`` and the stage cache, two variants of the ``size`` profile:
 
-- **dense**: ``prune.mode = "none"``: the unpruned model as fp32 ONNX and as int8 QDQ ONNX;
+- **dense**: ``prune.mode = "none"``: the unpruned model as fp32 ONNX and as int8 ONNX;
 - **sparse**: the ``size`` profile as shipped: 90 % global magnitude sparsity reached with the
-  cubic schedule during distilled finetuning, then int8 QDQ ONNX (per-channel weights).
+  cubic schedule during distilled finetuning, then int8 ONNX: per-channel int8 weights behind
+  DequantizeLinear with float activations (``quantize.activation_type = "float"``) and short
+  internal names (``quantize.minify_names``). ``--set quantize.activation_type='int8'
+  --set quantize.minify_names=false`` measures full int8 QDQ instead.
 
 and prints one table, measured side by side in this run:
 

@@ -46,3 +46,9 @@ class ResNetMini(nn.Module):
 def resnet_mini(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> ResNetMini:
     """ResNet with basic blocks, residual adds and 1×1 downsampling shortcuts (16/32/64 channels)."""
     return ResNetMini(num_classes, in_channels)
+
+
+@register_model(family="resnet")
+def resnet_wide(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> ResNetMini:
+    """ResNet with basic blocks at 32/64/128 channels: ~37 M MACs, a CIFAR ResNet-20's compute, for speed benchmarks."""
+    return ResNetMini(num_classes, in_channels, widths=(32, 64, 128))

@@ -20,6 +20,7 @@ from edgeprune.runtimes.base import (
     DeviceUrl,
     register_adapter,
     run_repeats,
+    with_retries,
 )
 from edgeprune.runtimes.commands import parse_runner_stdout, run_command
 
@@ -66,6 +67,23 @@ class LocalAdapter:
         argv = [self.python, str(RUNNER_PATH), *settings.runner_args(str(artifact.resolve()))]
         label = f"{self.name} ({artifact.name})"
         return run_repeats(partial(self._run_once, argv, settings), settings, label, self.name, artifact)
+
+    def compare(self, baseline: Path, artifact: Path, settings: BenchSettings) -> list[tuple[float, float]]:
+        """(baseline p50, artifact p50) from each of ``settings.repeats`` processes that time both in alternation.
+
+        Raises DeviceError like ``run``.
+        """
+        self.prepare(baseline)
+        self.prepare(artifact)
+        if not settings.providers and self.providers:
+            settings = replace(settings, providers=self.providers)
+        argv = [self.python, str(RUNNER_PATH), *settings.runner_args(str(artifact.resolve())), "--baseline", str(baseline.resolve())]
+        label = f"{self.name} ({artifact.name} beside {baseline.name})"
+        pairs = []
+        for _ in range(settings.repeats):
+            result = with_retries(partial(self._run_once, argv, settings, label), settings.retries, label)
+            pairs.append((result["baseline"]["latency_p50_ms"], result["latency_p50_ms"]))
+        return pairs
 
     def _run_once(self, argv: list[str], settings: BenchSettings, what: str) -> dict:
         env = {**os.environ, **self.extra_env} if self.extra_env else None

@@ -7,6 +7,7 @@ imports) so it can be copied alone to a Raspberry Pi, a phone or a remote server
     python3 runner.py --model model.onnx --threads 2 --warmup 10 --iterations 50
     python3 runner.py --model model.tflite --no-xnnpack --min-seconds 2
     python3 runner.py --model model.onnx --providers CUDAExecutionProvider,CPUExecutionProvider
+    python3 runner.py --model pruned.onnx --baseline dense.onnx --iterations 500
 
 Stdout carries exactly one JSON object (anything the runtimes print to stdout is
 redirected to stderr). Times are milliseconds, memory is MiB. On any failure the
@@ -16,6 +17,12 @@ Latency statistics are over the timed iterations only (after ``--warmup`` untime
 ones); percentiles use linear interpolation and ``latency_std_ms`` is the population
 standard deviation. ``init_ms`` covers session/interpreter creation plus tensor
 allocation, ``first_run_ms`` the first inference after that.
+
+With ``--baseline`` a second artefact is loaded and timed in the same loop, alternating
+per iteration (model then baseline, then baseline then model, ...): both see the same
+moments of a noisy machine, so ``speedup_p50`` (baseline p50 / model p50) holds where
+two separate processes minutes apart would not. Its statistics are under ``baseline``;
+the memory figures then cover both sessions.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--providers", default="", help="onnxruntime providers, comma list")
     parser.add_argument("--no-xnnpack", action="store_true", help="litert: no XNNPACK delegate")
     parser.add_argument("--input", default=None, help=".npy (one input) or .npz (by name)")
+    parser.add_argument("--baseline", default=None, help="a second .onnx/.tflite timed in alternation with --model")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.warmup < 0 or args.iterations < 1 or args.min_seconds < 0:
         raise RunnerError("need --threads >= 1, --warmup >= 0, --iterations >= 1, --min-seconds >= 0")
@@ -295,17 +303,41 @@ def timed_loop(run_once, iterations: int, min_seconds: float) -> list[int]:
     return latencies
 
 
-def benchmark(args: argparse.Namespace) -> dict:
-    """Load, time and describe one artefact; raises on any failure."""
-    if np is None:
-        raise RunnerError("numpy is not installed for this Python: pip install numpy")
-    if not os.path.isfile(args.model):
-        raise RunnerError(f"model file not found: {args.model}")
-    extension = os.path.splitext(args.model)[1].lower()
+def paired_timed_loop(run_model, run_baseline, iterations: int, min_seconds: float) -> tuple[list[int], list[int]]:
+    """Both artefacts, alternating per iteration and swapping the order each time; latencies in ns."""
+    model, baseline = [], []
+    deadline = time.perf_counter_ns() + int(min_seconds * 1e9)
+    while len(model) < iterations or time.perf_counter_ns() < deadline:
+        order = ((run_model, model), (run_baseline, baseline))
+        for run_once, latencies in order if len(model) % 2 == 0 else order[::-1]:
+            start = time.perf_counter_ns()
+            run_once()
+            latencies.append(time.perf_counter_ns() - start)
+    return model, baseline
+
+
+def runtime_for(path: str) -> tuple:
+    """(import_runtime, open_runtime) for an existing .onnx/.tflite ``path``; RunnerError otherwise."""
+    if not os.path.isfile(path):
+        raise RunnerError(f"model file not found: {path}")
+    extension = os.path.splitext(path)[1].lower()
     runtimes = {".onnx": (import_onnxruntime, open_onnx), ".tflite": (import_tflite, open_tflite)}
     if extension not in runtimes:
         raise RunnerError(f"unsupported model type {extension!r}: expected .onnx or .tflite")
-    import_runtime, open_runtime = runtimes[extension]
+    return runtimes[extension]
+
+
+def open_baseline(args: argparse.Namespace) -> object:
+    """The ``--baseline`` artefact's run_once, opened with the same settings as ``--model``."""
+    import_runtime, open_runtime = runtime_for(args.baseline)
+    return open_runtime(argparse.Namespace(**{**vars(args), "model": args.baseline}), import_runtime()[0])[0]
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Load, time and describe one artefact (and its ``--baseline``); raises on any failure."""
+    if np is None:
+        raise RunnerError("numpy is not installed for this Python: pip install numpy")
+    import_runtime, open_runtime = runtime_for(args.model)
     start = time.perf_counter_ns()
     module, runtime_facts = import_runtime()
     import_ns = time.perf_counter_ns() - start
@@ -316,9 +348,15 @@ def benchmark(args: argparse.Namespace) -> dict:
     start = time.perf_counter_ns()
     run_once()
     first_run_ns = time.perf_counter_ns() - start
+    run_baseline = open_baseline(args) if args.baseline else None
     for _ in range(args.warmup):
         run_once()
-    latencies = timed_loop(run_once, args.iterations, args.min_seconds)
+        if run_baseline:
+            run_baseline()
+    if run_baseline:
+        latencies, baseline_latencies = paired_timed_loop(run_once, run_baseline, args.iterations, args.min_seconds)
+    else:
+        latencies = timed_loop(run_once, args.iterations, args.min_seconds)
     ru_maxrss = _ru_maxrss_mb()
     vm_hwm = _proc_status_mb("VmHWM")
     peaks = [mb for mb in (ru_maxrss, vm_hwm) if mb is not None]
@@ -340,6 +378,14 @@ def benchmark(args: argparse.Namespace) -> dict:
         "providers": providers,
         **host_facts(),
     }
+    if run_baseline:
+        baseline = {
+            "model": os.path.basename(args.baseline),
+            "model_bytes": os.path.getsize(args.baseline),
+            **latency_stats(baseline_latencies),
+        }
+        result["baseline"] = baseline
+        result["speedup_p50"] = baseline["latency_p50_ms"] / result["latency_p50_ms"]
     return result
 
 

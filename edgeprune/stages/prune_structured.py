@@ -52,7 +52,7 @@ TAYLOR_SAMPLES = 256  # training images whose gradients feed first-order Taylor 
 
 class PruneStructured:
     name = "prune_structured"
-    version = "3"
+    version = "4"
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)

@@ -2,7 +2,8 @@
 
 ONNX: onnxruntime's recommended pre-processing, then static quantization in QDQ
 format (per-channel weights, int8 or uint8 activations, MinMax/Entropy/Percentile
-calibration) or dynamic quantization; file in → file out. TFLite: litert-torch's
+calibration), dynamic quantization, or weight-only int8 (``activation_type = "float"``,
+``edgeprune.onnx_weights``); file in → file out. TFLite: litert-torch's
 PT2E quantizer — full-integer int8 calibrated on real images (int8 model I/O, or
 float I/O through a Quantize and a Dequantize op at the ends), or dynamic range.
 
@@ -34,6 +35,7 @@ from torch import nn
 from edgeprune.artifacts import Artifact
 from edgeprune.config import BuildConfig, QuantizeConfig
 from edgeprune.errors import ConfigError, StageError
+from edgeprune.onnx_weights import minify_names, quantize_weights
 from edgeprune.parity import artifact_logits, check_parity, parity_report, tflite_interpreter
 from edgeprune.pipeline import StageContext, StageOutput
 from edgeprune.quant_sensitivity import (
@@ -57,13 +59,23 @@ CALIBRATION_BATCH = 32  # images per PT2E calibration call
 
 class Quantize:
     name = "quantize"
-    version = "2"
+    version = "3"
     sections = ("quantize", "parity", "export")
     consumes = ("model", "onnx_fp32", "tflite_fp32")
 
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
         if config.quantize.scheme == "fp16" and "tflite" in config.export.formats:
             raise ConfigError("quantize.scheme = 'fp16' applies to ONNX only; use 'int8' or 'dynamic' for TFLite targets")
+        if config.quantize.activation_type == "float" and config.quantize.scheme in ("int8", "dynamic"):
+            if config.quantize.scheme == "dynamic":
+                raise ConfigError(
+                    "quantize.activation_type = 'float' is weight-only int8; with scheme = 'dynamic' activations are "
+                    "quantized at run time: pick one"
+                )
+            if "tflite" in config.export.formats:
+                raise ConfigError(
+                    "quantize.activation_type = 'float' (weight-only int8) applies to ONNX only; use scheme = 'dynamic' for TFLite"
+                )
         return {}
 
     def run(self, context: StageContext) -> StageOutput:
@@ -94,6 +106,9 @@ def quantize_artifact(fmt: str, fp32: Artifact, model: nn.Module, parent_logits:
             )
         finally:
             quantizer.close()
+        if fmt == "onnx" and config.quantize.minify_names and minify_names(path, path):
+            logits = artifact_logits(path, dataset.x_test)  # the shipped bytes are what parity checks
+            extra["names_minified"] = True
     tolerance = "fp16" if precision == "fp16" else "int8"  # dynamic-range int8 is held to the int8 tolerance
     meta = verified(name, fp32.name, tolerance, logits, parent_logits, fp32_logits, dataset.y_test, config)
     return Artifact.from_file(name, fmt, path, format=fmt, precision=precision, parent=fp32.name, **meta, **extra)
@@ -279,6 +294,9 @@ class OnnxQuantizer:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
         self.path, config = path, self.config
+        if config.activation_type == "float":
+            quantize_weights(self.prepared, path, config.per_channel, keep_float)
+            return
         if config.scheme == "dynamic":
             quantize_dynamic(
                 str(self.prepared),
@@ -305,7 +323,7 @@ class OnnxQuantizer:
 
     def tensor_noise(self) -> list[TensorNoise]:
         images = self.calibration[:SENSITIVITY_SAMPLES]
-        if self.config.scheme == "dynamic":  # activations are rounded at run time, per input: rank the weights
+        if self.config.scheme == "dynamic" or self.config.activation_type == "float":  # no activation grid here: rank the weights
             return onnx_tensor_noise(self.prepared, onnx_rounded_weights(self.prepared, self.config.per_channel), images)
         if self._activations is None:
             self._activations = onnx_activations(self.prepared, images)
@@ -315,6 +333,8 @@ class OnnxQuantizer:
         return None  # QDQ models keep float32 I/O
 
     def describe(self) -> dict[str, Any]:
+        if self.config.activation_type == "float":
+            return {"activations": "float", "weights": "int8 per-channel" if self.config.per_channel else "int8 per-tensor"}
         if self.config.scheme == "dynamic":
             return {}
         return {"calibration": self.config.calibration, "calibration_samples": len(self.calibration)}

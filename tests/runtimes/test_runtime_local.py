@@ -155,3 +155,17 @@ def test_importing_runtimes_imports_no_torch_and_no_runtime():
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )
     assert completed.stdout.strip() == "[]"
+
+
+def test_local_compare_times_both_in_each_process_and_sees_the_wider_model_slower(tiny_artifacts, tmp_path):
+    import torch
+
+    from edgeprune.runtimes.local import LocalAdapter
+
+    wide = torch.nn.Sequential(torch.nn.Conv2d(3, 96, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(96, 96, 3, padding=1)).eval()
+    wide_path = tmp_path / "wide.onnx"
+    torch.onnx.export(wide, (torch.randn(1, 3, 32, 32),), str(wide_path), dynamo=False, input_names=["input"])
+    pairs = LocalAdapter().compare(wide_path, tiny_artifacts["onnx"], QUICK)
+    assert len(pairs) == QUICK.repeats and all(baseline > 0 and p50 > 0 for baseline, p50 in pairs)
+    # 144x the MACs of the 2-conv net (96x96 against 8x8 channels in the second conv): far slower in every process
+    assert all(baseline / p50 > 3 for baseline, p50 in pairs)

@@ -137,3 +137,24 @@ def test_latency_stats_are_in_milliseconds():
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+@pytest.mark.parametrize("baseline_kind", ["onnx", "tflite"])
+def test_runner_times_a_baseline_in_alternation_in_the_same_process(lone_runner, tiny_artifacts, baseline_kind):
+    model, baseline = str(tiny_artifacts["onnx"]), str(tiny_artifacts[baseline_kind])
+    code, result = run_runner(
+        lone_runner, "--model", model, "--baseline", baseline, "--threads", "1", "--warmup", "3", "--iterations", "200"
+    )
+    assert code == 0, result
+    paired = result["baseline"]
+    assert result["iterations"] == paired["iterations"] == 200  # one baseline run beside every model run
+    assert paired["model"] == os.path.basename(baseline) and paired["model_bytes"] == os.path.getsize(baseline)
+    assert 0 < paired["latency_min_ms"] <= paired["latency_p50_ms"] <= paired["latency_p99_ms"]
+    assert result["speedup_p50"] == pytest.approx(paired["latency_p50_ms"] / result["latency_p50_ms"])
+    if baseline_kind == "onnx":  # the same file on both sides: alternation makes the ratio hold near 1 on a busy machine too
+        assert 0.75 < result["speedup_p50"] < 1.33
+
+
+def test_runner_refuses_a_missing_baseline_in_json(lone_runner, tiny_artifacts, tmp_path):
+    code, result = run_runner(lone_runner, "--model", str(tiny_artifacts["onnx"]), "--baseline", str(tmp_path / "gone.onnx"))
+    assert code == runner.EXIT_ERROR and result["error"].startswith("model file not found") and "gone.onnx" in result["error"]

@@ -1,0 +1,133 @@
+"""ONNX files made small: int8 weights with float compute, and short internal names.
+
+``quantize_weights`` stores every Conv/Gemm/MatMul weight as symmetric int8 (per output
+channel or per tensor) behind a ``DequantizeLinear`` node, so the file is int8-sized while
+activations and arithmetic stay float: no activation rounding, no Quantize/Dequantize pair
+per tensor (which costs bytes and accuracy). A pruned weight stays exactly 0, so sparsity
+survives for the compressor. ``minify_names`` replaces internal tensor and node names by
+short ids (the graph's input and output names are kept): the same graph, fewer bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+MIN_OPSET_PER_CHANNEL = 13  # DequantizeLinear's axis attribute
+
+
+def quantize_weights(source: Path, target: Path, per_channel: bool, keep_float: tuple[str, ...] = ()) -> int:
+    """Write ``source`` to ``target`` with int8 weights; nodes named in ``keep_float`` keep float weights.
+
+    Returns how many weight tensors were quantized. A weight shared by several nodes is
+    quantized once, and kept float if any of its nodes is in ``keep_float``.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    axes = weight_axes(graph, set(keep_float))
+    if per_channel and _opset(model) < MIN_OPSET_PER_CHANNEL:
+        raise ValueError(f"per-channel int8 weights need opset >= {MIN_OPSET_PER_CHANNEL} (the model has {_opset(model)})")
+    kept, added, dequantize = [], [], []
+    for tensor in graph.initializer:
+        if tensor.name not in axes:
+            kept.append(tensor)
+            continue
+        values, scale = int8_weight(numpy_helper.to_array(tensor), axes[tensor.name] if per_channel else None)
+        names = (f"{tensor.name}_int8", f"{tensor.name}_scale", f"{tensor.name}_zero")
+        added += [
+            numpy_helper.from_array(values, names[0]),
+            numpy_helper.from_array(scale, names[1]),
+            numpy_helper.from_array(np.zeros(scale.shape, np.int8), names[2]),
+        ]
+        attributes = {"axis": axes[tensor.name]} if per_channel else {}
+        dequantize.append(helper.make_node("DequantizeLinear", list(names), [tensor.name], name=f"{tensor.name}_dequantize", **attributes))
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    nodes = dequantize + list(graph.node)  # a weight is produced before any node reads it
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(target))
+    return len(dequantize)
+
+
+def weight_axes(graph, keep_float: set[str]) -> dict[str, int]:
+    """Initializer name → its output-channel axis, for the 2-D+ weights of Conv/Gemm/MatMul not kept float."""
+    from onnx import TensorProto
+
+    shapes = {tensor.name: len(tensor.dims) for tensor in graph.initializer if tensor.data_type == TensorProto.FLOAT}
+    axes: dict[str, int] = {}
+    shared_with_float = set()
+    for node in graph.node:
+        if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or shapes.get(node.input[1], 0) < 2:
+            continue
+        name = node.input[1]
+        if node.name in keep_float:
+            shared_with_float.add(name)
+        axes[name] = output_axis(node, shapes[name])
+    return {name: axis for name, axis in axes.items() if name not in shared_with_float}
+
+
+def output_axis(node, rank: int) -> int:
+    """The axis of a weight that indexes output channels: Conv 0, MatMul the last, Gemm by ``transB``."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if any(attribute.name == "transB" and attribute.i for attribute in node.attribute) else 1
+    return rank - 1
+
+
+def int8_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 values and float32 scales (one per slice along ``axis``, or one); a zero slice gets scale 1."""
+    if axis is None:
+        peak = np.abs(weight).max(keepdims=True).reshape(())
+        shaped = scale = np.float32(peak / 127 if peak > 0 else 1.0)
+    else:
+        reduce = tuple(index for index in range(weight.ndim) if index != axis)
+        peak = np.abs(weight).max(axis=reduce)
+        scale = np.where(peak > 0, peak / 127, 1.0).astype(np.float32)
+        shaped = scale.reshape([-1 if index == axis else 1 for index in range(weight.ndim)])
+    values = np.clip(np.round(weight / shaped), -127, 127).astype(np.int8)
+    return values, np.asarray(scale, dtype=np.float32)
+
+
+def minify_names(source: Path, target: Path) -> bool:
+    """Write ``source`` to ``target`` with short internal tensor names, no node names, no value_info or doc strings.
+
+    Returns False, and writes the file unchanged, for a graph with subgraphs (If/Loop/Scan bodies read
+    outer names, which a flat renaming would break).
+    """
+    import onnx
+    from onnx import AttributeProto
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    if any(attribute.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for node in graph.node for attribute in node.attribute):
+        onnx.save(model, str(target))
+        return False
+    public = {value.name for value in (*graph.input, *graph.output)}
+    short: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        if not name or name in public:
+            return name
+        return short.setdefault(name, format(len(short), "x"))
+
+    for tensor in graph.initializer:
+        tensor.name = rename(tensor.name)
+    for node in graph.node:
+        node.name, node.doc_string = "", ""
+        node.input[:] = [rename(name) for name in node.input]
+        node.output[:] = [rename(name) for name in node.output]
+    del graph.value_info[:]
+    graph.doc_string = ""
+    onnx.save(model, str(target))
+    return True
+
+
+def _opset(model) -> int:
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
