@@ -21,7 +21,13 @@ from tests.user_models import tiny_cnn
 
 TARGETS = ["cpu-x86", "nvidia-gpu"]  # share the baseline; nvidia-gpu's benchmark is skipped without CUDA
 # The weak, briefly finetuned model sits near the int8 quality gate; the gate is not what is tested here.
-SMALL = (*FAST, "data.train_samples=512", "quantize.min_top1_agreement=0.9", "quantize.max_accuracy_drop=5.0", "parity.int8_min_top1_agreement=0.9")
+SMALL = (
+    *FAST,
+    "data.train_samples=512",
+    "quantize.min_top1_agreement=0.9",
+    "quantize.max_accuracy_drop=5.0",
+    "parity.int8_min_top1_agreement=0.9",
+)
 
 
 @pytest.fixture(scope="module")
