@@ -48,7 +48,9 @@ def cli(*args: str) -> tuple[int, dict]:
 def matrix_build(targets, checkpoint: Path, out: Path, cache: Path) -> tuple[int, dict]:
     args = [arg for target in targets for arg in ("--target", str(target))]
     args += ["--model", USER_MODEL, "--weights", str(checkpoint), "--out", str(out), "--cache-dir", str(cache)]
-    args += ["--max-accuracy-drop", ACCURACY_BUDGET] + [arg for override in (*FAST, TINY_INT8_GATE) for arg in ("--set", override)]
+    # one round_to for both (cpu-x86 alone rounds to 16): the targets then prune alike and the matrix shares the pruned model
+    overrides = (*FAST, TINY_INT8_GATE, "prune.round_to=8")
+    args += ["--max-accuracy-drop", ACCURACY_BUDGET] + [arg for override in overrides for arg in ("--set", override)]
     return cli("build", *args)
 
 
