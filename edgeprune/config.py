@@ -307,7 +307,7 @@ def _check_keys(cls: type, mapping: dict[str, Any], origin: str, prefix: str) ->
         where = f"{prefix}{key}"
         if key not in hints:
             known = ", ".join(sorted(hints))
-            raise ConfigError(f"{origin}: unknown key '{where}' (known: {known})")
+            raise ConfigError(f"{origin}: unknown key {where!r} (known: {known})")
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: '{where}' must be a table")

@@ -104,3 +104,12 @@ def test_loader_either_accepts_a_valid_config_or_raises_config_error(section, ke
         return
     assert isinstance(config, BuildConfig)
     assert getattr(getattr(config, section), key) is not None
+
+
+def test_an_unknown_key_with_a_newline_in_it_is_named_on_one_line(tmp_path):
+    project = tmp_path / "edgeprune.toml"
+    project.write_text('"bad\\nkey" = 1\n')  # a quoted TOML key may hold a newline escape
+    with pytest.raises(ConfigError) as raised:
+        resolve_config("android", project)
+    message = str(raised.value)
+    assert "\n" not in message and "unknown key 'bad\\nkey'" in message
