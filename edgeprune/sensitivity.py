@@ -262,14 +262,24 @@ class _Analysis:
 
 
 def add_weights(groups: list[dict[str, Any]]) -> None:
-    """Set each group's ``efficiency`` (mean latency gain % per mean point lost) and ``weight`` (normalised to mean 1, capped)."""
+    """Set each group's ``efficiency`` (mean latency gain % per mean point lost) and ``weight`` (normalised to mean 1, capped).
+
+    Only ratios that removed channels count: where ``round_to`` kept the whole width, the "gain" is timing noise
+    and the zero drop would make the group look free. A group with no such ratio gets ``efficiency`` None and weight 1.
+    """
     for group in groups:
-        gain = statistics.mean(max(result["latency_gain_pct"], 0.0) for result in group["results"])
-        drop = statistics.mean(max(result["accuracy_drop"], DROP_FLOOR) for result in group["results"])
+        pruned = [result for result in group["results"] if result["channels"] < group["channels"]]
+        if not pruned:
+            group["efficiency"] = None
+            continue
+        gain = statistics.mean(max(result["latency_gain_pct"], 0.0) for result in pruned)
+        drop = statistics.mean(max(result["accuracy_drop"], DROP_FLOOR) for result in pruned)
         group["efficiency"] = gain / drop
-    mean = statistics.mean(group["efficiency"] for group in groups) if groups else 0.0
+    measured = [group["efficiency"] for group in groups if group["efficiency"] is not None]
+    mean = statistics.mean(measured) if measured else 0.0
     for group in groups:
-        group["weight"] = round(min(group["efficiency"] / mean, MAX_WEIGHT), 4) if mean > 0 else 1.0
+        efficiency = group["efficiency"]
+        group["weight"] = round(min(efficiency / mean, MAX_WEIGHT), 4) if mean > 0 and efficiency is not None else 1.0
 
 
 def group_weights(path: Path, groups: list[str]) -> dict[str, float]:

@@ -420,3 +420,21 @@ def test_sensitivity_analysis_writes_table_plot_and_weights_that_drive_the_build
     for name, ratio in metrics["group_ratios"].items():
         channels = next(group["channels"] for group in data["groups"] if group["layer"] == name)
         assert ratio == pytest.approx(min(weights[name] * 0.3, 0.9), abs=1 / channels)
+
+
+def test_sensitivity_weights_ignore_ratios_that_rounding_left_unpruned() -> None:
+    from edgeprune.sensitivity import add_weights
+
+    def result(channels: int, drop: float, gain: float) -> dict:
+        return {"channels": channels, "accuracy_drop": drop, "latency_gain_pct": gain}
+
+    groups = [
+        # ratio 0.25 of 32 channels rounded back to 32: its 22 % "gain" is timing noise and its 0 drop means nothing
+        {"layer": "stem", "channels": 32, "results": [result(32, 0.0, 22.0), result(16, 10.0, 20.0)]},
+        {"layer": "late", "channels": 128, "results": [result(96, 1.0, 10.0), result(64, 4.0, 20.0)]},
+        {"layer": "whole", "channels": 16, "results": [result(16, 0.0, 5.0)]},  # never pruned at the tested ratios
+    ]
+    add_weights(groups)
+    # stem: 20 % per 10 points = 2.0; late: mean gain 15 % per mean drop 2.5 points = 6.0; mean efficiency 4.0
+    assert [group["efficiency"] for group in groups] == [2.0, 6.0, None]
+    assert [group["weight"] for group in groups] == [0.5, 1.5, 1.0]
