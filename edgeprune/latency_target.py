@@ -29,8 +29,7 @@ from torch import nn
 from edgeprune.config import PruneConfig
 from edgeprune.errors import ConfigError, StageError
 from edgeprune.pipeline import StageContext
-from edgeprune.runtimes import BenchSettings, benchmark, open_adapter
-from edgeprune.runtimes.base import device_lock
+from edgeprune.runtimes import BenchSettings, benchmark, benchmark_pair, paired_speedup
 
 
 class SteppedPruning(Protocol):
@@ -89,21 +88,14 @@ class LatencyProbe:
             convert_for_target(model, path, self.context)
         return path
 
-    def p50_ms(self, path: Path) -> float:
-        """Median latency (ms) of one fresh process (DeviceError on failure)."""
-        return benchmark(path, self.device, dataclasses.replace(self.settings, repeats=1)).latency_p50_ms
+    def p50_ms(self, path: Path, repeats: int = 1) -> float:
+        """Median latency (ms) over ``repeats`` fresh processes (DeviceError on failure)."""
+        return benchmark(path, self.device, dataclasses.replace(self.settings, repeats=repeats)).latency_p50_ms
 
     def compare(self, dense: Path, candidate: Path) -> list[tuple[float, float]] | None:
         """``rounds`` (dense p50, candidate p50) pairs, each from one process timing both in alternation, where the
         device's adapter can (local); None where it cannot (remote devices: one process per artefact)."""
-        adapter = open_adapter(self.device, self.settings)
-        if not hasattr(adapter, "compare"):
-            return None
-        with device_lock(self.device):
-            try:
-                return adapter.compare(dense, candidate, dataclasses.replace(self.settings, repeats=max(1, self.rounds)))
-            finally:
-                adapter.cleanup()
+        return benchmark_pair(dense, candidate, self.device, dataclasses.replace(self.settings, repeats=max(1, self.rounds)))
 
     def describe(self) -> str:
         return f"{self.device} ({self.fmt}, {self.settings.threads} threads)"
@@ -157,11 +149,6 @@ def measure_pairs(probe: LatencyProbe, dense: Path, candidate: Path) -> list[tup
     if pairs is not None:
         return pairs
     return [(probe.p50_ms(dense), probe.p50_ms(candidate)) for _ in range(max(1, probe.rounds))]
-
-
-def paired_speedup(pairs: list[tuple[float, float]]) -> float:
-    """The median of the per-pair speed-ups (dense / candidate)."""
-    return statistics.median(dense / candidate for dense, candidate in pairs)
 
 
 def pairs_summary(pairs: list[tuple[float, float]]) -> dict[str, Any]:

@@ -95,6 +95,13 @@ def int8_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.nd
     return values, np.asarray(scale, dtype=np.float32)
 
 
+def int8_roundtrip(weight: np.ndarray, axis: int | None) -> np.ndarray:
+    """``weight`` rounded to ``int8_weight``'s grid and back: what its DequantizeLinear computes."""
+    values, scale = int8_weight(weight, axis)
+    shaped = scale.reshape([-1 if index == axis else 1 for index in range(weight.ndim)])
+    return (values * shaped).astype(weight.dtype)
+
+
 def minify_names(source: Path, target: Path) -> bool:
     """Write ``source`` to ``target`` with short internal tensor names, no node names, no value_info or doc strings.
 

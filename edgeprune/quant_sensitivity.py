@@ -127,6 +127,8 @@ def onnx_rounded_weights(float_path: Path, per_channel: bool) -> dict[str, np.nd
     import onnx
     from onnx import numpy_helper
 
+    from edgeprune.onnx_weights import int8_roundtrip
+
     graph = onnx.load(str(float_path)).graph
     constants = {item.name: numpy_helper.to_array(item) for item in graph.initializer}
     rounded = {}
@@ -134,9 +136,7 @@ def onnx_rounded_weights(float_path: Path, per_channel: bool) -> dict[str, np.nd
         weight = constants.get(node.input[1]) if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else None
         if weight is None or weight.ndim < 2:
             continue
-        rows = weight.reshape(len(weight), -1) if per_channel else weight.reshape(1, -1)
-        scale = np.maximum(np.abs(rows).max(axis=1, keepdims=True), 1e-12) / 127
-        rounded[node.input[1]] = (np.clip(np.round(rows / scale), -127, 127) * scale).reshape(weight.shape).astype(weight.dtype)
+        rounded[node.input[1]] = int8_roundtrip(weight, 0 if per_channel else None)
     return rounded
 
 

@@ -3,8 +3,9 @@
 ``run_analysis`` takes a build's unpruned model (its baseline stage, served from the
 cache when it has run before), prunes each layer group alone at a few ratios on copies,
 and measures top-1 on the test split (no finetuning) and the p50 latency of the export
-on the target's runtime adapter, in alternation with the unpruned export (``benchmark.repeats``
-pairs of fresh processes; the gain is taken from the median per-pair speed-up). It writes, into
+on the target's runtime adapter beside the unpruned export (``benchmark.repeats`` pairs, each
+one process timing both in alternation where the adapter can; the gain is taken from the
+median per-pair speed-up). It writes, into
 ``out``:
 
 - ``sensitivity.json``: every measurement plus a per-group ``weight`` (latency gained per
@@ -223,7 +224,7 @@ class _Analysis:
 
         dense_path = self.probe.export(self.model, self.context.workdir / "dense")
         with device_slot(self.probe.device, cache_dir):
-            return statistics.median(self.probe.p50_ms(dense_path) for _ in range(max(1, self.probe.rounds)))
+            return self.probe.p50_ms(dense_path, repeats=max(1, self.probe.rounds))
 
     def measure(self, group: LayerGroup, ratios: tuple[float, ...], cache_dir: Path) -> list[dict[str, Any]] | UntrackedCoupling:
         """One row per ratio for ``group`` pruned alone, or the UntrackedCoupling that keeps it out of pruning."""

@@ -10,7 +10,9 @@ from edgeprune.runtimes.base import (
     RuntimeAdapter,
     benchmark,
     benchmark_many,
+    benchmark_pair,
     open_adapter,
+    paired_speedup,
 )
 from edgeprune.runtimes.benchmark_model_output import parse_benchmark_model_output
 
@@ -20,6 +22,8 @@ __all__ = [
     "RuntimeAdapter",
     "benchmark",
     "benchmark_many",
+    "benchmark_pair",
     "open_adapter",
+    "paired_speedup",
     "parse_benchmark_model_output",
 ]

@@ -390,6 +390,29 @@ def benchmark(artifact: Path, device: str = "local", settings: BenchSettings = B
             adapter.cleanup()
 
 
+def benchmark_pair(
+    baseline: Path, artifact: Path, device: str = "local", settings: BenchSettings = BenchSettings()
+) -> list[tuple[float, float]] | None:
+    """(baseline p50, artifact p50) from each of ``settings.repeats`` processes that time both in alternation,
+    or None where the device's adapter cannot time two artefacts in one process (only ``local`` can).
+
+    Raises DeviceError like ``benchmark``.
+    """
+    adapter = open_adapter(device, settings)
+    if not hasattr(adapter, "compare"):
+        return None
+    with device_lock(device):
+        try:
+            return adapter.compare(Path(baseline), Path(artifact), settings)
+        finally:
+            adapter.cleanup()
+
+
+def paired_speedup(pairs: Sequence[tuple[float, float]]) -> float:
+    """The median of the per-pair speed-ups (baseline / artifact)."""
+    return statistics.median(baseline / p50 for baseline, p50 in pairs)
+
+
 def benchmark_many(
     artifact_device_pairs: Iterable[tuple[Path, str]],
     settings: BenchSettings = BenchSettings(),

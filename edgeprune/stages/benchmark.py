@@ -59,31 +59,24 @@ class Benchmark:
 def paired_speedups(context: StageContext, settings, present: list[str]) -> dict[str, float]:
     """Each artefact's speed-up over its format's dense export, timed in alternation in one process per repeat
     (empty where the adapter cannot, or a comparison fails and the benchmark is not required)."""
-    import statistics
-
-    from edgeprune.runtimes.base import device_lock, open_adapter
+    from edgeprune.runtimes.base import benchmark_pair, paired_speedup
 
     config = context.config.benchmark
-    adapter = open_adapter(config.device, settings)
-    if not hasattr(adapter, "compare"):
-        return {}
     ratios = {}
-    with device_lock(config.device):
+    for name in present:
+        dense = f"{name.split('_')[0]}_fp32_dense"
+        if name.endswith("_dense") or dense not in present:
+            continue
         try:
-            for name in present:
-                dense = f"{name.split('_')[0]}_fp32_dense"
-                if name.endswith("_dense") or dense not in present:
-                    continue
-                try:
-                    pairs = adapter.compare(context.inputs[dense].path, context.inputs[name].path, settings)
-                except DeviceError as error:
-                    if config.required:
-                        raise
-                    context.reporter.warn(f"paired timing of {name} beside {dense} skipped: {error}")
-                    continue
-                ratios[name] = statistics.median(baseline / p50 for baseline, p50 in pairs)
-        finally:
-            adapter.cleanup()
+            pairs = benchmark_pair(context.inputs[dense].path, context.inputs[name].path, config.device, settings)
+        except DeviceError as error:
+            if config.required:
+                raise
+            context.reporter.warn(f"paired timing of {name} beside {dense} skipped: {error}")
+            continue
+        if pairs is None:  # the adapter times one artefact per process
+            return {}
+        ratios[name] = paired_speedup(pairs)
     return ratios
 
 

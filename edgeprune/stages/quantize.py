@@ -66,16 +66,16 @@ class Quantize:
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
         if config.quantize.scheme == "fp16" and "tflite" in config.export.formats:
             raise ConfigError("quantize.scheme = 'fp16' applies to ONNX only; use 'int8' or 'dynamic' for TFLite targets")
-        if config.quantize.activation_type == "float" and config.quantize.scheme in ("int8", "dynamic"):
-            if config.quantize.scheme == "dynamic":
-                raise ConfigError(
-                    "quantize.activation_type = 'float' is weight-only int8; with scheme = 'dynamic' activations are "
-                    "quantized at run time: pick one"
-                )
-            if "tflite" in config.export.formats:
-                raise ConfigError(
-                    "quantize.activation_type = 'float' (weight-only int8) applies to ONNX only; use scheme = 'dynamic' for TFLite"
-                )
+        weight_only = config.quantize.activation_type == "float"
+        if weight_only and config.quantize.scheme == "dynamic":
+            raise ConfigError(
+                "quantize.activation_type = 'float' is weight-only int8; with scheme = 'dynamic' activations are "
+                "quantized at run time: pick one"
+            )
+        if weight_only and config.quantize.scheme == "int8" and "tflite" in config.export.formats:
+            raise ConfigError(
+                "quantize.activation_type = 'float' (weight-only int8) applies to ONNX only; use scheme = 'dynamic' for TFLite"
+            )
         return {}
 
     def run(self, context: StageContext) -> StageOutput:
