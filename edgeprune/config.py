@@ -99,14 +99,17 @@ class SparsityConfig:
     """Unstructured pruning (``prune.mode`` = unstructured or both): weights zeroed, for size or for GPUs.
 
     ``amount`` is the final fraction of zero conv/linear weights, ranked by magnitude across
-    all layers (``scope = "global"``) or within each (``"layer"``). ``schedule = "cubic"``
+    all layers (``scope = "global"``), within each (``"layer"``), or across all layers by
+    layer-adaptive magnitude (``"lamp"``, Lee et al. 2021: a weight's square over the sum of the
+    squares of the weights at least as large in its layer, so small layers are not emptied by one
+    threshold that large layers set). ``schedule = "cubic"``
     reaches it gradually over ``schedule_steps`` steps (Zhu & Gupta) spread over the first
     ``schedule_end`` fraction of finetuning. ``pattern = "2:4"`` keeps 2 of every 4 weights
     along the input dimension of eligible layers instead (``amount``/``scope``/``schedule`` unused).
     """
 
     amount: float = field(default=0.5, metadata=_range(0.0, 0.99))
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer", "lamp"] = "global"
     schedule: Literal["oneshot", "cubic"] = "oneshot"
     schedule_steps: int = field(default=8, metadata=_range(1, 10_000))
     schedule_end: float = field(default=0.6, metadata=_range(0.0, 1.0))
@@ -141,7 +144,10 @@ class QuantizeConfig:
     weights stored int8 behind DequantizeLinear, activations and compute float: the
     smallest file and no activation rounding, for size targets); ``minify_names`` gives
     the ONNX int8 file short internal tensor names once it is verified (fewer bytes;
-    the float fallback's layer names in the manifest are the unminified ones). ``tflite_io`` is the TFLite model's
+    the float fallback's layer names in the manifest are the unminified ones); ``float_constants
+    = "float16"`` stores what weight-only int8 leaves float (biases, scales, norm parameters,
+    embeddings) as float16 cast back to float32 at load, where each tensor survives that rounding
+    (half the bytes, compute unchanged). ``tflite_io`` is the TFLite model's
     input/output type (``int8``: scale/zero-point in the manifest; ``float``: a Quantize and a
     Dequantize op at the ends). An int8/dynamic artefact must stay within ``max_accuracy_drop``
     top-1 points and ``min_top1_agreement`` of its fp32 sibling on the test split; otherwise the
@@ -154,6 +160,7 @@ class QuantizeConfig:
     per_channel: bool = True
     activation_type: Literal["int8", "uint8", "float"] = "int8"
     minify_names: bool = False
+    float_constants: Literal["float32", "float16"] = "float32"
     tflite_io: Literal["int8", "float"] = "int8"
     max_accuracy_drop: float = field(default=0.5, metadata=_range(0.0, 100.0))
     min_top1_agreement: float = field(default=0.99, metadata=_range(0.0, 1.0))

@@ -122,22 +122,29 @@ def onnx_rounded_tensors(float_path: Path, qdq_path: Path, activations: dict[str
     return rounded
 
 
-def onnx_rounded_weights(float_path: Path, per_channel: bool) -> dict[str, np.ndarray]:
-    """Conv/Gemm/MatMul weights rounded to symmetric int8 (per output channel, axis 0, or per tensor)."""
+def onnx_rounded_weights(float_path: Path, per_channel: bool, stored_axes: bool = False) -> dict[str, np.ndarray]:
+    """Weights rounded to symmetric int8, per output channel or per tensor.
+
+    With ``stored_axes`` the weights and axes are those weight-only int8 stores (``onnx_weights.weight_axes``:
+    Gemm/MatMul per output column, embedding tables included); otherwise Conv/Gemm/MatMul weights per row
+    (axis 0), as onnxruntime's dynamic quantizer rounds them.
+    """
     import onnx
     from onnx import numpy_helper
 
-    from edgeprune.onnx_weights import int8_roundtrip
+    from edgeprune.onnx_weights import WEIGHT_OPS, int8_roundtrip, weight_axes
 
     graph = onnx.load(str(float_path)).graph
     constants = {item.name: numpy_helper.to_array(item) for item in graph.initializer}
-    rounded = {}
-    for node in graph.node:
-        weight = constants.get(node.input[1]) if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else None
-        if weight is None or weight.ndim < 2:
-            continue
-        rounded[node.input[1]] = int8_roundtrip(weight, 0 if per_channel else None)
-    return rounded
+    if stored_axes:
+        axes = weight_axes(graph, set())
+    else:
+        axes = {
+            node.input[1]: 0
+            for node in graph.node
+            if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in constants and constants[node.input[1]].ndim >= 2
+        }
+    return {name: int8_roundtrip(constants[name], axis if per_channel else None) for name, axis in axes.items()}
 
 
 def onnx_tensor_noise(float_path: Path, rounded: dict[str, np.ndarray], images: np.ndarray) -> list[TensorNoise]:

@@ -10,8 +10,8 @@ median per-pair speed-up). It writes, into
 
 - ``sensitivity.json``: every measurement plus a per-group ``weight`` (latency gained per
   point of accuracy lost, normalised to a mean of 1). ``prune.ratios_from`` reads it and
-  prunes group ``g`` to ``weight[g] * prune.amount`` (or ``* level`` with ``prune.speedup``);
-  edit a weight by hand to steer a group.
+  prunes group ``g`` to ``weight[g] * prune.amount`` (or ``* level`` with ``prune.speedup``),
+  at most the largest ratio measured for it; edit a weight by hand to steer a group.
 - ``sensitivity.md``: the table; ``sensitivity.png``: accuracy drop and latency gain per ratio.
 """
 
@@ -283,23 +283,28 @@ def add_weights(groups: list[dict[str, Any]]) -> None:
         group["weight"] = round(min(efficiency / mean, MAX_WEIGHT), 4) if mean > 0 and efficiency is not None else 1.0
 
 
-def group_weights(path: Path, groups: list[str]) -> dict[str, float]:
-    """Per-group weights from a ``sensitivity.json`` for the ``groups`` it covers.
+def group_sensitivity(path: Path, groups: list[str]) -> dict[str, tuple[float, float]]:
+    """Per group of ``groups`` that a ``sensitivity.json`` covers: (weight, the largest ratio it measured).
 
     Raises InputError for a missing or unreadable file, ConfigError when it names none of ``groups``
     (an analysis of another model).
     """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        weights = {group["layer"]: float(group["weight"]) for group in data["groups"]} if data.get("format") == FORMAT else None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        if data.get("format") != FORMAT:
+            raise InputError(f"prune.ratios_from: {path} is not an edgeprune sensitivity file (write one with 'edgeprune analyze')")
+        measured = {group["layer"]: (float(group["weight"]), largest_ratio(group)) for group in data["groups"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"prune.ratios_from: cannot read {path} ({error})") from None
-    if weights is None:
-        raise InputError(f"prune.ratios_from: {path} is not an edgeprune sensitivity file (write one with 'edgeprune analyze')")
-    known = {name: max(weight, 0.0) for name, weight in weights.items() if name in groups}
+    known = {name: (max(weight, 0.0), cap) for name, (weight, cap) in measured.items() if name in groups}
     if not known:
         raise ConfigError(f"prune.ratios_from: {path} names none of this model's layer groups ({', '.join(groups)}); analyze this model")
     return known
+
+
+def largest_ratio(group: dict[str, Any]) -> float:
+    """The largest ratio a group's analysis measured (1.0, no limit, for a group without results)."""
+    return max((float(result["ratio"]) for result in group["results"]), default=1.0)
 
 
 def markdown_table(data: dict[str, Any]) -> str:

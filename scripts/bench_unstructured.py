@@ -5,11 +5,14 @@ For every bundled reference architecture (or ``--models``) the script builds, th
 ``edgeprune.api.build`` and the stage cache, two variants of the ``size`` profile:
 
 - **dense**: ``prune.mode = "none"``: the unpruned model as fp32 ONNX and as int8 ONNX;
-- **sparse**: the ``size`` profile as shipped: 90 % global magnitude sparsity reached with the
-  cubic schedule during distilled finetuning, then int8 ONNX: per-channel int8 weights behind
-  DequantizeLinear with float activations (``quantize.activation_type = "float"``) and short
-  internal names (``quantize.minify_names``). ``--set quantize.activation_type='int8'
-  --set quantize.minify_names=false`` measures full int8 QDQ instead.
+- **sparse**: the ``size`` profile as shipped: 90 % sparsity ranked by LAMP scores across layers
+  (``sparsity.scope = "lamp"``) reached with the cubic schedule during distilled finetuning, then
+  int8 ONNX: per-channel int8 weights behind DequantizeLinear with float activations
+  (``quantize.activation_type = "float"``), the remaining float constants stored float16
+  (``quantize.float_constants``) and short internal names (``quantize.minify_names``).
+  ``--set quantize.activation_type='int8' --set quantize.minify_names=false
+  --set quantize.float_constants='float32'`` measures full int8 QDQ instead;
+  ``--set sparsity.scope='global'`` one magnitude threshold across layers.
 
 and prints one table, measured side by side in this run:
 

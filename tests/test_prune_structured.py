@@ -135,8 +135,9 @@ def test_taylor_removes_channels_whose_loss_gradient_is_zero(example_data) -> No
 # --------------------------------------------------------------------------- per-group ratios
 
 
-def write_sensitivity(path: Path, weights: dict[str, float]) -> Path:
-    groups = [{"layer": name, "channels": 0, "results": [], "weight": weight} for name, weight in weights.items()]
+def write_sensitivity(path: Path, weights: dict[str, float], ratios: tuple[float, ...] = ()) -> Path:
+    results = [{"ratio": ratio} for ratio in ratios]
+    groups = [{"layer": name, "channels": 0, "results": results, "weight": weight} for name, weight in weights.items()]
     path.write_text(json.dumps({"format": "edgeprune-sensitivity/1", "groups": groups}))
     return path
 
@@ -150,6 +151,17 @@ def test_sensitivity_weights_and_layer_ratios_set_each_groups_width(tmp_path: Pa
     # weight * level: 2 * 0.3 = 0.6 of 32, 0.5 * 0.3 = 0.15 of 64; fixed 0.25 of 128
     assert plan.targets(0.3) == {"features.0.0": 13, "features.2.0": 54, "features.4.0": 96}
     assert plan.targets(0.6)["features.0.0"] == 3  # capped at 0.9 of the channels
+
+
+def test_a_measured_plan_takes_no_group_past_the_largest_ratio_its_analysis_measured(tmp_path: Path) -> None:
+    model = build_model(get_spec("small_cnn"))
+    groups = layer_groups(model, example_input("small_cnn"), PruneConfig(), protected_layers(model, (), NUM_CLASSES))
+    weights = {"features.0.0": 2.0, "features.2.0": 0.5, "features.4.0": 1.0}
+    sensitivity = write_sensitivity(tmp_path / "sensitivity.json", weights, ratios=(0.25, 0.5, 0.75))
+    plan = GroupPlan.from_config(groups, PruneConfig(ratios_from=str(sensitivity)))
+    assert plan.ratio("features.0.0", 0.6) == pytest.approx(0.75)  # 2 * 0.6 = 1.2, held at the measured 0.75
+    assert plan.targets(0.6) == {"features.0.0": 8, "features.2.0": 45, "features.4.0": 51}  # 32 * 0.25, 64 * 0.7, 128 * 0.4
+    assert plan.max_level() == pytest.approx(1.5)  # "features.2.0" reaches 0.75 at 0.75 / 0.5
 
 
 @pytest.mark.parametrize(
@@ -285,6 +297,7 @@ def test_measured_weights_extend_the_levels_until_the_held_back_groups_reach_the
     assert plan.ratio("a", 1.8) == pytest.approx(0.9) and plan.ratio("b", 1.8) == pytest.approx(0.9)
     assert GroupPlan(widths, {"a": 0.01, "b": 1.5, "c": 1.49}, {}).max_level() == pytest.approx(3.6)  # at most 4x
     assert GroupPlan(widths, {"a": 0.0, "b": 1.5, "c": 1.5}, {"c": 0.2}).max_level() == pytest.approx(0.6)  # a never, c fixed
+    assert GroupPlan(widths, {"a": 0.5, "b": 1.5, "c": 1.0}, {}, {"a": 0.5}).max_level() == pytest.approx(1.0)  # a's cap at 1.0
 
 
 class ScriptedRun:
@@ -419,7 +432,7 @@ def test_sensitivity_analysis_writes_table_plot_and_weights_that_drive_the_build
     metrics = prune_metrics(build_tiny(workdir, user_checkpoint, f"prune.ratios_from='{analysis.json_path}'", "prune.round_to=1"))
     for name, ratio in metrics["group_ratios"].items():
         channels = next(group["channels"] for group in data["groups"] if group["layer"] == name)
-        assert ratio == pytest.approx(min(weights[name] * 0.3, 0.9), abs=1 / channels)
+        assert ratio == pytest.approx(min(weights[name] * 0.3, 0.5), abs=1 / channels)  # 0.5: the one ratio analyzed
 
 
 def test_sensitivity_weights_ignore_ratios_that_rounding_left_unpruned() -> None:

@@ -1,5 +1,6 @@
 """Quantization within an accuracy budget: noise ranking, the float fallback, float TFLite I/O, dynamic range."""
 
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from edgeprune import api
 from edgeprune.config import ExportConfig, QuantizeConfig
 from edgeprune.errors import StageError
+from edgeprune.onnx_weights import minify_names
 from edgeprune.parity import artifact_logits, tflite_interpreter
 from edgeprune.quant_sensitivity import TensorNoise, pt2e_tensor_noise, sqnr_db
 from edgeprune.stages import quantize
@@ -259,11 +261,33 @@ def test_weight_only_onnx_has_int8_weights_float_activations_and_holds_the_budge
     assert path.stat().st_size < 0.4 * fp32.stat().st_size
 
 
+def test_weight_only_with_float16_constants_stores_biases_and_scales_in_half_the_bytes(tmp_path, user_checkpoint, example_data):
+    import onnx
+    from onnx import TensorProto
+
+    weights_only = QuantizeConfig(scheme="int8", activation_type="float")
+    compact = QuantizeConfig(scheme="int8", activation_type="float", float_constants="float16")
+    _, reference, _, _ = quantize_tiny_cnn(tmp_path, user_checkpoint, example_data, weights_only, "weights")
+    fp32_logits, logits, meta, _ = quantize_tiny_cnn(tmp_path, user_checkpoint, example_data, compact, "compact")
+    assert meta["budget"]["passed"] and meta["float_constants"] == "float16"
+    assert "Cast" in onnx_op_types(tmp_path / "compact.onnx")
+    halves = [t for t in onnx.load(str(tmp_path / "compact.onnx")).graph.initializer if t.data_type == TensorProto.FLOAT16]
+    assert len(halves) >= 6  # 3 conv biases + their 3 per-channel scales (the 10-value classifier ones are too small to pay a Cast)
+    assert np.abs(logits - reference).max() < 1e-2 * np.abs(reference).max()
+    assert (logits.argmax(1) == fp32_logits.argmax(1)).mean() >= 0.99
+    for name in ("weights", "compact"):  # as the size profile ships them: short names, so a Cast costs a few bytes
+        minify_names(tmp_path / f"{name}.onnx", tmp_path / f"{name}.onnx")
+    sizes = {name: len(gzip.compress((tmp_path / f"{name}.onnx").read_bytes(), 9, mtime=0)) for name in ("weights", "compact")}
+    assert sizes["compact"] < sizes["weights"], sizes
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (("quantize.activation_type='float'", "quantize.scheme='dynamic'"), "pick one"),
         (("quantize.activation_type='float'", "export.formats=['onnx','tflite']"), "applies to ONNX only"),
+        (("quantize.float_constants='float16'",), "applies to weight-only int8 ONNX"),
+        (("quantize.float_constants='float16'", "quantize.activation_type='float'", "quantize.scheme='dynamic'"), "pick one"),
     ],
 )
 def test_weight_only_int8_refuses_dynamic_and_tflite_in_one_line(overrides, message):

@@ -42,7 +42,7 @@ from edgeprune.pruning import (
     rounded_width,
     verify_pruned_model,
 )
-from edgeprune.sensitivity import group_weights
+from edgeprune.sensitivity import group_sensitivity
 from edgeprune.stages.common import count_macs_params, example_input, read_model, write_model
 from edgeprune.training import TrainSettings, evaluate, train
 
@@ -52,7 +52,7 @@ TAYLOR_SAMPLES = 256  # training images whose gradients feed first-order Taylor 
 
 class PruneStructured:
     name = "prune_structured"
-    version = "4"
+    version = "5"
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)
@@ -106,14 +106,17 @@ class PruneStructured:
 class GroupPlan:
     """Per-group pruning ratios as a function of one *level* in [0, MAX_RATIO].
 
-    Group ``g`` is pruned to ``min(weights[g] * level, MAX_RATIO)`` of its original
+    Group ``g`` is pruned to ``min(weights[g] * level, caps[g])`` of its original
     channels (``widths``), or to ``fixed[g]`` when the profile fixes it. Uniform pruning
-    is every weight 1; ``prune.ratios_from`` supplies measured weights.
+    is every weight 1 and every cap MAX_RATIO; ``prune.ratios_from`` supplies measured
+    weights, and caps each group at the largest ratio its analysis measured (a plan does
+    not extrapolate a group's cost past what was measured).
     """
 
     widths: dict[str, int]
     weights: dict[str, float]
     fixed: dict[str, float]
+    caps: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, groups: list[LayerGroup], config: PruneConfig) -> GroupPlan:
@@ -122,19 +125,24 @@ class GroupPlan:
                 "prune.global_pruning ranks channels across all groups; it cannot be combined with prune.layer_ratios or prune.ratios_from"
             )
         widths = {group.name: group.channels for group in groups}
-        weights = dict.fromkeys(widths, 1.0)
+        weights, caps = dict.fromkeys(widths, 1.0), {}
         if config.ratios_from:
-            weights.update(group_weights(Path(config.ratios_from), list(widths)))
-        return cls(widths, weights, parse_layer_ratios(config.layer_ratios, widths))
+            measured = group_sensitivity(Path(config.ratios_from), list(widths))
+            weights.update({name: weight for name, (weight, _) in measured.items()})
+            caps = {name: min(cap, MAX_RATIO) for name, (_, cap) in measured.items()}
+        return cls(widths, weights, parse_layer_ratios(config.layer_ratios, widths), caps)
+
+    def cap(self, name: str) -> float:
+        return self.caps.get(name, MAX_RATIO)
 
     def ratio(self, name: str, level: float) -> float:
-        return self.fixed.get(name, min(self.weights[name] * level, MAX_RATIO))
+        return self.fixed.get(name, min(self.weights[name] * level, self.cap(name)))
 
     def max_level(self) -> float:
-        """The level at which every group it scales reaches MAX_RATIO: MAX_RATIO when uniform, higher when
+        """The level at which every group it scales reaches its cap: MAX_RATIO when uniform, higher when
         measured weights hold the sensitive groups back (at most ``MAX_LEVEL_SPAN`` times MAX_RATIO)."""
-        scaled = [weight for name, weight in self.weights.items() if name not in self.fixed and weight > 0]
-        return min(MAX_RATIO / min(scaled), MAX_RATIO * MAX_LEVEL_SPAN) if scaled else MAX_RATIO
+        scaled = [self.cap(name) / weight for name, weight in self.weights.items() if name not in self.fixed and weight > 0]
+        return min(max(scaled), MAX_RATIO * MAX_LEVEL_SPAN) if scaled else MAX_RATIO
 
     def targets(self, level: float, round_to: int = 1) -> dict[str, int]:
         """Channels each group keeps at ``level``: the nearest multiple of ``round_to``, at least one multiple."""

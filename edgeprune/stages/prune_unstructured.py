@@ -6,7 +6,12 @@ holds them fixed while it trains, and the zeros compress in the shipped file.
 
 - ``sparsity.pattern = "unstructured"``: the ``amount`` smallest-magnitude weights
   are zeroed, ranked across all layers (``scope = "global"``, one threshold) or
-  within each layer (``scope = "layer"``, a per-layer quantile threshold).
+  within each layer (``scope = "layer"``, a per-layer quantile threshold), or across all
+  layers by LAMP score (``scope = "lamp"``, Lee et al., ICLR 2021): in each layer the weights
+  sorted by magnitude get ``w_u^2 / sum_{v >= u} w_v^2``, so every layer's largest weight
+  scores 1 and a compact net's small layers are not emptied by the threshold the large
+  layers set (one global magnitude threshold put 99 % zeros into MobileNetV2's last
+  pointwise layer). One global threshold over the scores then reaches ``amount``.
 - ``sparsity.schedule = "cubic"`` (Zhu & Gupta, 2017): sparsity grows over
   ``schedule_steps`` steps as ``s_t = s_f + (s_i - s_f)(1 - t/n)^3`` with
   ``s_i = 0`` and ``s_f = amount``. This stage applies step t = 1; the finetune
@@ -103,9 +108,21 @@ def compute_masks(model: nn.Module, config: SparsityConfig, amount: float) -> di
     weights = {f"{name}.weight": module.weight.detach() for name, module in layers.items()}
     if config.scope == "layer":
         return {name: _keep_largest(weight.abs().flatten(), amount).view_as(weight) for name, weight in weights.items()}
-    keep = _keep_largest(torch.cat([weight.abs().flatten() for weight in weights.values()]), amount)
+    score = lamp_scores if config.scope == "lamp" else torch.abs
+    keep = _keep_largest(torch.cat([score(weight.flatten()) for weight in weights.values()]), amount)
     pieces = keep.split([weight.numel() for weight in weights.values()])
     return {name: piece.view_as(weight) for (name, weight), piece in zip(weights.items(), pieces, strict=True)}
+
+
+def lamp_scores(weights: torch.Tensor) -> torch.Tensor:
+    """LAMP score of each weight of one layer: its square over the sum of squares of the weights ranked at or above it."""
+    squares = weights.detach().double() ** 2
+    order = torch.argsort(squares, stable=True)
+    ranked = squares[order]
+    at_or_above = ranked.flip(0).cumsum(0).flip(0)
+    scores = torch.zeros_like(squares)
+    scores[order] = torch.where(at_or_above > 0, ranked / at_or_above.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return scores
 
 
 def _keep_largest(scores: torch.Tensor, amount: float) -> torch.Tensor:

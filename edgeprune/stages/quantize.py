@@ -35,7 +35,7 @@ from torch import nn
 from edgeprune.artifacts import Artifact
 from edgeprune.config import BuildConfig, QuantizeConfig
 from edgeprune.errors import ConfigError, StageError
-from edgeprune.onnx_weights import minify_names, quantize_weights
+from edgeprune.onnx_weights import float16_constants, minify_names, quantize_weights
 from edgeprune.parity import artifact_logits, check_parity, parity_report, tflite_interpreter
 from edgeprune.pipeline import StageContext, StageOutput
 from edgeprune.quant_sensitivity import (
@@ -71,6 +71,11 @@ class Quantize:
             raise ConfigError(
                 "quantize.activation_type = 'float' is weight-only int8; with scheme = 'dynamic' activations are "
                 "quantized at run time: pick one"
+            )
+        if config.quantize.float_constants == "float16" and not (weight_only and config.quantize.scheme == "int8"):
+            raise ConfigError(
+                "quantize.float_constants = 'float16' applies to weight-only int8 ONNX "
+                "(scheme = 'int8' with activation_type = 'float'); for a float16 model use scheme = 'fp16'"
             )
         if weight_only and config.quantize.scheme == "int8" and "tflite" in config.export.formats:
             raise ConfigError(
@@ -296,6 +301,8 @@ class OnnxQuantizer:
         self.path, config = path, self.config
         if config.activation_type == "float":
             quantize_weights(self.prepared, path, config.per_channel, keep_float)
+            if config.float_constants == "float16":
+                float16_constants(path, path)
             return
         if config.scheme == "dynamic":
             quantize_dynamic(
@@ -323,8 +330,10 @@ class OnnxQuantizer:
 
     def tensor_noise(self) -> list[TensorNoise]:
         images = self.calibration[:SENSITIVITY_SAMPLES]
-        if self.config.scheme == "dynamic" or self.config.activation_type == "float":  # no activation grid here: rank the weights
-            return onnx_tensor_noise(self.prepared, onnx_rounded_weights(self.prepared, self.config.per_channel), images)
+        weight_only = self.config.activation_type == "float"
+        if self.config.scheme == "dynamic" or weight_only:  # no activation grid here: rank the weights
+            rounded = onnx_rounded_weights(self.prepared, self.config.per_channel, stored_axes=weight_only)
+            return onnx_tensor_noise(self.prepared, rounded, images)
         if self._activations is None:
             self._activations = onnx_activations(self.prepared, images)
         return onnx_tensor_noise(self.prepared, onnx_rounded_tensors(self.prepared, self.path, self._activations), images)
@@ -334,7 +343,8 @@ class OnnxQuantizer:
 
     def describe(self) -> dict[str, Any]:
         if self.config.activation_type == "float":
-            return {"activations": "float", "weights": "int8 per-channel" if self.config.per_channel else "int8 per-tensor"}
+            weights = "int8 per-channel" if self.config.per_channel else "int8 per-tensor"
+            return {"activations": "float", "weights": weights, "float_constants": self.config.float_constants}
         if self.config.scheme == "dynamic":
             return {}
         return {"calibration": self.config.calibration, "calibration_samples": len(self.calibration)}
