@@ -56,13 +56,19 @@ def quantize_weights(source: Path, target: Path, per_channel: bool, keep_float: 
         ]
         attributes = {"axis": axes[tensor.name]} if per_channel else {}
         dequantize.append(helper.make_node("DequantizeLinear", list(names), [tensor.name], name=f"{tensor.name}_dequantize", **attributes))
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    nodes = dequantize + list(graph.node)  # a weight is produced before any node reads it
-    del graph.node[:]
-    graph.node.extend(nodes)
+    replace_initializers(graph, kept + added, dequantize)
     onnx.save(model, str(target))
     return len(dequantize)
+
+
+def replace_initializers(graph, initializers: list, producers: list) -> None:
+    """Give ``graph`` these ``initializers`` and put the ``producers`` (nodes computing the replaced tensors) first,
+    so each replaced tensor is produced before any node reads it."""
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    nodes = producers + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def weight_axes(graph, keep_float: set[str]) -> dict[str, int]:
@@ -187,11 +193,7 @@ def float16_constants(source: Path, target: Path) -> int:
             continue
         added.append(numpy_helper.from_array(values.astype(np.float16), f"{tensor.name}_f16"))
         casts.append(helper.make_node("Cast", [f"{tensor.name}_f16"], [tensor.name], name=f"{tensor.name}_cast", to=TensorProto.FLOAT))
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    nodes = casts + list(graph.node)  # a constant is produced before any node reads it
-    del graph.node[:]
-    graph.node.extend(nodes)
+    replace_initializers(graph, kept + added, casts)
     onnx.save(model, str(target))
     return len(casts)
 

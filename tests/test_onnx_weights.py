@@ -19,6 +19,20 @@ def run(path, images: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: images})[0]
 
 
+def export(model: nn.Module, path) -> None:
+    """``model`` on a 1x28x28 input to ONNX opset 17 with a dynamic batch."""
+    torch.onnx.export(
+        model.eval(),
+        torch.randn(1, 1, 28, 28),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        opset_version=17,
+        dynamic_axes={"input": {0: "batch"}},
+        dynamo=False,
+    )
+
+
 @pytest.fixture
 def sparse_onnx(tmp_path):
     """A conv + linear net with 80 % of its weights zeroed, exported to ONNX (opset 17)."""
@@ -32,16 +46,7 @@ def sparse_onnx(tmp_path):
                 module.weight[torch.rand_like(module.weight) < 0.8] = 0
                 module.weight[0] = 0  # one output channel pruned whole: its scale must not divide by zero
     path = tmp_path / "fp32.onnx"
-    torch.onnx.export(
-        model.eval(),
-        torch.randn(1, 1, 28, 28),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        opset_version=17,
-        dynamic_axes={"input": {0: "batch"}},
-        dynamo=False,
-    )
+    export(model, path)
     return path, model
 
 
@@ -119,19 +124,6 @@ class PositionEmbedded(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x.reshape(x.shape[0], 49, 16)) + self.position
         return self.head(self.norm(tokens).mean(dim=1))
-
-
-def export(model: nn.Module, path) -> None:
-    torch.onnx.export(
-        model.eval(),
-        torch.randn(1, 1, 28, 28),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        opset_version=17,
-        dynamic_axes={"input": {0: "batch"}},
-        dynamo=False,
-    )
 
 
 def test_an_added_position_table_is_an_int8_weight_per_embedding_column(tmp_path) -> None:
