@@ -132,18 +132,16 @@ def onnx_rounded_weights(float_path: Path, per_channel: bool, stored_axes: bool 
     import onnx
     from onnx import numpy_helper
 
-    from edgeprune.onnx_weights import WEIGHT_OPS, int8_roundtrip, weight_axes
+    from edgeprune.onnx_weights import WEIGHT_OPS, int8_roundtrip, weight_axes, weight_input
 
     graph = onnx.load(str(float_path)).graph
     constants = {item.name: numpy_helper.to_array(item) for item in graph.initializer}
     if stored_axes:
         axes = weight_axes(graph, set())
     else:
-        axes = {
-            node.input[1]: 0
-            for node in graph.node
-            if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in constants and constants[node.input[1]].ndim >= 2
-        }
+        floats = {item.name: item for item in graph.initializer if item.data_type == onnx.TensorProto.FLOAT}
+        layer_weights = (weight_input(node, floats) for node in graph.node if node.op_type in WEIGHT_OPS)
+        axes = {name: 0 for name in layer_weights if name is not None}
     return {name: int8_roundtrip(constants[name], axis if per_channel else None) for name, axis in axes.items()}
 
 
