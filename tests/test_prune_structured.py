@@ -322,6 +322,46 @@ class ScriptedRun:
     def row(self, step: int, level: float) -> dict:
         return {"step": step, "ratio": level, "macs": self.macs(), "mac_reduction": 1000 / self.macs(), "accuracy": 90.0}
 
+    def partial_moves(self, level: float) -> list[dict[str, int]]:
+        return []  # one scalar "group": every step moves it alone
+
+    def snapshot(self) -> float:
+        return self.level
+
+    def restore(self, state: float) -> None:
+        self.level = state
+
+
+class TwoGroupRun(ScriptedRun):
+    """Groups a (6 MACs per channel) and b (4 per channel), 100 channels each, narrowed together by the level."""
+
+    def __init__(self, weights: dict[str, float]) -> None:
+        super().__init__()
+        self.widths, self.weights = {"a": 100, "b": 100}, weights
+
+    def targets(self, level: float) -> dict[str, int]:
+        return {name: round(100 * (1 - level)) for name in self.widths}
+
+    def prune_to(self, level: float) -> None:
+        self.prune_to_widths(self.targets(level))
+
+    def prune_to_widths(self, targets: dict[str, int]) -> None:
+        self.widths = dict(targets)
+
+    def macs(self) -> int:
+        return 6 * self.widths["a"] + 4 * self.widths["b"]
+
+    def partial_moves(self, level: float) -> list[dict[str, int]]:
+        from edgeprune.stages.prune_structured import partial_moves
+
+        return partial_moves(self.widths, self.targets(level), self.weights)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.widths)
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.widths = dict(state)
+
 
 class ScriptedProbe:
     """Latency = a fixed per-call overhead of 1 ms plus 1 ms per 1000 MACs: what a small model sees on a real runtime."""
@@ -361,6 +401,38 @@ def test_the_speedup_loop_stops_at_the_first_step_whose_measured_speedup_reaches
     # the dense model is measured again beside every candidate, and once more to confirm the step that reached the target
     assert probe.measured.count("dense-1000") == 5
     assert [row.get("pairs") for row in trajectory] == [None, 1, 1, 2]
+
+
+def test_a_step_that_overshoots_is_retried_with_fewer_groups_moved_the_plans_preferred_group_first() -> None:
+    from edgeprune.latency_target import prune_to_speedup
+
+    run = TwoGroupRun({"a": 2.0, "b": 1.0})
+    trajectory = prune_to_speedup(run, ScriptedProbe(run), PruneConfig(speedup=1.15, speedup_step=0.5), max_accuracy_drop=1.0)
+    # dense 1000 MACs = 2.0 ms; both groups at 50: 500 MACs = 1.5 ms, 1.33x; a alone at 50: 700 MACs = 1.7 ms, 1.18x
+    (_, last) = trajectory
+    assert last["macs"] == 700 and run.widths == {"a": 50, "b": 100}
+    assert round(last["speedup"], 2) == 1.18 and last["groups_moved"] == "1 of 2" and last["pairs"] == 2
+    assert run.recovered == [1]
+
+
+def test_a_step_whose_partial_moves_miss_the_target_keeps_the_whole_step() -> None:
+    from edgeprune.latency_target import prune_to_speedup
+
+    run = TwoGroupRun({"a": 1.0, "b": 2.0})  # b first: 800 MACs = 1.8 ms, 1.11x, short of 1.15x
+    (_, last) = prune_to_speedup(run, ScriptedProbe(run), PruneConfig(speedup=1.15, speedup_step=0.5), max_accuracy_drop=1.0)
+    assert last["macs"] == 500 and run.widths == {"a": 50, "b": 50} and "groups_moved" not in last
+    assert round(last["speedup"], 2) == 1.33
+
+
+def test_partial_moves_narrow_one_more_group_each_time_by_weight_and_leave_out_the_whole_step() -> None:
+    from edgeprune.stages.prune_structured import partial_moves
+
+    current, targets = {"a": 64, "b": 32, "c": 32, "d": 16}, {"a": 32, "b": 16, "c": 32, "d": 8}
+    assert partial_moves(current, targets, {"a": 0.5, "b": 2.0, "d": 1.0}) == [
+        {"a": 64, "b": 16, "c": 32, "d": 16},
+        {"a": 64, "b": 16, "c": 32, "d": 8},
+    ]
+    assert partial_moves(current, {"a": 32, "b": 32, "c": 32, "d": 16}, {}) == []  # one group moves: nothing between
 
 
 class LuckyOnceProbe(ScriptedProbe):
@@ -433,6 +505,24 @@ def test_sensitivity_analysis_writes_table_plot_and_weights_that_drive_the_build
     for name, ratio in metrics["group_ratios"].items():
         channels = next(group["channels"] for group in data["groups"] if group["layer"] == name)
         assert ratio == pytest.approx(min(weights[name] * 0.3, 0.5), abs=1 / channels)  # 0.5: the one ratio analyzed
+
+
+def test_the_latency_probe_exports_each_ratios_candidate_to_its_own_file(tmp_path: Path) -> None:
+    # stems with a ratio in them once lost everything after the dot: all three candidates of a group went to
+    # candidate-0.onnx, and the analysis timed the last one three times
+    from types import SimpleNamespace
+
+    from edgeprune.config import ExportConfig
+    from edgeprune.latency_target import LatencyProbe
+    from edgeprune.progress import Reporter
+    from edgeprune.runtimes import BenchSettings
+
+    dataset, config = SimpleNamespace(x_test=torch.zeros(2, 1, 8, 8).numpy()), SimpleNamespace(export=ExportConfig())
+    context = SimpleNamespace(dataset=dataset, config=config, reporter=Reporter(verbosity=0))
+    probe = LatencyProbe("onnx", "local", BenchSettings(), context)  # type: ignore[arg-type]
+    paths = [probe.export(nn.Conv2d(1, width, 3), tmp_path / f"candidate-{ratio}") for ratio, width in ((0.25, 6), (0.5, 4), (0.75, 2))]
+    assert [path.name for path in paths] == ["candidate-0.25.onnx", "candidate-0.5.onnx", "candidate-0.75.onnx"]
+    assert len({path.read_bytes() for path in paths}) == 3
 
 
 def test_sensitivity_weights_ignore_ratios_that_rounding_left_unpruned() -> None:

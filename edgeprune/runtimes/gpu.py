@@ -1,8 +1,11 @@
 """``gpu``: benchmark .onnx artefacts on an NVIDIA GPU through onnxruntime-gpu.
 
 ``gpu`` uses CUDA; ``gpu?provider=tensorrt`` puts TensorRT first (CUDA, then CPU, take
-the nodes TensorRT cannot); ``gpu?device_id=1`` picks a GPU via CUDA_VISIBLE_DEVICES in
-the runner's environment only. ``BenchSettings.providers``, when given, wins.
+the nodes TensorRT cannot) with its sparse tactics enabled (``trt_sparsity_enable``: on
+Ampere and later, layers whose weights hold the 2:4 pattern may run on sparse tensor
+cores; ``&sparsity=0`` builds dense engines only, so the same artefact can be timed both
+ways); ``gpu?device_id=1`` picks a GPU via CUDA_VISIBLE_DEVICES in the runner's
+environment only. ``BenchSettings.providers``, when given, wins.
 The runner refuses to report numbers if onnxruntime silently fell back to the CPU.
 """
 
@@ -16,10 +19,12 @@ from edgeprune.runtimes.base import BenchResult, BenchSettings, DeviceUrl, regis
 from edgeprune.runtimes.local import LocalAdapter, check_artifact
 
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
 PROVIDER_CHAINS = {
     "cuda": (CUDA, "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", CUDA, "CPUExecutionProvider"),
+    "tensorrt": (TENSORRT, CUDA, "CPUExecutionProvider"),
 }
+SPARSITY_SETTINGS = {"0": False, "1": True}
 
 
 def available_providers() -> list[str]:
@@ -34,12 +39,17 @@ def available_providers() -> list[str]:
 class GpuAdapter:
     """A LocalAdapter whose runner sessions use GPU execution providers."""
 
-    def __init__(self, device: str = "gpu", provider: str = "cuda", device_id: str | None = None) -> None:
+    def __init__(self, device: str = "gpu", provider: str = "cuda", device_id: str | None = None, sparsity: str | None = None) -> None:
         if provider not in PROVIDER_CHAINS:
             raise DeviceError(f"device {device!r}: provider must be one of {sorted(PROVIDER_CHAINS)}")
+        if sparsity is not None and (provider != "tensorrt" or sparsity not in SPARSITY_SETTINGS):
+            raise DeviceError(f"device {device!r}: sparsity=0|1 applies to provider=tensorrt only (TensorRT's sparse tactics)")
         self.name = device
+        self.sparse_tactics = provider == "tensorrt" and SPARSITY_SETTINGS[sparsity or "1"]
         env = {"CUDA_VISIBLE_DEVICES": device_id} if device_id is not None else None
-        self._local = LocalAdapter(device, python=sys.executable, providers=PROVIDER_CHAINS[provider], extra_env=env)
+        options = (f"{TENSORRT}:trt_sparsity_enable=1",) if self.sparse_tactics else ()
+        chain = PROVIDER_CHAINS[provider]
+        self._local = LocalAdapter(device, python=sys.executable, providers=chain, extra_env=env, provider_options=options)
 
     def prepare(self, artifact: Path) -> None:
         """Check the artefact is .onnx and onnxruntime here has a CUDA provider.
@@ -68,6 +78,7 @@ class GpuAdapter:
 
 @register_adapter("gpu")
 def open_gpu(url: DeviceUrl, settings: BenchSettings) -> GpuAdapter:
-    """``gpu[?provider=cuda|tensorrt][&device_id=N]``."""
-    url.check_options(("provider", "device_id"))
-    return GpuAdapter(url.text, url.options.get("provider", "cuda"), url.options.get("device_id"))
+    """``gpu[?provider=cuda|tensorrt][&device_id=N][&sparsity=0|1]``."""
+    url.check_options(("provider", "device_id", "sparsity"))
+    options = url.options
+    return GpuAdapter(url.text, options.get("provider", "cuda"), options.get("device_id"), options.get("sparsity"))

@@ -36,17 +36,24 @@ def check_artifact(artifact: Path) -> None:
 class LocalAdapter:
     """Runs ``runner.py`` with ``python`` (default: this interpreter) as a child process.
 
-    ``providers`` are used when ``BenchSettings.providers`` is empty; ``extra_env`` is
-    added to the children's environment (this process's is left alone). ``host_affinity``
-    records the CPUs this process (and so every child) may use.
+    ``providers`` are used when ``BenchSettings.providers`` is empty; ``provider_options``
+    (``PROVIDER:KEY=VALUE``) configure them; ``extra_env`` is added to the children's
+    environment (this process's is left alone). ``host_affinity`` records the CPUs this
+    process (and so every child) may use.
     """
 
     def __init__(
-        self, device: str = "local", python: str = sys.executable, providers: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
+        self,
+        device: str = "local",
+        python: str = sys.executable,
+        providers: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None,
+        provider_options: tuple[str, ...] = (),
     ) -> None:
         self.name = device
         self.python = python
         self.providers = providers
+        self.provider_options = provider_options
         self.extra_env = dict(extra_env or {})
         self.host_affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
@@ -62,9 +69,8 @@ class LocalAdapter:
                 ``settings.retries + 1`` times.
         """
         self.prepare(artifact)
-        if not settings.providers and self.providers:
-            settings = replace(settings, providers=self.providers)
-        argv = [self.python, str(RUNNER_PATH), *settings.runner_args(str(artifact.resolve()))]
+        settings = self._with_providers(settings)
+        argv = self._runner_argv(artifact, settings)
         label = f"{self.name} ({artifact.name})"
         return run_repeats(partial(self._run_once, argv, settings), settings, label, self.name, artifact)
 
@@ -75,15 +81,23 @@ class LocalAdapter:
         """
         self.prepare(baseline)
         self.prepare(artifact)
-        if not settings.providers and self.providers:
-            settings = replace(settings, providers=self.providers)
-        argv = [self.python, str(RUNNER_PATH), *settings.runner_args(str(artifact.resolve())), "--baseline", str(baseline.resolve())]
+        settings = self._with_providers(settings)
+        argv = [*self._runner_argv(artifact, settings), "--baseline", str(baseline.resolve())]
         label = f"{self.name} ({artifact.name} beside {baseline.name})"
         pairs = []
         for _ in range(settings.repeats):
             result = with_retries(partial(self._run_once, argv, settings, label), settings.retries, label)
             pairs.append((result["baseline"]["latency_p50_ms"], result["latency_p50_ms"]))
         return pairs
+
+    def _with_providers(self, settings: BenchSettings) -> BenchSettings:
+        return replace(settings, providers=self.providers) if not settings.providers and self.providers else settings
+
+    def _runner_argv(self, artifact: Path, settings: BenchSettings) -> list[str]:
+        """The runner's command line; provider options only for providers the settings use (theirs win)."""
+        used = [option for option in self.provider_options if option.partition(":")[0] in settings.providers]
+        options = [arg for option in used for arg in ("--provider-option", option)]
+        return [self.python, str(RUNNER_PATH), *settings.runner_args(str(artifact.resolve())), *options]
 
     def _run_once(self, argv: list[str], settings: BenchSettings, what: str) -> dict:
         env = {**os.environ, **self.extra_env} if self.extra_env else None

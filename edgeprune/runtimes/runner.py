@@ -22,7 +22,11 @@ With ``--baseline`` a second artefact is loaded and timed in the same loop, alte
 per iteration (model then baseline, then baseline then model, ...): both see the same
 moments of a noisy machine, so ``speedup_p50`` (baseline p50 / model p50) holds where
 two separate processes minutes apart would not. Its statistics are under ``baseline``;
-the memory figures then cover both sessions.
+the memory figures then cover both sessions. onnxruntime sessions are then opened with
+their intra-op threads not spinning while idle: with two sessions in one process, one's
+spinning threads take the cores the other runs on, and the same file timed against itself
+measured anywhere from 0.63x to 1.55x (2 threads, 2 cores); without spinning, 0.96x to 1.02x.
+Single-artefact runs keep onnxruntime's default (spinning), as a deployment would.
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=50, help="minimum timed runs")
     parser.add_argument("--min-seconds", type=float, default=0.0, help="minimum timed seconds")
     parser.add_argument("--providers", default="", help="onnxruntime providers, comma list")
+    parser.add_argument(
+        "--provider-option", action="append", default=[], metavar="PROVIDER:KEY=VALUE", help="an option of one of --providers (repeatable)"
+    )
     parser.add_argument("--no-xnnpack", action="store_true", help="litert: no XNNPACK delegate")
     parser.add_argument("--input", default=None, help=".npy (one input) or .npz (by name)")
     parser.add_argument("--baseline", default=None, help="a second .onnx/.tflite timed in alternation with --model")
@@ -210,7 +217,10 @@ def open_onnx(args: argparse.Namespace, ort) -> tuple:
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    session = ort.InferenceSession(args.model, options, providers=requested or ["CPUExecutionProvider"])
+    if args.baseline:  # two sessions alternate: one's idle threads must not spin on the cores the other runs on
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    settings = provider_settings(requested, args.provider_option)
+    session = ort.InferenceSession(args.model, options, providers=settings or ["CPUExecutionProvider"])
     used = session.get_providers()
     # onnxruntime silently falls back to CPU when e.g. CUDA libraries fail to load.
     if requested and used[0] != requested[0]:
@@ -222,6 +232,21 @@ def open_onnx(args: argparse.Namespace, ort) -> tuple:
         session.run(None, feeds)
 
     return run_once, used
+
+
+def provider_settings(providers: list[str], entries: list[str]) -> list:
+    """onnxruntime's ``providers`` argument: a name, or (name, options) where ``entries`` give it
+    options as ``PROVIDER:KEY=VALUE``; raises RunnerError for an entry that is malformed or names another provider."""
+    options: dict[str, dict[str, str]] = {}
+    for entry in entries:
+        provider, colon, setting = entry.partition(":")
+        key, equals, value = setting.partition("=")
+        if not (colon and equals and key):
+            raise RunnerError(f"bad --provider-option {entry!r}: expected PROVIDER:KEY=VALUE")
+        if provider not in providers:
+            raise RunnerError(f"--provider-option {entry!r} names {provider}, which is not among --providers {providers}")
+        options.setdefault(provider, {})[key] = value
+    return [(name, options[name]) if name in options else name for name in providers]
 
 
 def import_tflite() -> tuple:

@@ -22,7 +22,7 @@ EXPORTED = ("onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp
 
 class Benchmark:
     name = "benchmark"
-    version = "2"
+    version = "3"
     sections = ("benchmark",)
     consumes = EXPORTED
 

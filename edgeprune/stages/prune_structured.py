@@ -52,7 +52,7 @@ TAYLOR_SAMPLES = 256  # training images whose gradients feed first-order Taylor 
 
 class PruneStructured:
     name = "prune_structured"
-    version = "5"
+    version = "6"
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)
@@ -149,6 +149,17 @@ class GroupPlan:
         return {name: rounded_width(width * (1 - self.ratio(name, level)), width, round_to) for name, width in self.widths.items()}
 
 
+def partial_moves(current: dict[str, int], targets: dict[str, int], weights: dict[str, float]) -> list[dict[str, int]]:
+    """Widths from ``current`` towards ``targets``, one more narrowed group each time, the highest ``weights`` first
+    (ties in the given order); the last move, which is ``targets`` itself, is left out."""
+    order = sorted((name for name in targets if targets[name] < current[name]), key=lambda name: -weights.get(name, 1.0))
+    moves, widths = [], dict(current)
+    for name in order[:-1]:
+        widths[name] = targets[name]
+        moves.append(dict(widths))
+    return moves
+
+
 def parse_layer_ratios(entries: tuple[str, ...], widths: dict[str, int]) -> dict[str, float]:
     """``("layer=0.5", ...)`` → ``{"layer": 0.5}``; ConfigError for a bad entry, an unknown group or a ratio out of range."""
     ratios = {}
@@ -192,6 +203,24 @@ class PruningRun:
 
     def prune_to(self, level: float) -> None:
         """Prune every group to its width at ``level``; a group that breaks the model is left out and reported."""
+        self.prune_to_widths(self.plan.targets(level, self.context.config.prune.round_to))
+
+    def partial_moves(self, level: float) -> list[dict[str, int]]:
+        """The widths between this model and ``level``'s, one more group moved at a time: the groups the plan
+        weights highest first (then in model order), the last group's move left out (that is ``prune_to(level)``).
+        Empty when the step moves at most one group."""
+        flagged, round_to = {item.layer for item in self.untracked}, self.context.config.prune.round_to
+        targets = {name: width for name, width in self.plan.targets(level, round_to).items() if name not in flagged}
+        return partial_moves({name: root_channels(self.model, name) for name in targets}, targets, self.plan.weights)
+
+    def snapshot(self) -> tuple[nn.Module, list[UntrackedCoupling]]:
+        return self.model, list(self.untracked)  # guarded_prune never modifies the model it is given
+
+    def restore(self, state: tuple[nn.Module, list[UntrackedCoupling]]) -> None:
+        self.model, self.untracked = state[0], list(state[1])
+
+    def prune_to_widths(self, targets: dict[str, int]) -> None:
+        """Prune each group to ``targets[group]`` channels; a group that breaks the model is left out and reported."""
         config, dataset = self.context.config, self.context.dataset
         guard = Guard(
             example_input(self.context, batch=4),
@@ -200,7 +229,7 @@ class PruningRun:
             torch.from_numpy(dataset.y_train[:TAYLOR_SAMPLES]),
         )
         flagged = {item.layer for item in self.untracked}
-        widths = {name: width for name, width in self.plan.targets(level, config.prune.round_to).items() if name not in flagged}
+        widths = {name: width for name, width in targets.items() if name not in flagged}
         pruned = guarded_prune(self.model, config.prune, self.protected | flagged, self.groups, widths, guard)
         self.model, found = pruned.model, pruned.untracked
         for item in found:

@@ -58,6 +58,18 @@ def test_local_and_gpu_urls():
     assert gpu._local.extra_env == {"CUDA_VISIBLE_DEVICES": "1"}
 
 
+def test_tensorrt_builds_with_sparse_tactics_unless_the_url_turns_them_off(tmp_path):
+    model = tmp_path / "model.onnx"
+    sparse, dense = open_adapter("gpu?provider=tensorrt"), open_adapter("gpu?provider=tensorrt&sparsity=0")
+    chain = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    argv = sparse._local._runner_argv(model, BenchSettings(providers=chain))
+    assert argv[argv.index("--provider-option") + 1] == "TensorrtExecutionProvider:trt_sparsity_enable=1"
+    assert "--provider-option" not in dense._local._runner_argv(model, BenchSettings(providers=chain))
+    assert (sparse.sparse_tactics, dense.sparse_tactics, open_adapter("gpu").sparse_tactics) == (True, False, False)
+    # providers given in the settings win: an option for a provider they leave out is not passed
+    assert "--provider-option" not in sparse._local._runner_argv(model, BenchSettings(providers=("CUDAExecutionProvider",)))
+
+
 @pytest.mark.parametrize(
     ("device", "message"),
     [
@@ -71,6 +83,8 @@ def test_local_and_gpu_urls():
         ("adb://", r"no serial"),
         ("adb://X?benchmark_model=/nonexistent/benchmark_model", r"benchmark_model binary .* not found"),
         ("gpu?provider=rocm", r"provider must be one of \['cuda', 'tensorrt'\]"),
+        ("gpu?sparsity=1", r"sparsity=0\|1 applies to provider=tensorrt only"),
+        ("gpu?provider=tensorrt&sparsity=on", r"sparsity=0\|1 applies to provider=tensorrt only"),
         ("local?threads=4", r"unknown options \['threads'\]"),
     ],
 )
