@@ -30,7 +30,6 @@ may be shared: every figure is a median over repeats, measured side by side, and
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -85,25 +84,19 @@ def amount_for_mac_target(name: str, target: float, round_to: int) -> float:
     """The uniform level whose MAC reduction is closest to ``target``, found on the (untrained) architecture itself."""
     from edgeprune.config import PruneConfig
     from edgeprune.models import create_model, example_input
-    from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers, prune_to_widths
+    from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers
     from edgeprune.stages.common import count_macs_params
     from edgeprune.stages.prune_structured import GroupPlan
 
     model, example, config = create_model(name).eval(), example_input(name), PruneConfig(round_to=round_to)
     protected = protected_layers(model, (), 10)
     groups = layer_groups(model, example, config, protected)
-    untracked = {
-        item.layer
-        for item in guarded_prune(
-            model, config, protected, groups, {g.name: g.channels // 2 for g in groups}, Guard(example_input(name, batch=4), 10)
-        ).untracked
-    }
-    plan = GroupPlan.from_config([group for group in groups if group.name not in untracked], config)
+    guard = Guard(example_input(name, batch=4), 10)
+    plan = GroupPlan.from_config(groups, config)
     dense = count_macs_params(model, example)["macs"]
 
-    def reduction(level: float) -> float:
-        candidate = copy.deepcopy(model)
-        prune_to_widths(candidate, example, config, protected | untracked, plan.targets(level, config.round_to))
+    def reduction(level: float) -> float:  # guarded, as the build prunes: a group whose coupling breaks the model stays whole
+        candidate = guarded_prune(model, config, protected, groups, plan.targets(level, config.round_to), guard).model
         return dense / count_macs_params(candidate, example)["macs"]
 
     low, high = 0.0, 0.9
