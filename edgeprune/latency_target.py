@@ -132,14 +132,14 @@ def prune_to_speedup(run: SteppedPruning, probe: LatencyProbe, config: PruneConf
         dense_p50 = probe.p50_ms(dense_path)
         trajectory = [{**run.row(0, 0.0), "latency_p50_ms": dense_p50, "dense_p50_ms": dense_p50, "speedup": 1.0}]
         for step, level in enumerate(levels, start=1):
-            before, moves = run.snapshot(), run.partial_moves(level)
+            before = run.snapshot()
             run.prune_to(level)
             if run.macs() == trajectory[-1]["macs"]:  # rounding kept every width: nothing new to measure
                 continue
             stem = Path(folder) / f"step{step}"
             pairs, partial = measure_candidate(probe, dense_path, run.model, stem, config.speedup), {}
-            if paired_speedup(pairs) >= config.speedup and moves:
-                partial, pairs = fewest_moves_reaching(run, probe, dense_path, (before, moves), stem, config.speedup, pairs)
+            if paired_speedup(pairs) >= config.speedup:
+                partial, pairs = fewest_moves_reaching(run, probe, dense_path, before, level, stem, config.speedup, pairs)
             run.recover(step)
             row = {**run.row(step, level), **pairs_summary(pairs), **partial}
             trajectory.append(row)
@@ -172,16 +172,19 @@ def fewest_moves_reaching(
     run: SteppedPruning,
     probe: LatencyProbe,
     dense: Path,
-    start: tuple[Any, list[dict[str, int]]],
+    before: Any,
+    level: float,
     stem: Path,
     target: float,
     full_pairs: list[tuple[float, float]],
 ) -> tuple[dict[str, Any], list[tuple[float, float]]]:
-    """A step that reached the target by moving several groups at once is retried with fewer groups moved (from
-    ``start``: the model before the step and ``run.partial_moves``), the plan's preferred groups first; the first
-    that reaches it too, confirmed, is kept, so the loop does not overshoot by a whole step. Returns the row's
-    ``groups_moved`` note (empty when the whole step is kept) and the kept candidate's pairs."""
-    (before, moves), full = start, run.snapshot()
+    """A step to ``level`` that reached the target by moving several groups at once is retried from ``before`` (the
+    run's snapshot ahead of the step) with fewer groups moved (``run.partial_moves``), the plan's preferred groups
+    first; the first that reaches it too, confirmed, is kept, so the loop does not overshoot by a whole step. Returns
+    the row's ``groups_moved`` note (empty when the whole step is kept) and the kept candidate's pairs."""
+    full = run.snapshot()
+    run.restore(before)
+    moves = run.partial_moves(level)
     for index, widths in enumerate(moves, start=1):
         run.restore(before)
         run.prune_to_widths(widths)
