@@ -7,11 +7,17 @@ every run's p50 and the largest relative deviation of a run's p50 from the media
 all runs, ``max |p50_i - median| / median * 100``, and exits 1 when that exceeds
 ``--max-deviation-pct`` (default 5 %).
 
+``--paired`` checks the paired timing that measured speed-ups rest on instead: each run
+times the artefact against itself in alternation (``benchmark_pair``, one process per
+repeat), so every process's ratio should be 1; the script prints the ratios and the
+largest ``|ratio - 1| * 100``, bounded the same way.
+
 Usage (from the repository root)::
 
     python scripts/bench_repeatability.py                       # builds a small CNN as ONNX
     python scripts/bench_repeatability.py --artifact model.tflite --threads 4
     python scripts/bench_repeatability.py --device ssh://pi@rpi5 --iterations 200
+    python scripts/bench_repeatability.py --paired --runs 2 --repeats 3   # one file against itself
 
 Building the default artefact needs torch; ``--artifact`` needs only the runtime.
 Exit codes: 0 repeatable, 1 deviation above the bound, 2+ an edgeprune error.
@@ -32,7 +38,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.runtimes import BenchSettings, benchmark
+from edgeprune.runtimes import BenchSettings, benchmark, benchmark_pair
 
 
 def build_small_cnn_onnx(folder: Path) -> Path:
@@ -73,7 +79,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--max-deviation-pct", type=float, default=5.0)
+    parser.add_argument("--paired", action="store_true", help="time the artefact against itself in one process per repeat")
     return parser.parse_args(argv)
+
+
+def self_pair_ratios(artifact: Path, device: str, settings: BenchSettings, runs: int) -> list[float]:
+    """Each process's ratio of the artefact's p50 timed beside itself (1 when pairing is fair)."""
+    ratios = []
+    for _ in range(runs):
+        pairs = benchmark_pair(artifact, artifact, device, settings)
+        if pairs is None:
+            raise SystemExit(f"error: {device} cannot time two artefacts in one process (only local can)")
+        ratios += [first / second for first, second in pairs]
+    return ratios
+
+
+def report_pairs(artifact: Path, args: argparse.Namespace, ratios: list[float]) -> int:
+    print(f"{os.cpu_count()} CPUs, load average after: {_load_average()}, {args.threads} threads")
+    print("self-pair ratios: " + ", ".join(f"{ratio:.3f}" for ratio in ratios))
+    deviation = max(abs(ratio - 1.0) for ratio in ratios) * 100.0
+    verdict = "OK" if deviation <= args.max_deviation_pct else "BIASED"
+    bound = f"(bound {args.max_deviation_pct:g} %)"
+    print(f"{artifact.name} beside itself on {args.device}: max |ratio - 1| {deviation:.2f} % {bound}: {verdict}")
+    return 0 if deviation <= args.max_deviation_pct else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         artifact = args.artifact or build_small_cnn_onnx(Path(folder))
         load_before = _load_average()
         try:
+            if args.paired:
+                return report_pairs(artifact, args, self_pair_ratios(artifact, args.device, settings, args.runs))
             results = [benchmark(artifact, args.device, settings) for _ in range(args.runs)]
         except EdgepruneError as error:
             print(f"error: {error}", file=sys.stderr)

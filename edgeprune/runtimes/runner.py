@@ -213,12 +213,7 @@ def open_onnx(args: argparse.Namespace, ort) -> tuple:
     missing = [p for p in requested if p not in available]
     if missing:
         raise RunnerError(f"onnxruntime lacks providers {missing}; available: {available}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if args.baseline:  # two sessions alternate: one's idle threads must not spin on the cores the other runs on
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(ort, args.threads, paired=bool(args.baseline))
     settings = provider_settings(requested, args.provider_option)
     session = ort.InferenceSession(args.model, options, providers=settings or ["CPUExecutionProvider"])
     used = session.get_providers()
@@ -232,6 +227,19 @@ def open_onnx(args: argparse.Namespace, ort) -> tuple:
         session.run(None, feeds)
 
     return run_once, used
+
+
+def session_options(ort, threads: int, paired: bool):
+    """onnxruntime session options: ``threads`` intra-op threads, sequential; a session that is
+    timed in alternation with another (``paired``) keeps its idle threads from spinning on the
+    cores the other runs on."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if paired:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def provider_settings(providers: list[str], entries: list[str]) -> list:

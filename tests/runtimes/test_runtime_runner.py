@@ -174,13 +174,15 @@ def test_runner_times_a_baseline_in_alternation_in_the_same_process(lone_runner,
         assert 0.75 < result["speedup_p50"] < 1.33
 
 
-def test_two_threaded_onnx_sessions_timed_in_alternation_do_not_take_each_others_cores(lone_runner, tiny_artifacts):
-    # with onnxruntime's idle threads spinning, this ratio ranged 0.63-1.55 for one file against itself (2 threads, 2 cores)
-    model = str(tiny_artifacts["onnx"])
-    for _ in range(3):
-        code, result = run_runner(lone_runner, "--model", model, "--baseline", model, "--threads", "2", "--iterations", "300")
-        assert code == 0, result
-        assert 0.9 < result["speedup_p50"] < 1.11, result["speedup_p50"]
+def test_sessions_timed_in_alternation_do_not_spin_and_a_lone_session_keeps_the_default():
+    # with idle threads spinning, one file timed against itself read 0.63x-1.55x (2 threads, 2 cores); the timing
+    # itself is measured by `scripts/bench_repeatability.py --paired`, not here, where a shared CI machine sets the noise
+    ort = pytest.importorskip("onnxruntime")
+    paired, lone = runner.session_options(ort, 2, paired=True), runner.session_options(ort, 2, paired=False)
+    assert paired.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: onnxruntime's default, spinning
+        lone.get_session_config_entry("session.intra_op.allow_spinning")
+    assert paired.intra_op_num_threads == lone.intra_op_num_threads == 2 and paired.inter_op_num_threads == 1
 
 
 def test_runner_refuses_a_missing_baseline_in_json(lone_runner, tiny_artifacts, tmp_path):
