@@ -22,11 +22,15 @@ With ``--baseline`` a second artefact is loaded and timed in the same loop, alte
 per iteration (model then baseline, then baseline then model, ...): both see the same
 moments of a noisy machine, so ``speedup_p50`` (baseline p50 / model p50) holds where
 two separate processes minutes apart would not. Its statistics are under ``baseline``;
-the memory figures then cover both sessions. onnxruntime sessions are then opened with
-their intra-op threads not spinning while idle: with two sessions in one process, one's
-spinning threads take the cores the other runs on, and the same file timed against itself
-measured anywhere from 0.63x to 1.55x (2 threads, 2 cores); without spinning, 0.96x to 1.02x.
-Single-artefact runs keep onnxruntime's default (spinning), as a deployment would.
+the memory figures then cover both sessions. onnxruntime sessions are then opened on one
+shared intra-op thread pool of ``--threads`` threads (``thread_pool`` in the JSON: "shared"),
+spinning as onnxruntime does by default: a deployed app's single session sees exactly that
+pool. Two per-session pools fight over the cores (one's idle threads spin while the other
+runs): the same file timed against itself read anywhere from 0.59x to 1.55x (2 threads, 2
+cores), on one pool 0.999x to 1.002x. Turning spinning off instead also pairs fairly but adds
+every operator's thread wake-up to both: resnet_wide went 0.34 -> 0.48 ms and a 2.2x speed-up
+read 1.7x. An onnxruntime without shared pools (or one whose pool is already made with
+another size) falls back to per-session pools that do not spin ("per-session, not spinning").
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ except ImportError:  # reported as JSON by main(), not as a traceback
 
 EXIT_ERROR = 2
 INPUT_SEED = 0
+SHARED_POOL = "shared"
+PER_SESSION = "per-session"
+PER_SESSION_NO_SPIN = "per-session, not spinning"
+_shared_pool_threads: int | None = None  # the process-wide onnxruntime pool, once made
+_paired_pool: str | None = None  # the pool that paired onnxruntime sessions were opened on
 _ORT_TYPES = {  # onnxruntime type string -> numpy dtype name
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
@@ -213,7 +222,10 @@ def open_onnx(args: argparse.Namespace, ort) -> tuple:
     missing = [p for p in requested if p not in available]
     if missing:
         raise RunnerError(f"onnxruntime lacks providers {missing}; available: {available}")
-    options = session_options(ort, args.threads, paired=bool(args.baseline))
+    global _paired_pool
+    if args.baseline:
+        _paired_pool = paired_thread_pool(ort, args.threads)
+    options = session_options(ort, args.threads, _paired_pool if args.baseline else PER_SESSION)
     settings = provider_settings(requested, args.provider_option)
     session = ort.InferenceSession(args.model, options, providers=settings or ["CPUExecutionProvider"])
     used = session.get_providers()
@@ -229,15 +241,30 @@ def open_onnx(args: argparse.Namespace, ort) -> tuple:
     return run_once, used
 
 
-def session_options(ort, threads: int, paired: bool):
-    """onnxruntime session options: ``threads`` intra-op threads, sequential; a session that is
-    timed in alternation with another (``paired``) keeps its idle threads from spinning on the
-    cores the other runs on."""
+def paired_thread_pool(ort, threads: int) -> str:
+    """The thread pool for sessions timed in alternation: one process-wide pool of ``threads``
+    (SHARED_POOL) where this onnxruntime can make one, else per-session pools that do not spin."""
+    global _shared_pool_threads
+    if _shared_pool_threads is None:
+        try:
+            ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
+        except (AttributeError, Exception):  # an older onnxruntime, or its pools already made
+            return PER_SESSION_NO_SPIN
+        _shared_pool_threads = threads
+    return SHARED_POOL if _shared_pool_threads == threads else PER_SESSION_NO_SPIN
+
+
+def session_options(ort, threads: int, thread_pool: str = PER_SESSION):
+    """onnxruntime session options, sequential, on ``thread_pool``: its own of ``threads`` intra-op
+    threads (PER_SESSION, onnxruntime's spinning default; PER_SESSION_NO_SPIN) or the process's SHARED_POOL."""
     options = ort.SessionOptions()
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if thread_pool == SHARED_POOL:  # its sizes are the pool's; setting them here only draws a warning
+        options.use_per_session_threads = False
+        return options
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if paired:
+    if thread_pool == PER_SESSION_NO_SPIN:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
@@ -418,6 +445,8 @@ def benchmark(args: argparse.Namespace) -> dict:
             **latency_stats(baseline_latencies),
         }
         result["baseline"] = baseline
+        if _paired_pool:
+            result["thread_pool"] = _paired_pool
         result["speedup_p50"] = baseline["latency_p50_ms"] / result["latency_p50_ms"]
     return result
 

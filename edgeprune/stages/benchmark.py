@@ -22,7 +22,7 @@ EXPORTED = ("onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp
 
 class Benchmark:
     name = "benchmark"
-    version = "3"
+    version = "4"  # 4: paired onnxruntime sessions share one spinning thread pool
     sections = ("benchmark",)
     consumes = EXPORTED
 

@@ -174,15 +174,35 @@ def test_runner_times_a_baseline_in_alternation_in_the_same_process(lone_runner,
         assert 0.75 < result["speedup_p50"] < 1.33
 
 
-def test_sessions_timed_in_alternation_do_not_spin_and_a_lone_session_keeps_the_default():
-    # with idle threads spinning, one file timed against itself read 0.63x-1.55x (2 threads, 2 cores); the timing
-    # itself is measured by `scripts/bench_repeatability.py --paired`, not here, where a shared CI machine sets the noise
+def test_onnx_sessions_timed_in_alternation_share_one_spinning_thread_pool(lone_runner, tiny_artifacts):
+    # two per-session pools read 0.59x-1.55x for one file against itself (2 threads, 2 cores); the timing itself is
+    # measured by `scripts/bench_repeatability.py --paired`, not here, where a shared CI machine sets the noise
+    model = str(tiny_artifacts["onnx"])
+    code, result = run_runner(lone_runner, "--model", model, "--baseline", model, "--threads", "2", "--iterations", "20")
+    assert code == 0 and result["thread_pool"] == runner.SHARED_POOL, result
+    code, alone = run_runner(lone_runner, "--model", model, "--threads", "2", "--iterations", "20")
+    assert code == 0 and "thread_pool" not in alone
+
+
+def test_session_options_for_each_thread_pool():
     ort = pytest.importorskip("onnxruntime")
-    paired, lone = runner.session_options(ort, 2, paired=True), runner.session_options(ort, 2, paired=False)
-    assert paired.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    shared = runner.session_options(ort, 2, runner.SHARED_POOL)
+    assert not shared.use_per_session_threads and shared.intra_op_num_threads == 0  # sized by the pool, not the session
+    quiet = runner.session_options(ort, 2, runner.PER_SESSION_NO_SPIN)
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0" and quiet.intra_op_num_threads == 2
+    own = runner.session_options(ort, 2)
+    assert own.use_per_session_threads and own.intra_op_num_threads == 2 and own.inter_op_num_threads == 1
     with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: onnxruntime's default, spinning
-        lone.get_session_config_entry("session.intra_op.allow_spinning")
-    assert paired.intra_op_num_threads == lone.intra_op_num_threads == 2 and paired.inter_op_num_threads == 1
+        own.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_without_a_shared_pool_of_the_asked_size_paired_sessions_stop_spinning(monkeypatch):
+    monkeypatch.setattr(runner, "_shared_pool_threads", None)
+    assert runner.paired_thread_pool(object(), 2) == runner.PER_SESSION_NO_SPIN  # an onnxruntime without shared pools
+    assert runner._shared_pool_threads is None
+    monkeypatch.setattr(runner, "_shared_pool_threads", 4)  # the process's pool was made with 4 threads
+    assert runner.paired_thread_pool(object(), 2) == runner.PER_SESSION_NO_SPIN
+    assert runner.paired_thread_pool(object(), 4) == runner.SHARED_POOL
 
 
 def test_runner_refuses_a_missing_baseline_in_json(lone_runner, tiny_artifacts, tmp_path):
