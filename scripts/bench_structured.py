@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=4, help="baseline training epochs (default 4)")
     parser.add_argument("--finetune-epochs", type=int, default=2, help="finetune epochs after pruning (default 2)")
     parser.add_argument("--train-samples", type=int, default=0, help="training images (default 0 = all 6000)")
+    parser.add_argument("--seed", type=int, default=0, help="build seed: training, finetuning, pruning data (default 0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="benchmark processes per artefact (default 5)")
     parser.add_argument("--iterations", type=int, default=1000, help="timed runs per process (default 1000)")
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def common_overrides(args: argparse.Namespace, round_to: int) -> tuple[str, ...]:
     return (
+        f"seed={args.seed}",
         f"train.epochs={args.epochs}",
         f"data.train_samples={args.train_samples}",
         f"finetune.epochs={args.finetune_epochs}",
