@@ -37,7 +37,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgeprune.errors import EdgepruneError
+from edgeprune.errors import DeviceError, EdgepruneError
 from edgeprune.runtimes import BenchSettings, benchmark, benchmark_pair
 
 
@@ -89,7 +89,7 @@ def self_pair_ratios(artifact: Path, device: str, settings: BenchSettings, runs:
     for _ in range(runs):
         pairs = benchmark_pair(artifact, artifact, device, settings)
         if pairs is None:
-            raise SystemExit(f"error: {device} cannot time two artefacts in one process (only local can)")
+            raise DeviceError(f"{device} cannot time two artefacts in one process (only local can)")
         ratios += [first / second for first, second in pairs]
     return ratios
 

@@ -248,7 +248,7 @@ def paired_thread_pool(ort, threads: int) -> str:
     if _shared_pool_threads is None:
         try:
             ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
-        except (AttributeError, Exception):  # an older onnxruntime, or its pools already made
+        except Exception:  # an older onnxruntime without the call (AttributeError), or its pools already made (its Fail)
             return PER_SESSION_NO_SPIN
         _shared_pool_threads = threads
     return SHARED_POOL if _shared_pool_threads == threads else PER_SESSION_NO_SPIN
