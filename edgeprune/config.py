@@ -76,7 +76,9 @@ class PruneConfig:
     speed-up measured on the target's runtime reaches it (``budgets.max_accuracy_drop``
     checked after each step's recovery) or every group is at its cap (with ``ratios_from``
     the levels go on until the held-back groups reach theirs too). ``prune_num_heads`` removes whole attention
-    heads instead of narrowing every head.
+    heads instead of narrowing every head. ``recalibrate_batchnorm`` re-estimates BatchNorm statistics on
+    training images after every structured step (the dense model's are stale once channels are gone), before
+    the step's top-1 is measured and finetuning starts.
     """
 
     mode: Literal["none", "structured", "unstructured", "both"] = "structured"
@@ -92,6 +94,7 @@ class PruneConfig:
     speedup: float = field(default=0.0, metadata=_range(0.0, 100.0))
     speedup_step: float = field(default=0.1, metadata=_range(0.01, 0.5))
     prune_num_heads: bool = False
+    recalibrate_batchnorm: bool = True
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,14 @@ ratios against ratios guided by ``edgeprune analyze`` (``prune.ratios_from``), w
 budget (no recovery between steps, ``--finetune-epochs`` after): the measured speed-up at the last
 step, the benchmark stage's independent re-measurement, and top-1 before/after on the test split.
 
+Table 3, for ``--pareto-models``: the same comparison at equal measured speed-up. Uniform plans are
+built at ``--pareto-levels`` (``prune.amount``) and sensitivity-guided ones at ``--pareto-guided-levels``,
+each finetuned ``--finetune-epochs``; then every plan's export is timed beside the dense export, the plans
+in turn, ``--repeats`` rounds (a slow spell of a shared machine falls on all of them). Top-1 at
+``--speedup`` is read off each plan's accuracy/speed-up curve by linear interpolation between the two
+levels around it (blank when its levels do not bracket it): the loop of table 2 stops at the first
+step past the target, which may be further past it for one plan than the other.
+
 Channel multiples matter: onnxruntime's x86 kernels use NCHWc blocks of 16 channels with AVX-512 (8
 with AVX2); a width off that multiple makes it wrap layers in layout reorders that eat the gain.
 
@@ -30,7 +38,9 @@ may be shared: every figure is a median over repeats, measured side by side, and
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,10 +56,17 @@ from edgeprune.progress import Reporter  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", help="comma-separated reference architectures (default: all registered)")
+    parser.add_argument("--models", help="comma-separated reference architectures of table 1 (default: all registered; '' to skip)")
     parser.add_argument("--speedup-models", default="small_cnn,resnet_mini", help="architectures for table 2 ('' to skip)")
     parser.add_argument("--mac-target", type=float, default=2.0, help="MAC reduction of the uniform builds (default 2.0)")
     parser.add_argument("--round-to", default="16,8", help="prune.round_to values of table 1; table 2 uses the first (default 16,8)")
+    parser.add_argument("--pareto-models", default="", help="architectures for table 3 (default '' = skip)")
+    parser.add_argument("--pareto-levels", default="0.3,0.4,0.5,0.6", help="table 3's uniform prune.amount levels")
+    parser.add_argument(
+        "--pareto-guided-levels",
+        default="0.4,0.6,0.8,0.95",
+        help="table 3's sensitivity-guided prune.amount levels (weights below 1 hold groups back: higher ones)",
+    )
     parser.add_argument("--speedup", type=float, default=2.5, help="prune.speedup of table 2 (default 2.5)")
     parser.add_argument("--speedup-step", type=float, default=0.05, help="prune.speedup_step (default 0.05)")
     parser.add_argument("--epochs", type=int, default=4, help="baseline training epochs (default 4)")
@@ -84,16 +101,24 @@ def common_overrides(args: argparse.Namespace, round_to: int) -> tuple[str, ...]
 
 def amount_for_mac_target(name: str, target: float, round_to: int) -> float:
     """The uniform level whose MAC reduction is closest to ``target``, found on the (untrained) architecture itself."""
-    from edgeprune.config import PruneConfig
     from edgeprune.models import create_model, example_input
+
+    return uniform_level_for_mac_target(create_model(name).eval(), example_input(name), target, round_to)
+
+
+def uniform_level_for_mac_target(model: Any, example: Any, target: float, round_to: int) -> float:
+    """The uniform ``prune.amount`` whose MAC reduction of ``model`` (guarded, as the build prunes) is closest to ``target``."""
+    import torch
+
+    from edgeprune.config import PruneConfig
     from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers
     from edgeprune.stages.common import count_macs_params
     from edgeprune.stages.prune_structured import GroupPlan
 
-    model, example, config = create_model(name).eval(), example_input(name), PruneConfig(round_to=round_to)
+    config = PruneConfig(round_to=round_to)
     protected = protected_layers(model, (), 10)
     groups = layer_groups(model, example, config, protected)
-    guard = Guard(example_input(name, batch=4), 10)
+    guard = Guard(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(0)), 10)
     plan = GroupPlan.from_config(groups, config)
     dense = count_macs_params(model, example)["macs"]
 
@@ -139,21 +164,73 @@ def uniform_row(name: str, args: argparse.Namespace, round_to: int) -> dict[str,
     return row
 
 
-def speedup_rows(name: str, args: argparse.Namespace, round_to: int) -> list[dict[str, Any]]:
+def analysis_path(name: str, args: argparse.Namespace, round_to: int) -> tuple[Path, float]:
+    """``edgeprune analyze`` of ``name`` on onnxruntime with this run's settings: its sensitivity.json and the seconds it took."""
     from edgeprune.sensitivity import run_analysis
 
+    config = api.resolve("cpu-x86", overrides=common_overrides(args, round_to) + ("export.formats=['onnx']",), model=f"example:{name}")
+    started = time.perf_counter()
+    analysis = run_analysis(config, out=args.out / f"{name}-analysis", cache_dir=args.cache_dir, reporter=Reporter(verbosity=0))
+    return analysis.json_path, time.perf_counter() - started
+
+
+def pareto_rows(name: str, args: argparse.Namespace, round_to: int) -> list[dict[str, Any]]:
+    """Uniform builds of ``name`` at ``--pareto-levels`` and sensitivity-guided ones at ``--pareto-guided-levels``:
+    MACs, top-1 after finetuning, and the speed-up of each against the dense export, all timed together
+    (``interleaved_speedups``) so the machine's slow and fast spells are shared by every plan."""
+    analysis, _ = analysis_path(name, args, round_to)
+    untimed = ("export.formats=['onnx']", "benchmark.enabled=false")
+    dense = build(name, args, round_to, *untimed, "prune.mode='none'", tag="dense")
+    plans = [("uniform", level, ()) for level in map(float, args.pareto_levels.split(","))]
+    plans += [("sensitivity", level, (f"prune.ratios_from='{analysis}'",)) for level in map(float, args.pareto_guided_levels.split(","))]
+    rows, paths = [], []
+    for mode, level, extra in plans:
+        tag = f"pareto-{mode}-{level:g}"
+        manifest = build(name, args, round_to, *untimed, f"prune.amount={level}", *extra, tag=tag)
+        paths.append(args.out / f"{name}-{tag}" / manifest["artifacts"]["onnx_fp32"]["file"])
+        macs = manifest["model"]["macs_dense"] / manifest["model"]["macs"]
+        row = {"model": name, "mode": mode, "level": level, "macs": macs, "before": manifest["accuracy"]["baseline"]}
+        rows.append({**row, "after": manifest["artifacts"]["onnx_fp32"]["accuracy"]})
+    dense_path = args.out / f"{name}-dense" / dense["artifacts"]["onnx_fp32"]["file"]
+    for row, (speedup, spread) in zip(rows, interleaved_speedups(dense_path, paths, args), strict=True):
+        row.update(speedup=speedup, spread=spread)
+    return rows
+
+
+def interleaved_speedups(dense: Path, candidates: list[Path], args: argparse.Namespace) -> list[tuple[float, list[float]]]:
+    """Per candidate: the median and range of ``--repeats`` paired speed-ups against ``dense`` (one process times both in
+    alternation), the candidates taken in turn each round, so a spell of a shared machine falls on all of them."""
+    from edgeprune.runtimes import BenchSettings, benchmark_pair, paired_speedup
+
+    settings = BenchSettings(threads=args.threads, warmup=args.warmup, iterations=args.iterations, repeats=1)
+    ratios: list[list[float]] = [[] for _ in candidates]
+    for _ in range(args.repeats):
+        for index, candidate in enumerate(candidates):
+            ratios[index].append(paired_speedup(benchmark_pair(dense, candidate, "local", settings)))
+    return [(statistics.median(values), [min(values), max(values)]) for values in ratios]
+
+
+def accuracy_at_speedup(rows: list[dict[str, Any]], speedup: float) -> float | None:
+    """Top-1 at ``speedup`` on the curve through ``rows`` (one plan's levels, ordered by measured speed-up), linearly
+    interpolated between the two points around it; None when no two points bracket it."""
+    points = sorted((row["speedup"], row["after"]) for row in rows)
+    for (low_speedup, low_top1), (high_speedup, high_top1) in itertools.pairwise(points):
+        if low_speedup <= speedup <= high_speedup:
+            share = (speedup - low_speedup) / (high_speedup - low_speedup) if high_speedup > low_speedup else 0.0
+            return low_top1 + share * (high_top1 - low_top1)
+    return None
+
+
+def speedup_rows(name: str, args: argparse.Namespace, round_to: int) -> list[dict[str, Any]]:
     latency = (
         "export.formats=['onnx']",
         f"prune.speedup={args.speedup}",
         f"prune.speedup_step={args.speedup_step}",
         "prune.recover_epochs=0",  # the same finetune budget for both: finetune.epochs after the last step
     )
-    config = api.resolve("cpu-x86", overrides=common_overrides(args, round_to) + latency, model=f"example:{name}")
-    started = time.perf_counter()
-    analysis = run_analysis(config, out=args.out / f"{name}-analysis", cache_dir=args.cache_dir, reporter=Reporter(verbosity=0))
-    analysis_seconds = time.perf_counter() - started
+    analysis, analysis_seconds = analysis_path(name, args, round_to)
     rows = []
-    for mode, extra in (("uniform", ()), ("sensitivity", (f"prune.ratios_from='{analysis.json_path}'",))):
+    for mode, extra in (("uniform", ()), ("sensitivity", (f"prune.ratios_from='{analysis}'",))):
         started = time.perf_counter()
         try:
             manifest = build(name, args, round_to, *latency, *extra, tag=f"speedup-{mode}")
@@ -177,7 +254,8 @@ def speedup_rows(name: str, args: argparse.Namespace, round_to: int) -> list[dic
     return rows
 
 
-def print_tables(uniform: list[dict[str, Any]], latency: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def print_tables(tables: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    uniform, latency, pareto = tables["uniform"], tables["latency"], tables["pareto"]
     print(f"\n## Uniform pruning to ~{args.mac_target:g}x fewer MACs, fp32, {args.threads} threads, p50 of {args.repeats} processes\n")
     print(
         "| model | round_to | ratio | MACs ↓ | ORT dense / pruned ms | ORT speed-up | ORT realized/MAC "
@@ -192,9 +270,14 @@ def print_tables(uniform: list[dict[str, Any]], latency: list[dict[str, Any]], a
             cells += [f"{result['dense']:.4f} / {result['pruned']:.4f}", f"{result['speedup']:.2f}x", f"{realized:.2f}"]
         cells += [f"{row['before']:.2f} → {row['after']:.2f} %", str(row["untracked"])]
         print("| " + " | ".join(cells) + " |")
-    if not latency:
-        return
     round_to = args.round_to.split(",")[0]
+    if latency:
+        print_speedup_table(latency, args, round_to)
+    if pareto:
+        print_pareto_table(pareto, args, round_to)
+
+
+def print_speedup_table(latency: list[dict[str, Any]], args: argparse.Namespace, round_to: str) -> None:
     print(
         f"\n## prune.speedup={args.speedup:g} on onnxruntime ({args.threads} threads, round_to {round_to}): "
         f"uniform vs sensitivity-guided group ratios, {args.finetune_epochs} finetune epochs each\n"
@@ -210,36 +293,61 @@ def print_tables(uniform: list[dict[str, Any]], latency: list[dict[str, Any]], a
         print("| " + " | ".join([*cells, f"{row['seconds']:.0f}"]) + " |")
 
 
+def print_pareto_table(pareto: list[dict[str, Any]], args: argparse.Namespace, round_to: str) -> None:
+    print(
+        f"\n## Top-1 at equal measured speed-up on onnxruntime ({args.threads} threads, round_to {round_to}): uniform vs "
+        f"sensitivity-guided plans, {args.finetune_epochs} finetune epochs each, speed-ups timed together\n"
+    )
+    print("| model | group ratios | prune.amount | MACs ↓ | measured speed-up (range) | top-1 before → after |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in pareto:
+        spread = f"{row['speedup']:.2f}x ({row['spread'][0]:.2f}–{row['spread'][1]:.2f})"
+        cells = [row["model"], row["mode"], f"{row['level']:g}", f"{row['macs']:.2f}x", spread]
+        print("| " + " | ".join([*cells, f"{row['before']:.2f} → {row['after']:.2f} %"]) + " |")
+    print(f"\n| model | group ratios | top-1 at {args.speedup:g}x (interpolated) |\n|---|---|---:|")
+    for name in dict.fromkeys(row["model"] for row in pareto):
+        for mode in ("uniform", "sensitivity"):
+            rows = [row for row in pareto if row["model"] == name and row["mode"] == mode]
+            top1 = accuracy_at_speedup(rows, args.speedup)
+            nearest = min(rows, key=lambda row: abs(row["speedup"] - args.speedup))
+            unbracketed = f"not bracketed: the nearest level measured {nearest['speedup']:.2f}x at {nearest['after']:.2f} %"
+            print(f"| {name} | {mode} | {unbracketed if top1 is None else f'{top1:.2f} %'} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure everything asked for; Ctrl-C prints the tables of what was measured so far."""
     from edgeprune.models import list_models
 
     args = parse_args(argv)
-    names = args.models.split(",") if args.models else [spec.name for spec in list_models()]
+    names = [spec.name for spec in list_models()] if args.models is None else list(filter(None, args.models.split(",")))
     round_tos = [int(value) for value in args.round_to.split(",")]
-    uniform: list[dict[str, Any]] = []
-    latency: list[dict[str, Any]] = []
+    tables: dict[str, list[dict[str, Any]]] = {"uniform": [], "latency": [], "pareto": []}
+    uniform, latency, pareto = tables["uniform"], tables["latency"], tables["pareto"]
     try:
         for name in names:
             for round_to in round_tos:
                 started = time.perf_counter()
                 uniform.append(uniform_row(name, args, round_to))
-                save_rows(args.out, uniform, latency)
+                save_rows(args.out, tables)
                 print(f"{name}: uniform, round_to {round_to}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         for name in filter(None, args.speedup_models.split(",")):
-            latency += speedup_rows(name, args, round_tos[0])
-            save_rows(args.out, uniform, latency)
+            latency.extend(speedup_rows(name, args, round_tos[0]))
+            save_rows(args.out, tables)
             print(f"{name}: latency-aware builds measured", file=sys.stderr, flush=True)
+        for name in filter(None, args.pareto_models.split(",")):
+            pareto.extend(pareto_rows(name, args, round_tos[0]))
+            save_rows(args.out, tables)
+            print(f"{name}: equal-speed-up builds measured", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("interrupted: the tables hold what was measured so far", file=sys.stderr)
-    print_tables(uniform, latency, args)
+    print_tables(tables, args)
     return 0
 
 
-def save_rows(out: Path, uniform: list[dict[str, Any]], latency: list[dict[str, Any]]) -> None:
+def save_rows(out: Path, tables: dict[str, list[dict[str, Any]]]) -> None:
     """Every row measured so far, as JSON in ``out``, so a long run's figures survive an interruption."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"uniform": uniform, "latency": latency}, indent=2) + "\n", encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(tables, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

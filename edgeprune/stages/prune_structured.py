@@ -42,9 +42,9 @@ from edgeprune.pruning import (
     rounded_width,
     verify_pruned_model,
 )
-from edgeprune.sensitivity import group_sensitivity
+from edgeprune.sensitivity import RECALIBRATION_IMAGES, group_sensitivity
 from edgeprune.stages.common import count_macs_params, example_input, read_model, write_model
-from edgeprune.training import TrainSettings, evaluate, train
+from edgeprune.training import TrainSettings, evaluate, recalibrate_batchnorm, train
 
 MAX_LEVEL_SPAN = 4.0  # a weighted plan's levels go up to this many times MAX_RATIO
 TAYLOR_SAMPLES = 256  # training images whose gradients feed first-order Taylor importance
@@ -52,7 +52,7 @@ TAYLOR_SAMPLES = 256  # training images whose gradients feed first-order Taylor 
 
 class PruneStructured:
     name = "prune_structured"
-    version = "7"  # 7: measured speed-ups on a shared spinning thread pool
+    version = "8"  # 8: BatchNorm statistics re-estimated after each step
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)
@@ -183,7 +183,8 @@ class PruningRun:
     """The model being pruned step by step, with what verification and recovery need.
 
     ``prune_to`` replaces ``model`` by a pruned copy once ``guarded_prune`` has proven it
-    correct; groups found to break the model join ``untracked`` and stay unpruned.
+    correct (and re-estimates its BatchNorm statistics, ``prune.recalibrate_batchnorm``); groups
+    found to break the model join ``untracked`` and stay unpruned.
     """
 
     model: nn.Module
@@ -236,6 +237,8 @@ class PruningRun:
             self.context.reporter.warn(f"prune_structured: not pruning {item.layer}: {item.reason}")
         self.untracked += found
         verify_pruned_model(self.model, guard.sample, config.model.num_classes)
+        if config.prune.recalibrate_batchnorm:
+            recalibrate_batchnorm(self.model, dataset.x_train[:RECALIBRATION_IMAGES])
 
     def max_level(self) -> float:
         return self.plan.max_level()
