@@ -35,6 +35,7 @@ from edgeprune.config import BuildConfig
 from edgeprune.errors import ConfigError, InputError
 from edgeprune.progress import Reporter
 from edgeprune.pruning import Guard, LayerGroup, UntrackedCoupling, guarded_prune, root_channels, rounded_width
+from edgeprune.training import RECALIBRATION_IMAGES
 
 if TYPE_CHECKING:
     from edgeprune.cache import Cache
@@ -47,7 +48,6 @@ FORMAT = "edgeprune-sensitivity/1"
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 DROP_FLOOR = 0.25  # points: a smaller accuracy drop counts as this much, so a near-free group does not take every cut
 MAX_WEIGHT = 3.0
-RECALIBRATION_IMAGES = 2048  # training images a pruned candidate's BatchNorm statistics are re-estimated on
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch import nn
 from edgeprune.progress import SILENT, Reporter
 
 EVAL_BATCH = 512
+RECALIBRATION_IMAGES = 2048  # training images a pruned model's BatchNorm statistics are re-estimated on
 Masks = dict[str, torch.Tensor]  # parameter name -> 0/1 tensor of its shape
 
 

@@ -42,9 +42,9 @@ from edgeprune.pruning import (
     rounded_width,
     verify_pruned_model,
 )
-from edgeprune.sensitivity import RECALIBRATION_IMAGES, group_sensitivity
+from edgeprune.sensitivity import group_sensitivity
 from edgeprune.stages.common import count_macs_params, example_input, read_model, write_model
-from edgeprune.training import TrainSettings, evaluate, recalibrate_batchnorm, train
+from edgeprune.training import RECALIBRATION_IMAGES, TrainSettings, evaluate, recalibrate_batchnorm, train
 
 MAX_LEVEL_SPAN = 4.0  # a weighted plan's levels go up to this many times MAX_RATIO
 TAYLOR_SAMPLES = 256  # training images whose gradients feed first-order Taylor importance
