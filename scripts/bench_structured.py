@@ -103,11 +103,13 @@ def amount_for_mac_target(name: str, target: float, round_to: int) -> float:
     """The uniform level whose MAC reduction is closest to ``target``, found on the (untrained) architecture itself."""
     from edgeprune.models import create_model, example_input
 
-    return uniform_level_for_mac_target(create_model(name).eval(), example_input(name), target, round_to)
+    level, _ = uniform_level_for_mac_target(create_model(name).eval(), example_input(name), target, round_to)
+    return level
 
 
-def uniform_level_for_mac_target(model: Any, example: Any, target: float, round_to: int) -> float:
-    """The uniform ``prune.amount`` whose MAC reduction of ``model`` (guarded, as the build prunes) is closest to ``target``."""
+def uniform_level_for_mac_target(model: Any, example: Any, target: float, round_to: int) -> tuple[float, Any]:
+    """The uniform ``prune.amount`` whose MAC reduction of ``model`` (guarded, as the build prunes) is closest to ``target``,
+    and ``model`` pruned to it."""
     import torch
 
     from edgeprune.config import PruneConfig
@@ -122,15 +124,18 @@ def uniform_level_for_mac_target(model: Any, example: Any, target: float, round_
     plan = GroupPlan.from_config(groups, config)
     dense = count_macs_params(model, example)["macs"]
 
-    def reduction(level: float) -> float:  # guarded, as the build prunes: a group whose coupling breaks the model stays whole
-        candidate = guarded_prune(model, config, protected, groups, plan.targets(level, config.round_to), guard).model
-        return dense / count_macs_params(candidate, example)["macs"]
+    def pruned_at(level: float) -> Any:  # guarded, as the build prunes: a group whose coupling breaks the model stays whole
+        return guarded_prune(model, config, protected, groups, plan.targets(level, config.round_to), guard).model
+
+    def reduction(level: float) -> float:
+        return dense / count_macs_params(pruned_at(level), example)["macs"]
 
     low, high = 0.0, 0.9
     for _ in range(7):  # the reduction grows with the level, in steps (round_to)
         middle = (low + high) / 2
         low, high = (middle, high) if reduction(middle) < target else (low, middle)
-    return round(min((low, high), key=lambda level: abs(reduction(level) - target)), 4)
+    level = round(min((low, high), key=lambda level: abs(reduction(level) - target)), 4)
+    return level, pruned_at(level)
 
 
 def build(name: str, args: argparse.Namespace, round_to: int, *overrides: str, tag: str) -> dict[str, Any]:
@@ -174,11 +179,10 @@ def analysis_path(name: str, args: argparse.Namespace, round_to: int) -> tuple[P
     return analysis.json_path, time.perf_counter() - started
 
 
-def pareto_rows(name: str, args: argparse.Namespace, round_to: int) -> list[dict[str, Any]]:
-    """Uniform builds of ``name`` at ``--pareto-levels`` and sensitivity-guided ones at ``--pareto-guided-levels``:
+def pareto_rows(name: str, args: argparse.Namespace, round_to: int, analysis: Path) -> list[dict[str, Any]]:
+    """Uniform builds of ``name`` at ``--pareto-levels`` and sensitivity-guided ones (``analysis``) at ``--pareto-guided-levels``:
     MACs, top-1 after finetuning, and the speed-up of each against the dense export, all timed together
     (``interleaved_speedups``) so the machine's slow and fast spells are shared by every plan."""
-    analysis, _ = analysis_path(name, args, round_to)
     untimed = ("export.formats=['onnx']", "benchmark.enabled=false")
     dense = build(name, args, round_to, *untimed, "prune.mode='none'", tag="dense")
     plans = [("uniform", level, ()) for level in map(float, args.pareto_levels.split(","))]
@@ -221,14 +225,14 @@ def accuracy_at_speedup(rows: list[dict[str, Any]], speedup: float) -> float | N
     return None
 
 
-def speedup_rows(name: str, args: argparse.Namespace, round_to: int) -> list[dict[str, Any]]:
+def speedup_rows(name: str, args: argparse.Namespace, round_to: int, analysis: Path, analysis_seconds: float) -> list[dict[str, Any]]:
+    """The latency-aware builds of ``name``, uniform and guided by ``analysis`` (its seconds count towards the guided row's)."""
     latency = (
         "export.formats=['onnx']",
         f"prune.speedup={args.speedup}",
         f"prune.speedup_step={args.speedup_step}",
         "prune.recover_epochs=0",  # the same finetune budget for both: finetune.epochs after the last step
     )
-    analysis, analysis_seconds = analysis_path(name, args, round_to)
     rows = []
     for mode, extra in (("uniform", ()), ("sensitivity", (f"prune.ratios_from='{analysis}'",))):
         started = time.perf_counter()
@@ -323,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     round_tos = [int(value) for value in args.round_to.split(",")]
     tables: dict[str, list[dict[str, Any]]] = {"uniform": [], "latency": [], "pareto": []}
     uniform, latency, pareto = tables["uniform"], tables["latency"], tables["pareto"]
+    analyses: dict[str, tuple[Path, float]] = {}  # one analysis per model serves tables 2 and 3
+
+    def analysis_of(name: str) -> tuple[Path, float]:
+        if name not in analyses:
+            analyses[name] = analysis_path(name, args, round_tos[0])
+        return analyses[name]
+
     try:
         for name in names:
             for round_to in round_tos:
@@ -331,11 +342,11 @@ def main(argv: list[str] | None = None) -> int:
                 save_rows(args.out, tables)
                 print(f"{name}: uniform, round_to {round_to}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         for name in filter(None, args.speedup_models.split(",")):
-            latency.extend(speedup_rows(name, args, round_tos[0]))
+            latency.extend(speedup_rows(name, args, round_tos[0], *analysis_of(name)))
             save_rows(args.out, tables)
             print(f"{name}: latency-aware builds measured", file=sys.stderr, flush=True)
         for name in filter(None, args.pareto_models.split(",")):
-            pareto.extend(pareto_rows(name, args, round_tos[0]))
+            pareto.extend(pareto_rows(name, args, round_tos[0], analysis_of(name)[0]))
             save_rows(args.out, tables)
             print(f"{name}: equal-speed-up builds measured", file=sys.stderr, flush=True)
     except KeyboardInterrupt:

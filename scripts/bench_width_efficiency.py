@@ -47,32 +47,25 @@ def measure(widths: tuple[int, ...], round_to: int, args: argparse.Namespace, fo
     """Prune a ResNet of ``widths`` uniformly to ~``--mac-target`` fewer MACs and time it beside the dense one."""
     import torch
 
-    from edgeprune.config import ExportConfig, PruneConfig
+    from edgeprune.config import ExportConfig
+    from edgeprune.latency_target import pairs_summary
     from edgeprune.models.resnet import ResNetMini
-    from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers
-    from edgeprune.runtimes import BenchSettings, benchmark_pair, paired_speedup
+    from edgeprune.runtimes import BenchSettings, benchmark_pair
     from edgeprune.stages.common import count_macs_params
     from edgeprune.stages.export_onnx import export_onnx
-    from edgeprune.stages.prune_structured import GroupPlan
 
     torch.manual_seed(0)
     model, example = ResNetMini(10, 1, widths).eval(), torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    level = uniform_level_for_mac_target(model, example, args.mac_target, round_to)
-    config = PruneConfig(round_to=round_to)
-    protected = protected_layers(model, (), 10)
-    groups = layer_groups(model, example, config, protected)
-    guard = Guard(torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), 10)
-    pruned = guarded_prune(model, config, protected, groups, GroupPlan.from_config(groups, config).targets(level, round_to), guard).model
+    level, pruned = uniform_level_for_mac_target(model, example, args.mac_target, round_to)
     stem = folder / f"{'-'.join(map(str, widths))}-r{round_to}"
     dense_path, pruned_path = stem.with_name(stem.name + "-dense.onnx"), stem.with_name(stem.name + "-pruned.onnx")
     export_onnx(model, example, dense_path, ExportConfig())
     export_onnx(pruned, example, pruned_path, ExportConfig())
     settings = BenchSettings(threads=args.threads, warmup=args.warmup, iterations=args.iterations, repeats=args.repeats)
-    pairs = benchmark_pair(dense_path, pruned_path, "local", settings)
+    timing = pairs_summary(benchmark_pair(dense_path, pruned_path, "local", settings))
     dense_macs, pruned_macs = count_macs_params(model, example)["macs"], count_macs_params(pruned, example)["macs"]
-    reduction, speedup = dense_macs / pruned_macs, paired_speedup(pairs)
-    dense_ms = sorted(pair[0] for pair in pairs)[len(pairs) // 2]
-    pruned_ms = sorted(pair[1] for pair in pairs)[len(pairs) // 2]
+    reduction, speedup = dense_macs / pruned_macs, timing["speedup"]
+    dense_ms, pruned_ms = timing["dense_p50_ms"], timing["latency_p50_ms"]
     return {
         "level": level,
         "dense_mmacs": dense_macs / 1e6,
