@@ -296,10 +296,10 @@ def _build_summary(result) -> str:
     manifest = result.manifest
     accuracy, primary = manifest["accuracy"], manifest["primary_artifact"]
     entry = manifest["artifacts"].get(primary, {})
-    p50 = entry.get("benchmark", {}).get("latency_p50_ms")
+    p50, top1 = entry.get("benchmark", {}).get("latency_p50_ms"), accuracy.get("primary")
     parts = [
         f"{result.target}: {result.out / entry.get('file', '?')}",
-        f"top-1 {accuracy.get('primary', 0):.2f} % (baseline {accuracy.get('baseline', 0):.2f} %)",
+        f"top-1 {'-' if top1 is None else f'{top1:.2f} %'} (baseline {accuracy.get('baseline', 0):.2f} %)",
         f"{entry.get('size_bytes', 0) / 1024:.1f} KiB",
     ]
     if p50:

@@ -43,6 +43,7 @@ class SteppedPruning(Protocol):
     model: nn.Module
     dense: nn.Module
     reference_accuracy: float
+    dense_macs: int
 
     def prune_to(self, level: float) -> None: ...
 
@@ -120,7 +121,8 @@ class LatencyProbe:
 def prune_to_speedup(run: SteppedPruning, probe: LatencyProbe, config: PruneConfig, max_accuracy_drop: float) -> list[dict[str, Any]]:
     """Raise the pruning level by ``config.speedup_step`` until the measured speed-up reaches ``config.speedup``.
 
-    Returns the trajectory: one row per step (step 0 = the unpruned model) with the level,
+    Returns the trajectory: one row per step (step 0 = the model before any channel goes: the unpruned one, or
+    the one depth pruning left, measured then, and the loop ends there when it is fast enough) with the level,
     the fraction of channels removed, MACs, p50 of the candidate and of the dense model,
     the speed-up and top-1 after the step's recovery. Raises StageError when the accuracy
     budget is broken or the last level (``run.max_level()``: every group at its cap) does not reach the target.
@@ -131,6 +133,10 @@ def prune_to_speedup(run: SteppedPruning, probe: LatencyProbe, config: PruneConf
         dense_path = probe.export(run.dense, Path(folder) / "dense")
         dense_p50 = probe.p50_ms(dense_path)
         trajectory = [{**run.row(0, 0.0), "latency_p50_ms": dense_p50, "dense_p50_ms": dense_p50, "speedup": 1.0}]
+        if run.macs() < run.dense_macs:  # residual blocks are gone already: where does the loop start?
+            trajectory[0].update(pairs_summary(measure_candidate(probe, dense_path, run.model, Path(folder) / "step0", config.speedup)))
+            if trajectory[0]["speedup"] >= config.speedup:
+                return trajectory
         for step, level in enumerate(levels, start=1):
             before = run.snapshot()
             run.prune_to(level)

@@ -53,7 +53,10 @@ SHIPPED = {  # artefact name in the pipeline -> file name in the output folder
 
 
 def primary_artifact(config: BuildConfig) -> str:
-    """The artefact the target ships to its device: first export format, target precision."""
+    """The artefact the target ships to its device: first export format, target precision (the PyTorch model file
+    when the profile exports nothing)."""
+    if not config.export.formats:
+        return "model"
     precision = "fp32" if config.quantize.scheme == "none" else config.quantize.scheme
     return f"{config.export.formats[0]}_{precision}"
 
@@ -199,6 +202,7 @@ def model_summary(stages: dict[str, Any]) -> dict[str, Any]:
     summary = {"macs_dense": baseline["macs"], "params_dense": baseline["params"], "macs": baseline["macs"], "params": baseline["params"]}
     if pruned is not None:
         summary.update(macs=pruned.metrics["macs_after"], params=pruned.metrics["params_after"], channels=pruned.metrics["layers"])
+        summary["blocks_removed"] = [row["block"] for row in pruned.metrics.get("depth", {}).get("blocks", [])]
     sparse = stages.get("prune_unstructured")
     if sparse is not None:
         summary.update(global_sparsity=sparse.metrics["global_sparsity"], sparsity=sparse.metrics["layers"])

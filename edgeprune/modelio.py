@@ -2,10 +2,10 @@
 
 A model file written by ``save_model`` holds only plain data and tensors, so it
 loads with ``torch.load(weights_only=True)``: the architecture (how to call the
-factory), the *plan* (every module's integer attributes and every tensor's
-shape, which is all structured pruning changes) and the state_dict.
-``load_model`` rebuilds the network from the factory, applies the plan, then
-loads the weights.
+factory), the *plan* (the residual blocks depth pruning removed, every module's
+integer attributes and every tensor's shape: all that structured pruning changes)
+and the state_dict. ``load_model`` rebuilds the network from the factory, applies
+the plan, then loads the weights.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from edgeprune.artifacts import write_bytes_atomic
+from edgeprune.blocks import dropped_blocks, replace_with_dropped
 from edgeprune.config import ModelConfig
 from edgeprune.errors import InputError
 
@@ -173,18 +174,20 @@ def load_model(path: Path) -> nn.Module:
 
 
 def capture_plan(model: nn.Module) -> dict[str, Any]:
-    """Every module's integer-valued attributes and every tensor's shape."""
+    """The blocks removed, every module's integer-valued attributes and every tensor's shape."""
     modules = {}
     for name, module in model.named_modules():
         attributes = {key: value for key, value in vars(module).items() if not key.startswith("_") and _is_int_like(value)}
         if attributes:
             modules[name] = attributes
     shapes = {key: list(value.shape) for key, value in model.state_dict().items()}
-    return {"modules": modules, "shapes": shapes}
+    return {"dropped": dropped_blocks(model), "modules": modules, "shapes": shapes}
 
 
 def apply_plan(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Resize a freshly built model to the shapes recorded in ``plan``."""
+    """Remove the blocks ``plan`` lists and resize a freshly built model to the shapes it records."""
+    for name in plan.get("dropped", []):
+        replace_with_dropped(model, name)
     modules = dict(model.named_modules())
     for name, attributes in plan["modules"].items():
         if name in modules:

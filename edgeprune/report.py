@@ -139,7 +139,11 @@ def _channels(manifest: dict[str, Any]) -> list[str]:
     channels = manifest["model"].get("channels")
     if not channels:
         return []
-    lines = ["## Channels per layer (structured pruning)", "", "| layer | before | after |", "|---|---:|---:|"]
+    lines = ["## Channels per layer (structured pruning)", ""]
+    removed = manifest["model"].get("blocks_removed")
+    if removed:
+        lines += [f"Residual blocks removed whole (their layers show 0 after): {', '.join(f'`{_escape(name)}`' for name in removed)}.", ""]
+    lines += ["| layer | before | after |", "|---|---:|---:|"]
     lines += [f"| {_escape(row['layer'])} | {row['channels_before']} | {row['channels_after']} |" for row in channels]
     return lines + [""]
 

@@ -15,6 +15,9 @@ median per-pair speed-up). It writes, into
   prunes group ``g`` to ``weight[g] * prune.amount`` (or ``* level`` with ``prune.speedup``),
   at most the largest ratio measured for it; edit a weight by hand to steer a group.
 - ``sensitivity.md``: the table; ``sensitivity.png``: accuracy drop and latency gain per ratio.
+
+Each residual block the model can lose whole (``edgeprune.blocks``) is measured removed alone too (JSON key
+``blocks``, a second table): what ``prune.drop_blocks`` would cost and buy.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def run_analysis(
         dense = analysis.dense()
         groups = [(group.name, group.channels) for group in analysis.groups]
         dense["latency_p50_ms"] = analysis.dense_p50(Path(cache_dir))
+        blocks = analysis.measure_blocks(Path(cache_dir))
         runtime = {"format": analysis.probe.fmt, "device": analysis.probe.device, "threads": analysis.probe.settings.threads}
     jobs = [GroupJob(config, Path(cache_dir), name, channels, tuple(sorted(ratios)), reporter.verbosity) for name, channels in groups]
     outcomes = sweep(measure_group, jobs, executor or LocalExecutor(), labels=[f"analyze {job.layer}" for job in jobs])
@@ -121,6 +125,7 @@ def run_analysis(
         ),
         "untracked_coupling": untracked,
         "groups": measured,
+        "blocks": blocks,
     }
     return write_analysis(data, Path(out))
 
@@ -236,42 +241,54 @@ class _Analysis:
 
     def measure(self, group: LayerGroup, ratios: tuple[float, ...], cache_dir: Path) -> list[dict[str, Any]] | UntrackedCoupling:
         """One row per ratio for ``group`` pruned alone, or the UntrackedCoupling that keeps it out of pruning."""
+        config, candidates = self.context.config, []
+        for ratio in ratios:
+            width = rounded_width(group.channels * (1 - ratio), group.channels, config.prune.round_to)
+            pruned = guarded_prune(self.model, config.prune, self.protected, self.groups, {group.name: width}, self.guard)
+            if pruned.untracked:
+                return pruned.untracked[0]
+            row = {"ratio": ratio, "channels": root_channels(pruned.model, group.name)}
+            candidates.append((row, pruned.model))
+        return self.measured_rows(candidates, cache_dir)
+
+    def measure_blocks(self, cache_dir: Path) -> list[dict[str, Any]]:
+        """One row per residual block the model can lose whole, removed alone."""
+        from edgeprune.blocks import drop_blocks, residual_blocks
+
+        names = residual_blocks(self.model, self.guard.sample, self.protected)
+        return self.measured_rows([({"block": name}, drop_blocks(self.model, [name])) for name in names], cache_dir)
+
+    def measured_rows(self, candidates: list[tuple[dict[str, Any], nn.Module]], cache_dir: Path) -> list[dict[str, Any]]:
+        """Each ``(row, model)`` candidate's row completed with its top-1 (after BatchNorm re-estimation when the build
+        re-estimates; the stale-statistics top-1 beside it), MAC reduction and paired speed-up against the dense export."""
         from edgeprune.executors import device_slot
         from edgeprune.latency_target import measure_pairs, pairs_summary
         from edgeprune.stages.common import count_macs_params, example_input
         from edgeprune.training import evaluate, recalibrate_batchnorm
 
         config, dataset, dense = self.context.config, self.context.dataset, self.dense()
-        dense_path, candidates = self.probe.export(self.model, self.context.workdir / "dense"), []
-        recalibration = dataset.x_train[:RECALIBRATION_IMAGES]
-        for ratio in ratios:
-            width = rounded_width(group.channels * (1 - ratio), group.channels, config.prune.round_to)
-            pruned = guarded_prune(self.model, config.prune, self.protected, self.groups, {group.name: width}, self.guard)
-            if pruned.untracked:
-                return pruned.untracked[0]
-            candidate = pruned.model
-            path = self.probe.export(candidate, self.context.workdir / f"candidate-{ratio}")
+        dense_path, rows, paths = self.probe.export(self.model, self.context.workdir / "dense"), [], []
+        for index, (row, candidate) in enumerate(candidates):
+            paths.append(self.probe.export(candidate, self.context.workdir / f"candidate-{index}"))
             stale = evaluate(candidate, dataset.x_test, dataset.y_test)
-            recalibrated = config.prune.recalibrate_batchnorm and recalibrate_batchnorm(candidate, recalibration)
+            recalibrated = config.prune.recalibrate_batchnorm and recalibrate_batchnorm(candidate, dataset.x_train[:RECALIBRATION_IMAGES])
             accuracy = evaluate(candidate, dataset.x_test, dataset.y_test) if recalibrated else stale
             macs = count_macs_params(candidate, example_input(self.context))["macs"]
-            candidates.append((ratio, root_channels(candidate, group.name), accuracy, stale, macs, path))
+            rows.append(
+                {
+                    **row,
+                    "accuracy": accuracy,
+                    "accuracy_drop": dense["accuracy"] - accuracy,
+                    "accuracy_stale_batchnorm": stale,
+                    "mac_reduction": dense["macs"] / max(macs, 1),
+                }
+            )
         with device_slot(self.probe.device, cache_dir):  # one timing at a time per device, dense and candidate in alternation
-            timings = [pairs_summary(measure_pairs(self.probe, dense_path, path)) for *_, path in candidates]
-        return [
-            {
-                "ratio": ratio,
-                "channels": channels,
-                "accuracy": accuracy,
-                "accuracy_drop": dense["accuracy"] - accuracy,
-                "accuracy_stale_batchnorm": stale,
-                "latency_p50_ms": timing["latency_p50_ms"],
-                "dense_p50_ms": timing["dense_p50_ms"],
-                "latency_gain_pct": 100.0 * (1 - 1 / timing["speedup"]),
-                "mac_reduction": dense["macs"] / max(macs, 1),
-            }
-            for (ratio, channels, accuracy, stale, macs, _), timing in zip(candidates, timings, strict=True)
-        ]
+            timings = [pairs_summary(measure_pairs(self.probe, dense_path, path)) for path in paths]
+        for row, timing in zip(rows, timings, strict=True):
+            row["latency_p50_ms"], row["dense_p50_ms"] = timing["latency_p50_ms"], timing["dense_p50_ms"]
+            row["latency_gain_pct"] = 100.0 * (1 - 1 / timing["speedup"])
+        return rows
 
 
 def add_weights(groups: list[dict[str, Any]]) -> None:
@@ -340,6 +357,20 @@ def markdown_table(data: dict[str, Any]) -> str:
             )
     for item in data["untracked_coupling"]:
         lines.append(f"\nNot analysed: `{item['layer']}`: {item['reason']}")
+    if data.get("blocks"):
+        lines += [
+            "",
+            "Residual blocks removed whole, each alone (`prune.drop_blocks`); realized/MAC = speed-up / MAC reduction:",
+            "",
+            "| block | top-1 % | drop (points) | p50 ms | latency gain % | MACs ↓ | realized/MAC |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in data["blocks"]:
+            realized = 1 / (1 - row["latency_gain_pct"] / 100) / row["mac_reduction"]
+            lines.append(
+                f"| {row['block']} | {row['accuracy']:.2f} | {row['accuracy_drop']:.2f} | {row['latency_p50_ms']:.4g} "
+                f"| {row['latency_gain_pct']:.1f} | {row['mac_reduction']:.2f}x | {realized:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

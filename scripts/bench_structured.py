@@ -6,9 +6,12 @@ Usage (from the repository root):
     .venv/bin/python scripts/bench_structured.py --models small_cnn,resnet_mini --speedup-models small_cnn
     .venv/bin/python scripts/bench_structured.py --help
 
-Table 1, for each reference architecture (``edgeprune.models.list_models()``) and each ``--round-to``:
-the dense baseline is trained on the bundled Fashion-MNIST subset, the uniform pruning ratio whose MAC
-reduction is closest to ``--mac-target`` is picked, and the build prunes, finetunes (distilled) and exports
+Table 1, for each reference architecture (``edgeprune.models.list_models()``), each ``--round-to`` and each
+``--drop-blocks`` count: the dense baseline is trained on the bundled Fashion-MNIST subset; that many residual
+blocks are removed first (depth pruning: the ones whose removal alone costs least top-1, as
+``prune.drop_block_count`` ranks them; ``all`` = every removable block; counts the model does not have are
+skipped), the uniform pruning ratio whose overall MAC reduction is closest to ``--mac-target`` is picked,
+and the build prunes, finetunes (distilled) and exports
 ONNX and TFLite; its benchmark stage then measures the pruned and the dense fp32 exports (``--threads``
 threads, ``--repeats`` fresh processes each; p50 = median of the per-process medians) and the speed-up
 from ``--repeats`` processes that time pruned and dense in alternation, iteration by iteration (the
@@ -60,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speedup-models", default="small_cnn,resnet_mini", help="architectures for table 2 ('' to skip)")
     parser.add_argument("--mac-target", type=float, default=2.0, help="MAC reduction of the uniform builds (default 2.0)")
     parser.add_argument("--round-to", default="16,8", help="prune.round_to values of table 1; table 2 uses the first (default 16,8)")
+    parser.add_argument("--drop-blocks", default="0", help="table 1's residual blocks removed first: counts or 'all' (default 0)")
     parser.add_argument("--pareto-models", default="", help="architectures for table 3 (default '' = skip)")
     parser.add_argument("--pareto-levels", default="0.3,0.4,0.5,0.6", help="table 3's uniform prune.amount levels")
     parser.add_argument(
@@ -99,12 +103,39 @@ def common_overrides(args: argparse.Namespace, round_to: int) -> tuple[str, ...]
     )
 
 
-def amount_for_mac_target(name: str, target: float, round_to: int) -> float:
-    """The uniform level whose MAC reduction is closest to ``target``, found on the (untrained) architecture itself."""
+def amount_for_mac_target(name: str, target: float, round_to: int, blocks: list[str]) -> float:
+    """The uniform level whose MAC reduction (with ``blocks`` removed first) is closest to ``target``, found on the
+    (untrained) architecture itself; 0 when removing the blocks reaches it."""
+    from edgeprune.blocks import drop_blocks
     from edgeprune.models import create_model, example_input
+    from edgeprune.stages.common import count_macs_params
 
-    level, _ = uniform_level_for_mac_target(create_model(name).eval(), example_input(name), target, round_to)
+    dense, example = create_model(name).eval(), example_input(name)
+    shallower = drop_blocks(dense, blocks)
+    remaining = target * count_macs_params(shallower, example)["macs"] / count_macs_params(dense, example)["macs"]
+    if remaining <= 1.0:
+        return 0.0
+    level, _ = uniform_level_for_mac_target(shallower, example, remaining, round_to)
     return level
+
+
+def blocks_to_drop(name: str, args: argparse.Namespace, round_to: int, count: str) -> list[str] | None:
+    """The residual blocks a build of ``name`` removes for ``count`` ('all', or that many ranked as ``prune.drop_block_count``
+    ranks them: a build with nothing else to do); None when the model has fewer removable blocks."""
+    from edgeprune.blocks import residual_blocks
+    from edgeprune.models import create_model, example_input
+    from edgeprune.pruning import protected_layers
+
+    config = api.resolve("cpu-x86", overrides=common_overrides(args, round_to), model=f"example:{name}")
+    model = create_model(name).eval()
+    candidates = residual_blocks(model, example_input(name, batch=4), protected_layers(model, config.prune.ignored_layers, 10))
+    if count == "all" or int(count) == 0:
+        return candidates if count == "all" else []
+    if int(count) > len(candidates):
+        return None
+    nothing_else = ("export.formats=[]", "benchmark.enabled=false", "finetune.epochs=0", "prune.amount=0")
+    manifest = build(name, args, round_to, *nothing_else, f"prune.drop_block_count={count}", tag=f"blocks{count}")
+    return [row["block"] for row in stage_metrics(manifest, "prune_structured")["depth"]["blocks"]]
 
 
 def uniform_level_for_mac_target(model: Any, example: Any, target: float, round_to: int) -> tuple[float, Any]:
@@ -154,12 +185,15 @@ def stage_metrics(manifest: dict[str, Any], stage: str) -> dict[str, Any]:
     return next(entry["metrics"] for entry in manifest["stages"] if entry["name"] == stage)
 
 
-def uniform_row(name: str, args: argparse.Namespace, round_to: int) -> dict[str, Any]:
-    amount = amount_for_mac_target(name, args.mac_target, round_to)
-    manifest = build(name, args, round_to, "export.formats=['onnx', 'tflite']", f"prune.amount={amount}", tag=f"uniform{round_to}")
+def uniform_row(name: str, args: argparse.Namespace, round_to: int, blocks: list[str]) -> dict[str, Any]:
+    amount = amount_for_mac_target(name, args.mac_target, round_to, blocks)
+    depth = (f"prune.drop_blocks={json.dumps(blocks)}",) if blocks else ()
+    tag = f"uniform{round_to}" + (f"-depth{len(blocks)}" if blocks else "")
+    manifest = build(name, args, round_to, "export.formats=['onnx', 'tflite']", f"prune.amount={amount}", *depth, tag=tag)
     results = stage_metrics(manifest, "benchmark")["results"]
     macs = manifest["model"]["macs_dense"] / manifest["model"]["macs"]
-    row = {"model": name, "round_to": round_to, "amount": amount, "macs": macs, "before": manifest["accuracy"]["baseline"]}
+    row = {"model": name, "round_to": round_to, "blocks": len(blocks), "amount": amount, "macs": macs}
+    row["before"] = manifest["accuracy"]["baseline"]
     row["after"] = manifest["artifacts"]["onnx_fp32"]["accuracy"]
     row["untracked"] = len(stage_metrics(manifest, "prune_structured")["untracked_coupling"])
     paired = stage_metrics(manifest, "benchmark")["speedups"]
@@ -262,12 +296,12 @@ def print_tables(tables: dict[str, list[dict[str, Any]]], args: argparse.Namespa
     uniform, latency, pareto = tables["uniform"], tables["latency"], tables["pareto"]
     print(f"\n## Uniform pruning to ~{args.mac_target:g}x fewer MACs, fp32, {args.threads} threads, p50 of {args.repeats} processes\n")
     print(
-        "| model | round_to | ratio | MACs ↓ | ORT dense / pruned ms | ORT speed-up | ORT realized/MAC "
+        "| model | round_to | blocks removed | ratio | MACs ↓ | ORT dense / pruned ms | ORT speed-up | ORT realized/MAC "
         "| LiteRT dense / pruned ms | LiteRT speed-up | LiteRT realized/MAC | top-1 before → after | groups left out |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in uniform:
-        cells = [row["model"], str(row["round_to"]), f"{row['amount']:.3f}", f"{row['macs']:.2f}x"]
+        cells = [row["model"], str(row["round_to"]), str(row["blocks"]), f"{row['amount']:.3f}", f"{row['macs']:.2f}x"]
         for fmt in ("onnx", "tflite"):
             result = row[fmt]
             realized = result["speedup"] / row["macs"]
@@ -336,11 +370,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for name in names:
-            for round_to in round_tos:
+            for round_to, count in itertools.product(round_tos, filter(None, args.drop_blocks.split(","))):
                 started = time.perf_counter()
-                uniform.append(uniform_row(name, args, round_to))
+                blocks = blocks_to_drop(name, args, round_to, count)
+                if blocks is None or (count == "all" and not blocks):
+                    continue  # the model has fewer removable blocks
+                uniform.append(uniform_row(name, args, round_to, blocks))
                 save_rows(args.out, tables)
-                print(f"{name}: uniform, round_to {round_to}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+                seconds = time.perf_counter() - started
+                print(f"{name}: uniform, round_to {round_to}, {count} blocks: {seconds:.0f} s", file=sys.stderr, flush=True)
         for name in filter(None, args.speedup_models.split(",")):
             latency.extend(speedup_rows(name, args, round_tos[0], *analysis_of(name)))
             save_rows(args.out, tables)

@@ -52,6 +52,11 @@ def test_targets_list_and_show_json(capsys):
             "the model rejects inputs of shape (2, 1, 28, 28)",
         ),
         (["build", "--target", "cpu-x86", "--data", "nothing.npz"], {}, "data file not found: nothing.npz"),
+        (
+            ["build", "--target", "cpu-x86", "--set", "prune.drop_blocks=['features']", "--set", "train.epochs=1"],
+            {},
+            "prune.drop_blocks: 'features' is not a residual block that can be removed (removable: none)",
+        ),
         (["bench", "nothing.onnx"], {}, "artefact not found: nothing.onnx"),
         (["analyze", "--target", "cpu-x86", "--ratios", "0.5,0.95"], {}, "analyze: ratios must lie in (0, 0.9], got [0.5, 0.95]"),
         (["analyze", "--target", "cpu-x86", "--set", "export.formats=[]"], {}, "analyze needs an export format"),

@@ -192,7 +192,7 @@ def test_parameter_count_is_small_and_init_is_seeded(spec: ModelSpec) -> None:
     torch.manual_seed(1)
     other = create_model(spec.name).state_dict()
     params = sum(tensor.numel() for key, tensor in first.items() if "running" not in key and "num_batches" not in key)
-    assert 10_000 < params < 2_000_000
+    assert 10_000 < params < 2_500_000  # the largest: mobilenetv2_cifar, the CIFAR MobileNetV2 (2.24 M)
     assert all(torch.equal(first[key], second[key]) for key in first)
     assert any(not torch.equal(first[key], other[key]) for key in first if first[key].is_floating_point())
 

@@ -84,6 +84,15 @@ def test_a_failed_build_leaves_the_previous_output_intact(workdir, user_checkpoi
     assert sorted(p.name for p in (workdir / "dist").iterdir()) == ["cpu-x86"]  # no staging debris
 
 
+def test_a_build_that_exports_nothing_ships_the_pruned_model_file_as_its_primary_artefact(workdir, user_checkpoint):
+    # export.formats=[] once crashed at the manifest (IndexError) after every stage had run
+    result = build("cpu-x86", user_checkpoint, "export.formats=[]", "benchmark.enabled=false")
+    manifest = result.manifest
+    assert manifest["primary_artifact"] == "model" and list(manifest["artifacts"]) == ["model"]
+    assert manifest["model"]["macs"] < manifest["model"]["macs_dense"]
+    assert "- primary artefact: `model.pt`" in (workdir / "dist/cpu-x86/report.md").read_text()
+
+
 def test_unstructured_and_structured_combine(workdir, user_checkpoint):
     result = build("cpu-x86", user_checkpoint, "prune.mode='both'", "sparsity.amount=0.6", "benchmark.enabled=false")
     stages = {stage["name"]: stage["metrics"] for stage in result.manifest["stages"]}

@@ -306,6 +306,7 @@ class ScriptedRun:
     def __init__(self) -> None:
         self.model, self.dense = nn.Identity(), nn.Identity()
         self.reference_accuracy, self.level, self.recovered = 90.0, 0.0, []
+        self.dense_macs = 1000  # the MACs at level 0
 
     def prune_to(self, level: float) -> None:
         self.level = level
@@ -401,6 +402,18 @@ def test_the_speedup_loop_stops_at_the_first_step_whose_measured_speedup_reaches
     # the dense model is measured again beside every candidate, and once more to confirm the step that reached the target
     assert probe.measured.count("dense-1000") == 5
     assert [row.get("pairs") for row in trajectory] == [None, 1, 1, 2]
+
+
+def test_the_speedup_loop_measures_where_depth_pruning_left_the_model_and_stops_there_when_it_is_fast_enough() -> None:
+    from edgeprune.latency_target import prune_to_speedup
+
+    run = ScriptedRun()
+    run.level = 0.4  # residual blocks removed before the loop: 360 of the dense 1000 MACs, 2.0 / 1.36 ms = 1.47x
+    probe = ScriptedProbe(run)
+    trajectory = prune_to_speedup(run, probe, PruneConfig(speedup=1.4, speedup_step=0.2), max_accuracy_drop=1.0)
+    assert len(trajectory) == 1 and run.recovered == [] and run.level == 0.4  # no channel step was needed
+    assert round(trajectory[0]["speedup"], 2) == 1.47 and trajectory[0]["pairs"] == 2  # measured, and confirmed
+    assert probe.measured.count("step0-360") == 2
 
 
 def test_a_step_that_overshoots_is_retried_with_fewer_groups_moved_the_plans_preferred_group_first() -> None:
@@ -502,11 +515,28 @@ def test_sensitivity_analysis_writes_table_plot_and_weights_that_drive_the_build
     weights = {group["layer"]: group["weight"] for group in data["groups"]}
     assert sum(weights.values()) == pytest.approx(3.0, abs=0.01) or max(weights.values()) == 3.0
     assert analysis.plot_path.read_bytes().startswith(b"\x89PNG") and "| features.4 | 32 | 0.50 | 16 |" in analysis.table_path.read_text()
+    assert data["blocks"] == [] and "Residual blocks" not in analysis.table_path.read_text()  # a plain CNN has none
 
     metrics = prune_metrics(build_tiny(workdir, user_checkpoint, f"prune.ratios_from='{analysis.json_path}'", "prune.round_to=1"))
     for name, ratio in metrics["group_ratios"].items():
         channels = next(group["channels"] for group in data["groups"] if group["layer"] == name)
         assert ratio == pytest.approx(min(weights[name] * 0.3, 0.5), abs=1 / channels)  # 0.5: the one ratio analyzed
+
+
+@pytest.mark.slow
+def test_sensitivity_analysis_measures_each_removable_residual_block_removed_alone(workdir: Path) -> None:
+    from edgeprune.sensitivity import run_analysis
+
+    config = api.resolve("cpu-x86", overrides=(*FAST_BUILD, "train.epochs=1", "export.formats=['onnx']"), model="example:resnet_mini")
+    analysis = run_analysis(config, out=workdir / "analysis", cache_dir=workdir / "cache", ratios=(0.5,))
+    data = json.loads(analysis.json_path.read_text())
+    (row,) = data["blocks"]  # blocks.1 and blocks.2 change the shape (strided 1×1 shortcut): only blocks.0 can go
+    assert row["block"] == "blocks.0" and row["accuracy_drop"] == pytest.approx(data["dense"]["accuracy"] - row["accuracy"])
+    # resnet_mini's MACs: blocks.0 holds two of its seven 3×3 convs at full resolution, the largest share of any block
+    assert 1.5 < row["mac_reduction"] < 2.5 and row["latency_p50_ms"] > 0 and row["dense_p50_ms"] > 0
+    assert row["latency_gain_pct"] == pytest.approx(100 * (1 - row["latency_p50_ms"] / row["dense_p50_ms"]), abs=25)
+    table = analysis.table_path.read_text()
+    assert "Residual blocks removed whole" in table and f"| blocks.0 | {row['accuracy']:.2f} |" in table
 
 
 def test_the_latency_probe_exports_each_ratios_candidate_to_its_own_file(tmp_path: Path) -> None:

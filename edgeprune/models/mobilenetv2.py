@@ -12,6 +12,9 @@ from edgeprune.models.registry import register_model
 # Every stage halves the resolution (28→14→7→4): expanded, depthwise layers at full 28×28 would
 # dominate CPU training time (BatchNorm and depthwise backward scale with activation size).
 MINI_SETTINGS = ((1, 16, 1, 2), (4, 24, 2, 2), (4, 48, 2, 2))
+# The CIFAR MobileNetV2 (width 1.0; strides 1 where ImageNet's are 2 in the stem and the second stage), as in
+# Torch-Pruning's CIFAR benchmarks: 17 inverted residuals, 10 of them with a residual add.
+CIFAR_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
 
 class InvertedResidual(nn.Module):
@@ -35,13 +38,20 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2Mini(nn.Module):
-    """Stem, inverted residual stages from ``MINI_SETTINGS``, 1×1 feature conv, global pooling, linear."""
+    """Stem, inverted residual stages from ``settings`` (t, c, n, s rows), 1×1 feature conv, global pooling, linear."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, stem: int = 16, features: int = 128) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        stem: int = 16,
+        features: int = 128,
+        settings: tuple[tuple[int, int, int, int], ...] = MINI_SETTINGS,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [conv_bn(in_channels, stem, activation=nn.ReLU6)]
         previous = stem
-        for expansion, width, repeats, stride in MINI_SETTINGS:
+        for expansion, width, repeats, stride in settings:
             for repeat in range(repeats):
                 layers.append(InvertedResidual(previous, width, stride if repeat == 0 else 1, expansion))
                 previous = width
@@ -57,3 +67,9 @@ class MobileNetV2Mini(nn.Module):
 def mobilenetv2_mini(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> MobileNetV2Mini:
     """MobileNetV2 with inverted residuals, depthwise convs, expansion 4 and residual adds."""
     return MobileNetV2Mini(num_classes, in_channels)
+
+
+@register_model(family="mobilenetv2")
+def mobilenetv2_cifar(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> MobileNetV2Mini:
+    """MobileNetV2 at full width with CIFAR strides: ~77 M MACs at 28×28, the issue's reference network for speed benchmarks."""
+    return MobileNetV2Mini(num_classes, in_channels, stem=32, features=1280, settings=CIFAR_SETTINGS)

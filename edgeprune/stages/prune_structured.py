@@ -5,7 +5,9 @@ adds, concatenations, splits, depthwise convolutions and attention heads, so the
 pruned together (see ``edgeprune.pruning``). Each group's target width comes from
 ``prune.amount``, scaled per group by a sensitivity analysis (``prune.ratios_from``) or
 fixed (``prune.layer_ratios``); ``prune.speedup`` instead prunes until the speed-up
-measured on the target's runtime is reached (``edgeprune.latency_target``).
+measured on the target's runtime is reached (``edgeprune.latency_target``). Before any channel
+goes, ``prune.drop_blocks``/``prune.drop_block_count`` remove whole residual blocks
+(``edgeprune.blocks``); metrics key ``depth`` lists them.
 
 Every step prunes a copy and accepts it only once it runs and (where no LayerNorm
 intervenes) computes exactly the previous model minus the removed channels; groups whose
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from edgeprune.artifacts import sha256_of
+from edgeprune.blocks import check_droppable, drop_blocks, residual_blocks, score_blocks
 from edgeprune.config import BuildConfig, PruneConfig
 from edgeprune.errors import ConfigError, InputError, StageError
 from edgeprune.latency_target import LatencyProbe, prune_to_speedup
@@ -48,11 +51,12 @@ from edgeprune.training import RECALIBRATION_IMAGES, TrainSettings, evaluate, re
 
 MAX_LEVEL_SPAN = 4.0  # a weighted plan's levels go up to this many times MAX_RATIO
 TAYLOR_SAMPLES = 256  # training images whose gradients feed first-order Taylor importance
+HELD_OUT_IMAGES = 1000  # the last training images: blocks for drop_block_count are ranked by top-1 on them
 
 
 class PruneStructured:
     name = "prune_structured"
-    version = "8"  # 8: BatchNorm statistics re-estimated after each step
+    version = "9"  # 8: BatchNorm statistics re-estimated after each step; 9: depth pruning
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)
@@ -72,12 +76,13 @@ class PruneStructured:
 
     def run(self, context: StageContext) -> StageOutput:
         config = context.config
-        model = read_model(context)
+        dense = read_model(context)
         example, sample = example_input(context), example_input(context, batch=4)
-        before, widths_before = count_macs_params(model, example), layer_widths(model)
-        protected = protected_layers(model, config.prune.ignored_layers, config.model.num_classes)
+        before, widths_before = count_macs_params(dense, example), layer_widths(dense)
+        protected = protected_layers(dense, config.prune.ignored_layers, config.model.num_classes)
+        model, depth = depth_prune(context, dense, protected)
         groups = layer_groups(model, example, config.prune, protected)
-        run = PruningRun(model, copy.deepcopy(model), context, protected, groups, GroupPlan.from_config(groups, config.prune))
+        run = PruningRun(model, copy.deepcopy(dense), context, protected, groups, GroupPlan.from_config(groups, config.prune))
         if config.prune.speedup > 0:
             trajectory = prune_to_speedup(run, LatencyProbe.for_target(context), config.prune, config.budgets.max_accuracy_drop)
         else:
@@ -97,9 +102,49 @@ class PruneStructured:
             "layers": layer_report(widths_before, layer_widths(model)),
             "group_ratios": {name: round(1 - root_channels(model, name) / width, 4) for name, width in run.plan.widths.items()},
             "untracked_coupling": [{"layer": item.layer, "reason": item.reason} for item in run.untracked],
+            "depth": depth,
             "trajectory": trajectory,
         }
         return StageOutput(artifacts, metrics)
+
+
+def depth_prune(context: StageContext, model: nn.Module, protected: set[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` without the residual blocks ``prune.drop_blocks`` names and the ``prune.drop_block_count`` cheapest
+    others (a copy; ``model`` itself when none), and what was removed: the blocks, the MAC reduction and top-1 after.
+
+    Raises ConfigError for a name that is not a removable block, or more blocks asked for than the model has.
+    """
+    config, dataset = context.config, context.dataset
+    named, count = list(config.prune.drop_blocks), config.prune.drop_block_count
+    if not named and not count:
+        return model, {"blocks": [], "mac_reduction": 1.0}
+    example, sample = example_input(context), example_input(context, batch=4)
+    candidates = residual_blocks(model, sample, protected)
+    check_droppable(named, candidates)
+    others = [name for name in candidates if name not in named]
+    if count > len(others):
+        raise ConfigError(
+            f"prune.drop_block_count = {count}, but the model has {len(others)} more removable residual blocks "
+            f"({', '.join(others) or 'none'})"
+        )
+    rows = [{"block": name, "chosen_by": "prune.drop_blocks"} for name in named]
+    if count:
+        macs_of = lambda candidate: count_macs_params(candidate, example)["macs"]  # noqa: E731
+        held_out = (dataset.x_train[-HELD_OUT_IMAGES:], dataset.y_train[-HELD_OUT_IMAGES:])
+        recalibration = dataset.x_train[:RECALIBRATION_IMAGES] if config.prune.recalibrate_batchnorm else None
+        for score in score_blocks(model, others, macs_of, held_out, recalibration)[:count]:
+            chosen = {"block": score.block, "chosen_by": "prune.drop_block_count", "held_out_accuracy": score.accuracy}
+            rows.append({**chosen, "macs_removed": score.macs_removed})
+    order = {name: index for index, name in enumerate(candidates)}
+    rows.sort(key=lambda row: order[row["block"]])
+    shallower = drop_blocks(model, [row["block"] for row in rows])
+    verify_pruned_model(shallower, sample, config.model.num_classes)
+    if config.prune.recalibrate_batchnorm:
+        recalibrate_batchnorm(shallower, dataset.x_train[:RECALIBRATION_IMAGES])
+    for row in rows:
+        context.reporter.info(f"prune_structured: removing residual block {row['block']} ({row['chosen_by']})")
+    reduction = count_macs_params(model, example)["macs"] / max(count_macs_params(shallower, example)["macs"], 1)
+    return shallower, {"blocks": rows, "mac_reduction": reduction, "accuracy": evaluate(shallower, dataset.x_test, dataset.y_test)}
 
 
 @dataclass(frozen=True)
