@@ -23,6 +23,7 @@ Each residual block the model can lose whole (``edgeprune.blocks``) is measured 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import statistics
 import tempfile
@@ -96,9 +97,8 @@ def run_analysis(
     dataset = load_dataset(config.data, config.model.num_classes)
     model = baseline_model(config, dataset, Cache(cache_dir), reporter, force=force)
     with _analysis(model, config, dataset, reporter) as analysis:
-        dense = analysis.dense()
         groups = [(group.name, group.channels) for group in analysis.groups]
-        dense["latency_p50_ms"] = analysis.dense_p50(Path(cache_dir))
+        dense = {**analysis.dense, "latency_p50_ms": analysis.dense_p50(Path(cache_dir))}
         blocks = analysis.measure_blocks(Path(cache_dir))
         runtime = {"format": analysis.probe.fmt, "device": analysis.probe.device, "threads": analysis.probe.settings.threads}
     jobs = [GroupJob(config, Path(cache_dir), name, channels, tuple(sorted(ratios)), reporter.verbosity) for name, channels in groups]
@@ -222,7 +222,9 @@ class _Analysis:
     guard: Guard
     probe: LatencyProbe
 
+    @functools.cached_property
     def dense(self) -> dict[str, Any]:
+        """The unpruned model's top-1 on the test split and its MACs (measured once per analysis)."""
         from edgeprune.stages.common import count_macs_params, example_input
         from edgeprune.training import evaluate
 
@@ -235,9 +237,13 @@ class _Analysis:
     def dense_p50(self, cache_dir: Path) -> float:
         from edgeprune.executors import device_slot
 
-        dense_path = self.probe.export(self.model, self.context.workdir / "dense")
         with device_slot(self.probe.device, cache_dir):
-            return self.probe.p50_ms(dense_path, repeats=max(1, self.probe.rounds))
+            return self.probe.p50_ms(self.dense_export, repeats=max(1, self.probe.rounds))
+
+    @functools.cached_property
+    def dense_export(self) -> Path:
+        """The unpruned model exported for the probe's runtime (once per analysis)."""
+        return self.probe.export(self.model, self.context.workdir / "dense")
 
     def measure(self, group: LayerGroup, ratios: tuple[float, ...], cache_dir: Path) -> list[dict[str, Any]] | UntrackedCoupling:
         """One row per ratio for ``group`` pruned alone, or the UntrackedCoupling that keeps it out of pruning."""
@@ -266,8 +272,8 @@ class _Analysis:
         from edgeprune.stages.common import count_macs_params, example_input
         from edgeprune.training import evaluate, recalibrate_batchnorm
 
-        config, dataset, dense = self.context.config, self.context.dataset, self.dense()
-        dense_path, rows, paths = self.probe.export(self.model, self.context.workdir / "dense"), [], []
+        config, dataset, dense = self.context.config, self.context.dataset, self.dense
+        rows, paths = [], []
         for index, (row, candidate) in enumerate(candidates):
             paths.append(self.probe.export(candidate, self.context.workdir / f"candidate-{index}"))
             stale = evaluate(candidate, dataset.x_test, dataset.y_test)
@@ -284,7 +290,7 @@ class _Analysis:
                 }
             )
         with device_slot(self.probe.device, cache_dir):  # one timing at a time per device, dense and candidate in alternation
-            timings = [pairs_summary(measure_pairs(self.probe, dense_path, path)) for path in paths]
+            timings = [pairs_summary(measure_pairs(self.probe, self.dense_export, path)) for path in paths]
         for row, timing in zip(rows, timings, strict=True):
             row["latency_p50_ms"], row["dense_p50_ms"] = timing["latency_p50_ms"], timing["dense_p50_ms"]
             row["latency_gain_pct"] = 100.0 * (1 - 1 / timing["speedup"])

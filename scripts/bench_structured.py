@@ -129,8 +129,10 @@ def blocks_to_drop(name: str, args: argparse.Namespace, round_to: int, count: st
     config = api.resolve("cpu-x86", overrides=common_overrides(args, round_to), model=f"example:{name}")
     model = create_model(name).eval()
     candidates = residual_blocks(model, example_input(name, batch=4), protected_layers(model, config.prune.ignored_layers, 10))
-    if count == "all" or int(count) == 0:
-        return candidates if count == "all" else []
+    if count == "all":
+        return candidates
+    if int(count) == 0:
+        return []
     if int(count) > len(candidates):
         return None
     nothing_else = ("export.formats=[]", "benchmark.enabled=false", "finetune.epochs=0", "prune.amount=0")
