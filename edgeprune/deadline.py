@@ -12,6 +12,7 @@ Python loops over the graph.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ class AnalysisTimeout(BaseException):
 class Budget:
     """``seconds`` of wall-clock time from creation, shared by the steps of one analysis."""
 
-    seconds: float
+    seconds: float = math.inf
     start: float = field(default_factory=time.monotonic)
 
     def remaining(self) -> float:
@@ -61,8 +62,9 @@ class Deadline:
         if self.seconds <= 0:
             raise AnalysisTimeout("no time left")
         self._thread_id = threading.get_ident()
-        self._armed = True
-        self._start_timer(self.seconds)
+        if math.isfinite(self.seconds):
+            self._armed = True
+            self._start_timer(self.seconds)
         return self
 
     def _start_timer(self, seconds: float) -> None:

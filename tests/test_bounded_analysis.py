@@ -1,0 +1,111 @@
+"""Structured pruning never hangs: channel-mixing reshapes are barriers, and every analysis has a real deadline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeprune.artifacts import Artifact
+from edgeprune.config import BuildConfig, ModelConfig, PruneConfig
+from edgeprune.deadline import AnalysisTimeout, Budget, Deadline
+from edgeprune.dependency import dependency_analysis
+from edgeprune.modelio import load_model, save_model
+from edgeprune.pipeline import StageContext
+from edgeprune.progress import SILENT
+from edgeprune.stages.common import count_macs_params
+from edgeprune.stages.prune_structured import PruneStructured
+from tests.shufflenet_public import ShuffleNetV2
+
+X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def run_prune_stage(tmp_path: Path, dataset, source: str, **prune: object):
+    """The structured stage alone on ``source`` (random weights), as a build runs it; its output model and metrics."""
+    config = BuildConfig(model=ModelConfig(source=source), prune=PruneConfig(recover_epochs=0, **prune))
+    model_path = tmp_path / "in" / "model.pt"
+    model_path.parent.mkdir()
+    save_model(load_or_create(source), model_path, config.model, dataset.input_shape)
+    workdir = tmp_path / "stage"
+    workdir.mkdir()
+    context = StageContext(config, dataset, {"model": Artifact.from_file("model", "model", model_path)}, workdir, SILENT)
+    output = PruneStructured().run(context)
+    return load_model(model_path), load_model(output.artifacts[0].path), output.metrics
+
+
+def load_or_create(source: str) -> torch.nn.Module:
+    from edgeprune.modelio import create_model
+
+    return create_model(ModelConfig(source=source), (1, 28, 28))
+
+
+@pytest.mark.parametrize("factory", ["shufflenet_v2_w05", "shufflenet_v2_w10"])
+def test_public_shufflenet_v2_prunes_within_its_budget_to_a_verified_model_with_fewer_macs(tmp_path: Path, example_data, factory) -> None:
+    dense, pruned, metrics = run_prune_stage(tmp_path, example_data, f"tests.shufflenet_public:{factory}", amount=0.5)
+    analysis = metrics["dependency_analysis"]
+    # the shuffle-coupled groups (every branch output and concat input) are kept whole, named, with the op that couples them
+    assert analysis["groups"] >= 16 and len(analysis["kept_whole"]) >= 20
+    assert all("channel-mixing" in item["reason"] and "→" in item["reason"] for item in analysis["kept_whole"])
+    assert any(item["layer"].endswith("conv3") for item in analysis["kept_whole"])
+    assert metrics["untracked_coupling"] == []  # the kept groups needed no bisection
+    assert metrics["mac_reduction"] > 1.3
+    assert count_macs_params(dense, X[:1])["macs"] > 1.3 * count_macs_params(pruned, X[:1])["macs"]
+    assert pruned.layer2[1].conv1.out_channels < dense.layer2[1].conv1.out_channels  # branch channels really removed
+    with torch.no_grad():
+        logits = pruned.eval()(X)
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+
+
+def test_every_group_touching_a_reshape_shuffle_is_kept_whole_and_the_rest_prune_to_an_exact_subnetwork() -> None:
+    """With the shuffle as a barrier the remaining groups are exactly what Torch-Pruning computes on the uncut graph."""
+    from edgeprune.pruning import Guard, guarded_prune
+    from edgeprune.stages.prune_structured import GroupPlan
+
+    model = ShuffleNetV2(0.5).eval()
+    analysis = dependency_analysis(model, X[:1], {"linear"}, Budget(120))
+    config = PruneConfig(round_to=1)
+    widths = GroupPlan.from_config(analysis.groups, config).targets(0.5)
+    result = guarded_prune(model, config, analysis.protected({"linear"}), analysis.groups, widths, Guard(X, 10))
+    assert result.untracked == [] and result.removed
+    kept = {name for item in analysis.kept_whole for name in (item.layer, *item.members)}
+    assert not kept & set(result.removed)
+    assert {"layer1.0.conv2", "layer1.0.conv5", "layer2.3.conv3"} <= kept
+
+
+def test_a_tiny_analysis_budget_keeps_every_group_whole_says_why_and_the_stage_goes_on(tmp_path: Path, example_data) -> None:
+    dense, pruned, metrics = run_prune_stage(tmp_path, example_data, "tests.shufflenet_public:shufflenet_v2_w05", analysis_seconds=0.001)
+    kept = metrics["dependency_analysis"]["kept_whole"]
+    assert metrics["dependency_analysis"]["groups"] == 0 and kept
+    assert all("prune.analysis_seconds (0.001 s)" in item["reason"] for item in kept)
+    assert {item["layer"] for item in kept} >= {"conv1", "conv2", "layer1.0.conv3"}
+    assert metrics["mac_reduction"] == 1.0
+    with torch.no_grad():
+        assert torch.allclose(pruned.eval()(X), dense.eval()(X), atol=1e-5)
+
+
+def test_the_deadline_interrupts_a_single_call_that_never_returns(monkeypatch) -> None:
+    """A library call that loops forever (here: Torch-Pruning's group construction) is stopped, its groups kept whole."""
+    import torch_pruning as tp
+
+    def endless(*_args, **_kwargs):
+        while True:
+            try:
+                pass
+            except Exception:  # swallowing errors does not swallow the deadline
+                continue
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", endless)
+    model = ShuffleNetV2(0.5).eval()
+    analysis = dependency_analysis(model, X[:1], set(), Budget(0.5))
+    assert analysis.groups == [] and len(analysis.kept_whole) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert all("before building its group" in item.reason for item in analysis.kept_whole)
+
+
+def test_a_deadline_that_did_not_fire_leaves_nothing_behind() -> None:
+    with Deadline(5.0):
+        total = sum(range(100))
+    assert total == 4950
+    with pytest.raises(AnalysisTimeout):
+        with Deadline(0.0):
+            pass
