@@ -22,8 +22,8 @@ def build(source: str):
     import torch
 
     from edgeprune.config import ModelConfig
-    from edgeprune.models import get_spec
     from edgeprune.modelio import create_model
+    from edgeprune.models import get_spec
 
     shape = get_spec(source.removeprefix("example:")).default_input_shape if source.startswith("example:") else (1, 28, 28)
     torch.manual_seed(0)

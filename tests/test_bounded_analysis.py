@@ -100,7 +100,9 @@ def test_the_deadline_interrupts_a_single_call_that_never_returns(monkeypatch) -
     monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", endless)
     model = ShuffleNetV2(0.5).eval()
     analysis = dependency_analysis(model, X[:1], set(), Budget(10.0))
-    assert analysis.groups == [] and len(analysis.kept_whole) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert analysis.groups == [] and len(analysis.kept_whole) == sum(
+        isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules()
+    )
     assert all("ran past prune.analysis_seconds (10 s)" in item.reason for item in analysis.kept_whole)
 
 

@@ -140,7 +140,9 @@ def depth_prune(context: StageContext, model: nn.Module, protected: set[str]) ->
     budget, seconds = Budget(config.prune.analysis_seconds), config.prune.analysis_seconds
     candidates = residual_blocks(model, sample, protected, budget)
     if budget.expired():
-        context.reporter.warn(f"prune_structured: block detection ran past prune.analysis_seconds ({seconds:g} s): {len(candidates)} found by then")
+        context.reporter.warn(
+            f"prune_structured: block detection ran past prune.analysis_seconds ({seconds:g} s): {len(candidates)} found by then"
+        )
     check_droppable(named, candidates)
     others = [name for name in candidates if name not in named]
     if count > len(others) and not budget.expired():
