@@ -137,7 +137,7 @@ class _GroupBuilder:
     graph: object
     names: dict[nn.Module, str]
     ignored: set[nn.Module]
-    barriers: dict[object, str]  # node next to a channel-mixing op → that op, in words
+    barriers: dict[object, list[tuple[object, str]]]  # node next to a channel-mixing op → its cut edges, and that op in words
     groups: list[LayerGroup] = field(default_factory=list)
     kept_whole: list[KeptWhole] = field(default_factory=list)
     visited: set[nn.Module] = field(default_factory=set)
@@ -158,7 +158,7 @@ class _GroupBuilder:
         if any(layer in self.ignored for layer in layers):
             return  # holds a protected layer: not prunable, as in Torch-Pruning
         members = tuple(dict.fromkeys(self.names[layer] for layer in layers if layer in self.names))
-        mixing = next((self.barriers[dep.target] for dep, _ in group if dep.target in self.barriers), None)
+        mixing = next((op for dep, _ in group for cut, op in self.barriers.get(dep.target, ()) if cut.is_triggered_by(dep.handler)), None)
         if mixing is not None:
             reason = f"its channels pass through a channel-mixing {mixing}, a permutation no group can follow"
             self.kept_whole.append(KeptWhole(name, members, reason))
@@ -174,20 +174,20 @@ class _GroupBuilder:
 # --------------------------------------------------------------------------- channel-mixing barriers
 
 
-def _cut_channel_mixing(graph) -> dict[object, str]:
-    """Remove every edge to and from a channel-mixing op (in place); returns the nodes those edges joined, each
-    mapped to a description of its op."""
-    near: dict[object, str] = {}
+def _cut_channel_mixing(graph) -> dict[object, list[tuple[object, str]]]:
+    """Remove every edge to and from a channel-mixing op (in place). Returns, per node next to one, the edges cut
+    from it towards the op, each with the op in words: a group whose pruning of that node would have followed such
+    an edge (``dep.is_triggered_by``) reaches the op."""
+    cut: dict[object, list[tuple[object, str]]] = {}
     for node in list(graph.module2node.values()):
         description = channel_mixing(node)
         if description is None:
             continue
-        neighbours = {id(other): other for other in (*node.inputs, *node.outputs)}.values()
-        for other in neighbours:
+        for other in {id(other): other for other in (*node.inputs, *node.outputs)}.values():
+            cut.setdefault(other, []).extend((dep, description) for dep in other.dependencies if dep.target is node)
             other.dependencies = [dep for dep in other.dependencies if dep.target is not node]
-            near.setdefault(other, description)
         node.dependencies = []
-    return near
+    return cut
 
 
 def channel_mixing(node) -> str | None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from edgeprune.artifacts import Artifact
 from edgeprune.config import BuildConfig, ModelConfig, PruneConfig
@@ -72,6 +74,55 @@ def test_every_group_touching_a_reshape_shuffle_is_kept_whole_and_the_rest_prune
     kept = {name for item in analysis.kept_whole for name in (item.layer, *item.members)}
     assert not kept & set(result.removed)
     assert {"layer1.0.conv2", "layer1.0.conv5", "layer2.3.conv3"} <= kept
+
+
+@pytest.mark.slow
+class ChannelMixingNet(nn.Module):
+    """conv → ``mix`` → conv → squeeze-excitation (a (N, C) → (N, C, 1, 1) view, which mixes nothing) → conv → linear."""
+
+    def __init__(self, mix: str) -> None:
+        super().__init__()
+        self.mix = mix
+        self.a, self.bn = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.b = nn.Conv2d(4 if mix == "pixel_shuffle" else 16, 32, 3, padding=1)
+        self.se1, self.se2 = nn.Linear(32, 8), nn.Linear(8, 32)
+        self.c, self.fc = nn.Conv2d(32, 24, 1), nn.Linear(24, 10)
+        self.shuffle = nn.ChannelShuffle(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.a(x)))
+        n, c, h, w = x.shape
+        if self.mix == "pixel_shuffle":
+            x = F.pixel_shuffle(x, 2)
+        elif self.mix == "rearrange":  # einops: 'b (g c) h w -> b (c g) h w'
+            x = x.reshape(n, 4, c // 4, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
+        elif self.mix == "channel_shuffle":
+            x = self.shuffle(x)
+        elif self.mix == "grouped_reshape":  # statistics per group of channels
+            groups = x.view(n, 4, c // 4, h, w)
+            x = (groups - groups.mean(dim=(2, 3, 4), keepdim=True)).view(n, c, h, w)
+        x = F.relu(self.b(x))
+        scale = torch.sigmoid(self.se2(F.relu(self.se1(F.adaptive_avg_pool2d(x, 1).view(n, -1)))))
+        x = F.relu(self.c(x * scale.view(n, -1, 1, 1)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize("mix", ["pixel_shuffle", "rearrange", "channel_shuffle", "grouped_reshape"])
+def test_a_channel_mixing_op_keeps_only_the_group_feeding_it_whole_and_the_rest_prunes_exactly(mix: str) -> None:
+    from edgeprune.pruning import Guard, guarded_prune
+    from edgeprune.stages.prune_structured import GroupPlan
+
+    torch.manual_seed(0)
+    model, x = ChannelMixingNet(mix).eval(), torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    plain = dependency_analysis(ChannelMixingNet("none").eval(), x[:1], {"fc"}, Budget(120))
+    analysis = dependency_analysis(model, x[:1], {"fc"}, Budget(120))
+    assert [group.name for group in plain.groups] == ["a", "se1", "se2", "c"] and plain.kept_whole == []
+    assert [group.name for group in analysis.groups] == ["se1", "se2", "c"]  # b (behind the op) prunes with se2
+    assert [item.layer for item in analysis.kept_whole] == ["a"] and "channel-mixing" in analysis.kept_whole[0].reason
+    config = PruneConfig(round_to=1)
+    widths = GroupPlan.from_config(analysis.groups, config).targets(0.5)
+    result = guarded_prune(model, config, analysis.protected({"fc"}), analysis.groups, widths, Guard(x, 10))
+    assert result.untracked == [] and result.model.b.out_channels == 16 and result.model.a.out_channels == 16
 
 
 @pytest.mark.slow
