@@ -93,17 +93,17 @@ def dependency_analysis(
     """
     import torch_pruning as tp
 
-    start, names = time.monotonic(), {module: name for name, module in model.named_modules()}
+    start, names, protected = time.monotonic(), {module: name for name, module in model.named_modules()}, set(protected)
     try:
         with budget.deadline():
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     except AnalysisTimeout:
-        roots = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+        roots = [name for module, name in names.items() if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in protected]
         return DependencyAnalysis([], [KeptWhole(name, (), _out_of_time(budget, "tracing the model")) for name in roots], budget.seconds)
     except Exception as error:  # Torch-Pruning's own bad case: one line, not its traceback
         raise StageError(f"Torch-Pruning cannot trace the model for structured pruning ({type(error).__name__}: {error})") from error
     barriers = _cut_channel_mixing(graph)
-    ignored = {module for module, name in names.items() if name in set(protected)} | set(graph.IGNORED_LAYERS_IN_TRACING)
+    ignored = {module for module, name in names.items() if name in protected} | set(graph.IGNORED_LAYERS_IN_TRACING)
     roots = [module for module in graph.module2node if module in names and _is_root(graph, module, ignored)]
     builder = _GroupBuilder(graph, names, ignored, barriers)
     try:
