@@ -116,7 +116,8 @@ class PruneStructured:
 
 def analyse_dependencies(context: StageContext, model: nn.Module, protected: set[str]) -> DependencyAnalysis:
     """The layer groups of ``model`` (within ``prune.analysis_seconds``); the groups kept whole are said in the log."""
-    reporter = context.reporter
+    reporter, seconds = context.reporter, context.config.prune.analysis_seconds
+    reporter.info(f"prune_structured: dependency analysis (at most {seconds:g} s, prune.analysis_seconds)")
     analysis = layer_groups(model, example_input(context), context.config.prune, protected, reporter)
     reporter.info(f"prune_structured: {len(analysis.groups)} layer groups, {len(analysis.kept_whole)} kept whole ({analysis.seconds:.1f}s)")
     if analysis.kept_whole:
