@@ -102,7 +102,9 @@ def dependency_analysis(
         roots = [name for module, name in names.items() if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in protected]
         return DependencyAnalysis([], [KeptWhole(name, (), _out_of_time(budget, "tracing the model")) for name in roots], budget.seconds)
     except Exception as error:  # Torch-Pruning's own bad case: one line, not its traceback
-        raise StageError(f"Torch-Pruning cannot trace the model for structured pruning ({type(error).__name__}: {error})") from error
+        raise StageError(
+            f"Torch-Pruning cannot trace the model for structured pruning ({type(error).__name__}: {first_line(error)})"
+        ) from error
     barriers = _cut_channel_mixing(graph)
     ignored = {module for module, name in names.items() if name in protected} | set(graph.IGNORED_LAYERS_IN_TRACING)
     roots = [module for module in graph.module2node if module in names and _is_root(graph, module, ignored)]
@@ -116,6 +118,11 @@ def dependency_analysis(
     order = {name: index for index, name in enumerate(names.values())}
     groups = sorted(builder.groups, key=lambda group: order[group.name])
     return DependencyAnalysis(groups, builder.kept_whole, time.monotonic() - start)
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _out_of_time(budget: Budget, step: str) -> str:
@@ -152,7 +159,9 @@ class _GroupBuilder:
             group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
         except Exception as error:  # a graph Torch-Pruning misreads: this group stays whole, the rest go on
             self.visited.add(module)
-            self.kept_whole.append(KeptWhole(name, (), f"Torch-Pruning cannot build its group ({type(error).__name__}: {error})"))
+            self.kept_whole.append(
+                KeptWhole(name, (), f"Torch-Pruning cannot build its group ({type(error).__name__}: {first_line(error)})")
+            )
             return
         layers = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
         self.visited.update(layers)

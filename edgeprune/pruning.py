@@ -28,11 +28,9 @@ from torch import nn
 
 from edgeprune.config import PruneConfig
 from edgeprune.deadline import AnalysisTimeout, Budget
-from edgeprune.dependency import DependencyAnalysis, LayerGroup, dependency_analysis
+from edgeprune.dependency import DependencyAnalysis, LayerGroup, dependency_analysis, first_line
 from edgeprune.errors import ConfigError, StageError
 from edgeprune.progress import SILENT, Reporter
-
-__all__ = ["LayerGroup"]  # defined in edgeprune.dependency, used from here by the stages
 
 MAX_RATIO = 0.9  # never remove more than this fraction of a group's original channels
 
@@ -196,11 +194,6 @@ def run_problem(model: nn.Module, sample: torch.Tensor, num_classes: int) -> tor
     if not torch.isfinite(logits).all():
         return "the outputs hold NaN/inf"
     return logits
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 # --------------------------------------------------------------------------- guarded pruning
