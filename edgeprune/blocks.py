@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeprune.deadline import AnalysisTimeout, Budget
 from edgeprune.errors import ConfigError
 
 TOLERANCE = 1e-5  # |output - input| of a block with its parameters zeroed, relative to the input's largest value
@@ -45,21 +46,31 @@ class BlockScore:
     macs_removed: int
 
 
-def residual_blocks(model: nn.Module, sample: torch.Tensor, protected: Iterable[str] = ()) -> list[str]:
-    """Names of the blocks of ``model`` that can be removed whole, in the model's order (see the module doc)."""
-    protected = set(protected)
-    calls = _single_tensor_calls(model, sample)
-    passing = [
+def residual_blocks(model: nn.Module, sample: torch.Tensor, protected: Iterable[str] = (), budget: Budget | None = None) -> list[str]:
+    """Names of the blocks of ``model`` that can be removed whole, in the model's order (see the module doc).
+
+    Past ``budget`` (``budget.expired()`` then tells) the modules not checked yet are not blocks: never removed.
+    """
+    protected, passing = set(protected), []
+    try:
+        with (budget or Budget()).deadline():
+            calls = _single_tensor_calls(model, sample)
+            for name, module in model.named_modules():
+                if _may_be_block(name, module, calls, protected) and all(_is_identity_when_zeroed(module, x) for x in calls[name]):
+                    passing.append(name)
+    except AnalysisTimeout:
+        pass
+    return [name for name in passing if not any(other.startswith(f"{name}.") for other in passing)]
+
+
+def _may_be_block(name: str, module: nn.Module, calls: dict[str, list[torch.Tensor]], protected: set[str]) -> bool:
+    return bool(
         name
-        for name, module in model.named_modules()
-        if name
         and name in calls
         and not isinstance(module, DroppedBlock)
         and any(True for _ in module.parameters())
         and not any(layer == name or layer.startswith(f"{name}.") for layer in protected)
-        and all(_is_identity_when_zeroed(module, inputs) for inputs in calls[name])
-    ]
-    return [name for name in passing if not any(other.startswith(f"{name}.") for other in passing)]
+    )
 
 
 def _single_tensor_calls(model: nn.Module, sample: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -141,15 +152,23 @@ def score_blocks(
     macs_of: Callable[[nn.Module], int],
     held_out: tuple[np.ndarray, np.ndarray],
     recalibration: np.ndarray | None,
+    budget: Budget | None = None,
 ) -> list[BlockScore]:
     """Each candidate removed alone: top-1 on ``held_out`` images (after re-estimating BatchNorm statistics on
-    ``recalibration`` when given) and the MACs removed (``macs_of``); best first (highest top-1, then most MACs removed)."""
+    ``recalibration`` when given) and the MACs removed (``macs_of``); best first (highest top-1, then most MACs removed).
+    Past ``budget`` the candidates not scored yet are left out."""
     from edgeprune.training import evaluate, recalibrate_batchnorm
 
-    dense_macs, scores = macs_of(model), []
-    for name in candidates:
-        candidate = drop_blocks(model, [name])
-        if recalibration is not None:
-            recalibrate_batchnorm(candidate, recalibration)
-        scores.append(BlockScore(name, evaluate(candidate, *held_out), dense_macs - macs_of(candidate)))
+    scores: list[BlockScore] = []
+    try:
+        with (budget or Budget()).deadline():
+            dense_macs = macs_of(model)
+            for name in candidates:
+                candidate = drop_blocks(model, [name])
+                if recalibration is not None:
+                    recalibrate_batchnorm(candidate, recalibration)
+                score = BlockScore(name, evaluate(candidate, *held_out), dense_macs - macs_of(candidate))
+                scores.append(score)
+    except AnalysisTimeout:
+        pass
     return sorted(scores, key=lambda score: (-score.accuracy, -score.macs_removed))

@@ -83,6 +83,10 @@ class PruneConfig:
     Depth pruning removes whole residual blocks before any channel goes (``edgeprune.blocks``): the blocks
     named in ``drop_blocks``, then ``drop_block_count`` more, those whose removal alone costs least top-1 on
     held-out training images. Every operator of a removed block is gone, which narrowing channels cannot do.
+
+    ``analysis_seconds`` bounds each analysis that grows with the graph (the dependency analysis, each step's
+    verification and bisection of untracked couplings, residual-block detection and ranking): past it the
+    analysis stops, what it has not resolved is kept whole (not pruned, not removed) and reported.
     """
 
     mode: Literal["none", "structured", "unstructured", "both"] = "structured"
@@ -101,6 +105,7 @@ class PruneConfig:
     recalibrate_batchnorm: bool = True
     drop_blocks: tuple[str, ...] = ()
     drop_block_count: int = field(default=0, metadata=_range(0, 10_000))
+    analysis_seconds: float = field(default=120.0, metadata=_range(0.001, 86_400.0))
 
 
 @dataclass(frozen=True)

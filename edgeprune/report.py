@@ -16,7 +16,7 @@ def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] =
     """The report; ``plots`` are (file stem, title) pairs of PNGs written to ``plots/``."""
     lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
     lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _quantization(manifest)
-    lines += _channels(manifest) + _budgets(manifest)
+    lines += _channels(manifest) + _unpruned_groups(manifest) + _budgets(manifest)
     lines += [
         "## Preprocessing (a device app must repeat it)",
         "",
@@ -146,6 +146,16 @@ def _channels(manifest: dict[str, Any]) -> list[str]:
     lines += ["| layer | before | after |", "|---|---:|---:|"]
     lines += [f"| {_escape(row['layer'])} | {row['channels_before']} | {row['channels_after']} |" for row in channels]
     return lines + [""]
+
+
+def _unpruned_groups(manifest: dict[str, Any]) -> list[str]:
+    """The layer groups structured pruning left whole, and why (the dependency analysis and each step's checks)."""
+    metrics = next((stage.get("metrics", {}) for stage in manifest.get("stages", []) if stage.get("name") == "prune_structured"), {})
+    rows = metrics.get("dependency_analysis", {}).get("kept_whole", []) + metrics.get("untracked_coupling", [])
+    if not rows:
+        return []
+    lines = ["## Layer groups not pruned", "", "| group | why |", "|---|---|"]
+    return lines + [f"| {_escape(row['layer'])} | {_escape(row['reason'])} |" for row in rows] + [""]
 
 
 def _budgets(manifest: dict[str, Any]) -> list[str]:

@@ -200,12 +200,13 @@ def _analysis(model: nn.Module, config: BuildConfig, dataset: Dataset, reporter:
         context = StageContext(config, dataset, {}, Path(folder), reporter)
         example = example_input(context)
         protected = protected_layers(model, config.prune.ignored_layers, config.model.num_classes)
+        analysis = layer_groups(model, example, config.prune, protected, reporter)
         images, labels = (torch.from_numpy(split[:256]) for split in (dataset.x_train, dataset.y_train))
         yield _Analysis(
             model,
             context,
-            protected,
-            layer_groups(model, example, config.prune, protected),
+            analysis.protected(protected),
+            analysis.groups,
             Guard(example_input(context, batch=4), config.model.num_classes, images, labels),
             LatencyProbe.for_target(context),
         )
@@ -260,8 +261,9 @@ class _Analysis:
     def measure_blocks(self, cache_dir: Path) -> list[dict[str, Any]]:
         """One row per residual block the model can lose whole, removed alone."""
         from edgeprune.blocks import drop_blocks, residual_blocks
+        from edgeprune.deadline import Budget
 
-        names = residual_blocks(self.model, self.guard.sample, self.protected)
+        names = residual_blocks(self.model, self.guard.sample, self.protected, Budget(self.context.config.prune.analysis_seconds))
         return self.measured_rows([({"block": name}, drop_blocks(self.model, [name])) for name in names], cache_dir)
 
     def measured_rows(self, candidates: list[tuple[dict[str, Any], nn.Module]], cache_dir: Path) -> list[dict[str, Any]]:

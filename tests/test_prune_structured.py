@@ -27,8 +27,8 @@ NUM_CLASSES = 10
 def prune(model: nn.Module, config: PruneConfig, widths: dict[str, int] | None = None, level: float = 0.5, data=None, ignored=()):
     """``guarded_prune`` the way the stage calls it: every group to ``widths`` (default: the plan at ``level``)."""
     example = example_input("small_cnn", batch=4, input_shape=(1, 28, 28))
-    protected = protected_layers(model, ignored, NUM_CLASSES)
-    groups = layer_groups(model, example[:1], config, protected)
+    analysis = layer_groups(model, example[:1], config, protected_layers(model, ignored, NUM_CLASSES))
+    groups, protected = analysis.groups, analysis.protected(protected_layers(model, ignored, NUM_CLASSES))
     widths = widths or GroupPlan.from_config(groups, config).targets(level, config.round_to)
     images, labels = (torch.from_numpy(data.x_train[:256]), torch.from_numpy(data.y_train[:256])) if data else (None, None)
     return guarded_prune(model, config, protected, groups, widths, Guard(example, NUM_CLASSES, images, labels))
@@ -144,7 +144,7 @@ def write_sensitivity(path: Path, weights: dict[str, float], ratios: tuple[float
 
 def test_sensitivity_weights_and_layer_ratios_set_each_groups_width(tmp_path: Path) -> None:
     model = build_model(get_spec("small_cnn"))
-    groups = layer_groups(model, example_input("small_cnn"), PruneConfig(), protected_layers(model, (), NUM_CLASSES))
+    groups = layer_groups(model, example_input("small_cnn"), PruneConfig(), protected_layers(model, (), NUM_CLASSES)).groups
     sensitivity = write_sensitivity(tmp_path / "sensitivity.json", {"features.0.0": 2.0, "features.2.0": 0.5, "other.layer": 9.0})
     config = PruneConfig(ratios_from=str(sensitivity), layer_ratios=("features.4.0=0.25",))
     plan = GroupPlan.from_config(groups, config)
@@ -155,7 +155,7 @@ def test_sensitivity_weights_and_layer_ratios_set_each_groups_width(tmp_path: Pa
 
 def test_a_measured_plan_takes_no_group_past_the_largest_ratio_its_analysis_measured(tmp_path: Path) -> None:
     model = build_model(get_spec("small_cnn"))
-    groups = layer_groups(model, example_input("small_cnn"), PruneConfig(), protected_layers(model, (), NUM_CLASSES))
+    groups = layer_groups(model, example_input("small_cnn"), PruneConfig(), protected_layers(model, (), NUM_CLASSES)).groups
     weights = {"features.0.0": 2.0, "features.2.0": 0.5, "features.4.0": 1.0}
     sensitivity = write_sensitivity(tmp_path / "sensitivity.json", weights, ratios=(0.25, 0.5, 0.75))
     plan = GroupPlan.from_config(groups, PruneConfig(ratios_from=str(sensitivity)))
@@ -180,7 +180,7 @@ def test_bad_per_group_ratios_are_one_line_errors(tmp_path: Path, changes: dict,
     write_sensitivity(tmp_path / "other.json", {"encoder.conv": 1.0})
     changes = {key: value.format(tmp=tmp_path) if isinstance(value, str) else value for key, value in changes.items()}
     model = build_model(get_spec("small_cnn"))
-    groups = layer_groups(model, example_input("small_cnn"), PruneConfig(), protected_layers(model, (), NUM_CLASSES))
+    groups = layer_groups(model, example_input("small_cnn"), PruneConfig(), protected_layers(model, (), NUM_CLASSES)).groups
     with pytest.raises(error, match=message) as raised:
         GroupPlan.from_config(groups, PruneConfig(**changes))
     assert "\n" not in str(raised.value)
@@ -202,15 +202,17 @@ def test_untracked_coupling_is_bisected_out_and_the_rest_is_pruned() -> None:
 
 
 def test_shufflenet_is_pruned_to_an_exact_subnetwork_despite_the_channel_shuffle() -> None:
-    """Torch-Pruning reads the shuffle as an identity (see test_models); the groups it mis-maps are left out."""
+    """The reshape channel shuffle is a barrier: the groups coupled through it are kept whole, the others pruned exactly."""
     model = build_model(get_spec("shufflenet_mini"))
+    example = example_input("shufflenet_mini", batch=4)
+    analysis = layer_groups(model, example[:1], PruneConfig(), protected_layers(model, (), NUM_CLASSES))
+    assert analysis.kept_whole and all("channel-mixing" in item.reason for item in analysis.kept_whole)
+    assert any("branch.2.0" in item.layer for item in analysis.kept_whole)
     result = prune(model, PruneConfig(round_to=1), level=0.5)
-    assert result.untracked and all("branch.2.0" in item.layer for item in result.untracked)
-    assert any("no longer computes" in item.reason for item in result.untracked)
-    x = example_input("shufflenet_mini", batch=4)
-    assert count_macs_params(model, x[:1])["macs"] / count_macs_params(result.model, x[:1])["macs"] > 1.3
+    assert result.untracked == []
+    assert count_macs_params(model, example[:1])["macs"] / count_macs_params(result.model, example[:1])["macs"] > 1.2
     with torch.no_grad():
-        assert (result.model(x) - zeroed_reference(model, result.removed, x)).abs().max() < 1e-4
+        assert (result.model(example) - zeroed_reference(model, result.removed, example)).abs().max() < 1e-4
 
 
 # --------------------------------------------------------------------------- attention

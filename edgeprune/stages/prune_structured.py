@@ -12,7 +12,9 @@ goes, ``prune.drop_blocks``/``prune.drop_block_count`` remove whole residual blo
 Every step prunes a copy and accepts it only once it runs and (where no LayerNorm
 intervenes) computes exactly the previous model minus the removed channels; groups whose
 coupling the graph gets wrong are bisected out, left unpruned and listed in the metrics
-(key ``untracked_coupling``). The saved model is verified by rebuilding it from its file.
+(key ``untracked_coupling``); groups the dependency analysis keeps whole (coupled through a
+channel shuffle, or not reached within ``prune.analysis_seconds``) are under key
+``dependency_analysis``. The saved model is verified by rebuilding it from its file.
 Metrics key ``trajectory`` has one row per step.
 """
 
@@ -29,6 +31,8 @@ from torch import nn
 from edgeprune.artifacts import sha256_of
 from edgeprune.blocks import check_droppable, drop_blocks, residual_blocks, score_blocks
 from edgeprune.config import BuildConfig, PruneConfig
+from edgeprune.deadline import Budget
+from edgeprune.dependency import DependencyAnalysis
 from edgeprune.errors import ConfigError, InputError, StageError
 from edgeprune.latency_target import LatencyProbe, prune_to_speedup
 from edgeprune.modelio import load_model
@@ -56,7 +60,7 @@ HELD_OUT_IMAGES = 1000  # the last training images: blocks for drop_block_count 
 
 class PruneStructured:
     name = "prune_structured"
-    version = "9"  # 8: BatchNorm statistics re-estimated after each step; 9: depth pruning
+    version = "10"  # 8: BatchNorm statistics re-estimated after each step; 9: depth pruning; 10: bounded analysis
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)
@@ -81,7 +85,8 @@ class PruneStructured:
         before, widths_before = count_macs_params(dense, example), layer_widths(dense)
         protected = protected_layers(dense, config.prune.ignored_layers, config.model.num_classes)
         model, depth = depth_prune(context, dense, protected)
-        groups = layer_groups(model, example, config.prune, protected)
+        analysis = analyse_dependencies(context, model, protected)
+        protected, groups = analysis.protected(protected), analysis.groups
         run = PruningRun(model, copy.deepcopy(dense), context, protected, groups, GroupPlan.from_config(groups, config.prune))
         if config.prune.speedup > 0:
             trajectory = prune_to_speedup(run, LatencyProbe.for_target(context), config.prune, config.budgets.max_accuracy_drop)
@@ -102,10 +107,24 @@ class PruneStructured:
             "layers": layer_report(widths_before, layer_widths(model)),
             "group_ratios": {name: round(1 - root_channels(model, name) / width, 4) for name, width in run.plan.widths.items()},
             "untracked_coupling": [{"layer": item.layer, "reason": item.reason} for item in run.untracked],
+            "dependency_analysis": {"seconds": round(analysis.seconds, 3), "groups": len(groups), "kept_whole": analysis.report()},
             "depth": depth,
             "trajectory": trajectory,
         }
         return StageOutput(artifacts, metrics)
+
+
+def analyse_dependencies(context: StageContext, model: nn.Module, protected: set[str]) -> DependencyAnalysis:
+    """The layer groups of ``model`` (within ``prune.analysis_seconds``); the groups kept whole are said in the log."""
+    reporter, seconds = context.reporter, context.config.prune.analysis_seconds
+    reporter.info(f"prune_structured: dependency analysis (at most {seconds:g} s, prune.analysis_seconds)")
+    analysis = layer_groups(model, example_input(context), context.config.prune, protected, reporter)
+    reporter.info(f"prune_structured: {len(analysis.groups)} layer groups, {len(analysis.kept_whole)} kept whole ({analysis.seconds:.1f}s)")
+    if analysis.kept_whole:
+        reporter.warn(f"prune_structured: keeping {len(analysis.kept_whole)} layer groups whole (metrics: dependency_analysis)")
+    for item in analysis.kept_whole:
+        reporter.detail(f"keeping {item.layer} whole: {item.reason}")
+    return analysis
 
 
 def depth_prune(context: StageContext, model: nn.Module, protected: set[str]) -> tuple[nn.Module, dict[str, Any]]:
@@ -119,10 +138,15 @@ def depth_prune(context: StageContext, model: nn.Module, protected: set[str]) ->
     if not named and not count:
         return model, {"blocks": [], "mac_reduction": 1.0}
     example, sample = example_input(context), example_input(context, batch=4)
-    candidates = residual_blocks(model, sample, protected)
+    budget, seconds = Budget(config.prune.analysis_seconds), config.prune.analysis_seconds
+    candidates = residual_blocks(model, sample, protected, budget)
+    if budget.expired():
+        context.reporter.warn(
+            f"prune_structured: block detection ran past prune.analysis_seconds ({seconds:g} s): {len(candidates)} found by then"
+        )
     check_droppable(named, candidates)
     others = [name for name in candidates if name not in named]
-    if count > len(others):
+    if count > len(others) and not budget.expired():
         raise ConfigError(
             f"prune.drop_block_count = {count}, but the model has {len(others)} more removable residual blocks "
             f"({', '.join(others) or 'none'})"
@@ -132,7 +156,10 @@ def depth_prune(context: StageContext, model: nn.Module, protected: set[str]) ->
         macs_of = lambda candidate: count_macs_params(candidate, example)["macs"]  # noqa: E731
         held_out = (dataset.x_train[-HELD_OUT_IMAGES:], dataset.y_train[-HELD_OUT_IMAGES:])
         recalibration = dataset.x_train[:RECALIBRATION_IMAGES] if config.prune.recalibrate_batchnorm else None
-        for score in score_blocks(model, others, macs_of, held_out, recalibration)[:count]:
+        scores = score_blocks(model, others, macs_of, held_out, recalibration, Budget(seconds))
+        if len(scores) < min(count, len(others)):
+            context.reporter.warn(f"prune_structured: ranking blocks ran past prune.analysis_seconds ({seconds:g} s): {len(scores)} ranked")
+        for score in scores[:count]:
             chosen = {"block": score.block, "chosen_by": "prune.drop_block_count", "held_out_accuracy": score.accuracy}
             rows.append({**chosen, "macs_removed": score.macs_removed})
     order = {name: index for index, name in enumerate(candidates)}
