@@ -136,7 +136,8 @@ def _accuracy_vs_compression(figure, manifest: dict[str, Any]) -> bool:
     for name in ("prune_structured", "prune_unstructured", "finetune"):
         if name in stages and "accuracy" in stages[name]:
             sparsity = stages[name].get("global_sparsity")
-            label = f"{name} (sparsity {sparsity:.0%})" if sparsity else name
+            step = " after step 1" if name == "prune_unstructured" and stages[name].get("schedule", {}).get("targets", [0])[1:] else ""
+            label = f"{name} (sparsity {sparsity:.0%}{step})" if sparsity else name
             points.append((label, reduction, stages[name]["accuracy"]))
     for label, x, y in points:
         steps_axes.scatter([x], [y], s=40)
