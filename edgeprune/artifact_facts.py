@@ -52,17 +52,25 @@ def artifact_facts(path: Path, kind: str) -> Facts:
     Raises:
         InputError: the file cannot be read as ``kind`` (one line naming it).
     """
-    facts = file_facts(path)
+    return {**file_facts(path), **format_facts(path, kind)}
+
+
+def format_facts(path: Path, kind: str) -> Facts:
+    """The figures the reader registered for ``kind`` finds in the file (none for a kind without a reader).
+
+    Raises:
+        InputError: the file cannot be read as ``kind`` (one line naming it).
+    """
     reader = FORMAT_FACTS.get(kind)
-    if reader is not None:
-        try:
-            facts.update(reader(Path(path)))
-        except InputError:
-            raise
-        except Exception as error:  # a parser's failure on a damaged file: one line, not its traceback
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise InputError(f"{Path(path).name}: cannot read it as {kind} ({first})") from None
-    return facts
+    if reader is None:
+        return {}
+    try:
+        return reader(Path(path))
+    except InputError:
+        raise
+    except Exception as error:  # a parser's failure on a damaged file: one line, not its traceback
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{Path(path).name}: cannot read it as {kind} ({first})") from None
 
 
 def file_facts(path: Path) -> Facts:

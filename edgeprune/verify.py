@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeprune.artifact_facts import artifact_facts
+from edgeprune.artifact_facts import file_facts, format_facts
 from edgeprune.artifacts import MANIFEST
 from edgeprune.errors import EdgepruneError, InputError, StageError
 
@@ -164,12 +164,15 @@ def check_artifact(folder: Path, figure: str, entry: dict[str, Any], result: Ver
     if not filename or Path(filename).name != filename or not path.is_file():
         result.compare(f"{figure}.file", filename, "no such file in the folder", str(folder))
         return None
+    derived, unreadable = file_facts(path), None
     try:
-        derived = artifact_facts(path, entry.get("kind", ""))
+        derived.update(format_facts(path, entry.get("kind", "")))
     except EdgepruneError as error:
-        result.compare(f"{figure}.file", filename, f"an unreadable file ({error})", filename)
-        return None
+        unreadable = str(error)
     result.compare(figure, {key: entry.get(key, _MISSING) for key in derived}, derived, filename)
+    if unreadable is not None:
+        result.compare(f"{figure}.readable", True, unreadable, filename)
+        return None
     return derived
 
 
