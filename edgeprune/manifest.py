@@ -41,6 +41,7 @@ VOLATILE_FIELDS = (
     "stages.*.metrics.results",
     "stages.*.metrics.speedups",
     "artifacts.*.benchmark",
+    "parity_data.path",
     "speedups",
     "budgets.violations",
     "budgets.passed",
@@ -228,14 +229,13 @@ def channel_rows(dense_layers: list[dict[str, Any]], widths: dict[str, int]) -> 
 
 def parity_data(config: BuildConfig, dataset: Dataset) -> dict[str, Any]:
     """Where the test split the parity checks ran on comes from, so ``edgeprune verify --parity`` can find it again:
-    the source as given, its absolute path when it is a file, the preprocessing (``config.data``) and the fingerprint."""
-    from edgeprune.data import EXAMPLE_DATA
-
+    the source as given, the absolute path of a data file (volatile: it differs between machines), the
+    preprocessing (``config.data``) and the fingerprint of the preprocessed arrays."""
     source = config.data.source
-    path = EXAMPLE_DATA if source == "example" else Path(source)
+    path = Path(source)
     return {
         "source": source,
-        "path": str(path.resolve()) if path.is_file() else None,
+        "path": str(path.resolve()) if source != "example" and path.is_file() else None,
         "config": config.to_dict()["data"],
         "num_classes": config.model.num_classes,
         "fingerprint": dataset.fingerprint,

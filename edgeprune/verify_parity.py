@@ -29,7 +29,7 @@ def check_parity_again(folder: Path, manifest: dict[str, Any], result: Verificat
     where = manifest.get("parity_data")
     if not where:
         raise InputError(f"{folder / 'manifest.json'}: no parity_data (a manifest from an older edgeprune); rebuild to verify parity")
-    source = str(data) if data is not None else where.get("path") or where["source"]
+    source = data_source(where, data)
     config = merge_layers([("manifest.json", {"data": {**where["config"], "source": source}, "parity": manifest["config"]["parity"]})])
     dataset = load_dataset(config.data, where["num_classes"])
     result.compare("parity_data.fingerprint", where["fingerprint"], dataset.fingerprint, source)
@@ -41,6 +41,14 @@ def check_parity_again(folder: Path, manifest: dict[str, Any], result: Verificat
         if entry.get("kind") in ("onnx", "tflite") and "parity" in entry:
             logits[name] = _logits(folder / entry["file"], entry, dataset.x_test)
             check_artifact_parity(name, entry, logits, dataset.y_test, config.parity, result)
+
+
+def data_source(where: dict[str, Any], data: Path | None) -> str:
+    """``data`` when given, else the recorded absolute path if it still exists, else the source as the build was given it."""
+    if data is not None:
+        return str(data)
+    recorded = where.get("path")
+    return recorded if recorded and Path(recorded).is_file() else where["source"]
 
 
 def _logits(path: Path, entry: dict[str, Any], images: np.ndarray) -> np.ndarray:
