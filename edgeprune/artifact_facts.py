@@ -18,7 +18,6 @@ A new format (e.g. ``.pte``) adds one ``@facts_for(kind)`` function.
 
 from __future__ import annotations
 
-import gzip
 import io
 import zipfile
 from collections import Counter
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.artifacts import sha256_of
+from edgeprune.artifacts import gzip_size, sha256_of
 from edgeprune.errors import InputError
 
 Facts = dict[str, Any]
@@ -76,7 +75,7 @@ def format_facts(path: Path, kind: str) -> Facts:
 def file_facts(path: Path) -> Facts:
     """sha256 and sizes in bytes: raw, gzip -9 and a zip archive (deflate -9) holding the file; raw/gzip ratio."""
     data = Path(path).read_bytes()
-    gzip_bytes = len(gzip.compress(data, compresslevel=9, mtime=0))
+    gzip_bytes = gzip_size(path)
     return {
         "sha256": sha256_of(path),
         "size_bytes": len(data),

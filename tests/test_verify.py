@@ -200,11 +200,12 @@ def test_size_profile_states_the_sparsity_of_its_shipped_file(profile_builds):
     zeros, total = _count_onnx_weight_zeros(folder / "model_int8.onnx")
     shipped = manifest["artifacts"]["onnx_int8"]["weights"]
     assert (shipped["zeros_counted"], shipped["weights_counted"]) == (zeros, total)
-    assert shipped["global_sparsity"] == round(zeros / total, 6) and shipped["global_sparsity"] >= 0.9
+    assert shipped["global_sparsity"] == round(zeros / total, 6) and shipped["global_sparsity"] == pytest.approx(0.9, abs=1e-3)
     state = torch.load(folder / "model.pt", weights_only=True)["state_dict"]
     weights = [value for key, value in state.items() if key.endswith(".weight") and value.ndim in (2, 4)]
     torch_zeros = sum(int((weight == 0).sum()) for weight in weights) / sum(weight.numel() for weight in weights)
     assert manifest["model"]["global_sparsity"] == pytest.approx(torch_zeros, abs=1e-6) and torch_zeros == pytest.approx(0.9, abs=1e-3)
+    assert zeros >= round(torch_zeros * total)  # int8 rounding can only add zeros to the ones pruning made
     first_step = next(stage for stage in manifest["stages"] if stage["name"] == "prune_unstructured")["metrics"]
     assert first_step["global_sparsity"] < 0.5 and first_step["describes"].startswith("the model after pruning step 1 of")
     report = (folder / "report.md").read_text()
