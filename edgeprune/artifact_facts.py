@@ -107,9 +107,11 @@ def sparsity_row(layer: str, values: np.ndarray, zero: np.ndarray | float = 0) -
 
 def per_axis(values: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray | float:
     """A per-channel zero-point shaped to broadcast against ``values`` along ``axis`` (a scalar passes through)."""
-    zero_point = np.asarray(zero_point)
-    if zero_point.size <= 1:
-        return zero_point.reshape(-1)[0] if zero_point.size else 0
+    zero_point = np.asarray(zero_point).reshape(-1)
+    if zero_point.size == 0 or not zero_point.any():
+        return 0
+    if zero_point.size == 1 or (zero_point == zero_point[0]).all():  # one zero-point, or one repeated per channel
+        return zero_point[0]
     shape = [1] * values.ndim
     shape[axis % values.ndim] = zero_point.size
     return zero_point.reshape(shape)
@@ -126,7 +128,17 @@ def tensor_mix(dtypes: list[tuple[str, int]]) -> dict[str, dict[str, int]]:
 
 # --------------------------------------------------------------------------- ONNX
 
-ONNX_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# op -> (weight input, its zero-point input or None, the zero-point's axis): float ops and ONNX's integer ops (QOperator format)
+ONNX_WEIGHT_INPUTS = {
+    "Conv": (1, None, 0),
+    "ConvTranspose": (1, None, 0),
+    "Gemm": (1, None, 0),
+    "MatMul": (1, None, 0),
+    "QLinearConv": (3, 5, 0),
+    "QLinearMatMul": (3, 5, -1),
+    "ConvInteger": (1, 3, 0),
+    "MatMulInteger": (1, 3, -1),
+}
 _ONNX_PASS_THROUGH = ("Cast", "Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
 
 
@@ -141,10 +153,9 @@ def onnx_facts(path: Path) -> Facts:
     consumers = {name: node for node in graph.node for name in node.input if node.op_type == "QuantizeLinear"}
     rows = []
     for index, node in enumerate(graph.node):
-        if node.op_type in ONNX_WEIGHT_OPS and len(node.input) > 1:
-            weight = _onnx_weight(node.input[1], constants, producers)
-            if weight is not None:
-                rows.append(sparsity_row(node.name or f"{node.op_type}_{index}", *weight))
+        weight = _onnx_node_weight(node, constants, producers)
+        if weight is not None:
+            rows.append(sparsity_row(node.name or f"{node.op_type}_{index}", *weight))
     return {
         "opset": max((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), default=None),
         "io": {
@@ -167,6 +178,22 @@ def _onnx_constants(graph) -> dict[str, np.ndarray]:
                 if attribute.name == "value":
                     constants[node.output[0]] = numpy_helper.to_array(attribute.t)
     return constants
+
+
+def _onnx_node_weight(node, constants: dict[str, np.ndarray], producers: dict) -> tuple[np.ndarray, Any] | None:
+    """(stored values, the value meaning zero) of a node's constant weight; None for another op or a computed weight."""
+    if node.op_type not in ONNX_WEIGHT_INPUTS:
+        return None
+    weight, zero_point, axis = ONNX_WEIGHT_INPUTS[node.op_type]
+    if len(node.input) <= weight:
+        return None
+    if zero_point is None:
+        return _onnx_weight(node.input[weight], constants, producers)
+    if node.input[weight] not in constants:
+        return None
+    values = constants[node.input[weight]]
+    zero = constants.get(node.input[zero_point], 0) if len(node.input) > zero_point and node.input[zero_point] else 0
+    return values, per_axis(values, zero, axis)
 
 
 def _onnx_weight(name: str, constants: dict[str, np.ndarray], producers: dict) -> tuple[np.ndarray, Any] | None:

@@ -78,6 +78,25 @@ def test_onnx_figures_count_zeros_behind_dequantize_and_casts(tmp_path):
     assert facts["compression_ratio_gzip"] == round(facts["size_bytes"] / facts["size_gzip_bytes"], 6)
 
 
+def test_onnx_integer_ops_count_zeros_against_their_weight_zero_point(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.array([[0, 2], [5, 2], [0, 0]], dtype=np.int8)  # column 0 (zero-point 0): two zeros; column 1 (zero-point 2): two 2s
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["input", "b", "", "b_zero"], ["logits"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.INT8, [1, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.INT32, [1, 2])],
+        [numpy_helper.from_array(weight, "b"), numpy_helper.from_array(np.array([0, 2], dtype=np.int8), "b_zero")],
+    )
+    path = tmp_path / "integer.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    facts = artifact_facts(path, "onnx")
+    assert facts["weights"]["sparsity"] == [{"layer": "mm", "weights": 6, "zeros": 4, "sparsity": round(4 / 6, 6)}]
+    assert facts["io"]["inputs"] == [{"name": "input", "dtype": "int8", "shape": [1, 3]}]
+
+
 def test_a_damaged_file_is_one_line_naming_it(tmp_path):
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"\x08\x07garbage that is no protobuf of a model")
