@@ -32,6 +32,7 @@ ACCURACY_POINTS = 0.5  # --parity: top-1 (percent) re-measured on another CPU ma
 AGREEMENT = 0.01  # --parity: top-1 agreement (fraction)
 MAX_ABS_ERROR = (1e-3, 0.1)  # --parity: |re-measured - stated| <= 1e-3 + 10 % of the stated max abs error
 MODEL_SUFFIXES = (".onnx", ".tflite", ".pt", ".pte")
+FIRST_VERIFIABLE = 3  # the manifest version whose file figures are read from the files
 _MISSING = object()
 
 
@@ -113,6 +114,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not readable JSON ({error})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), dict):
         raise InputError(f"{path}: not an edgeprune manifest (no artifacts table)")
+    version = manifest.get("manifest_version")
+    if not isinstance(version, int) or version < FIRST_VERIFIABLE:
+        raise InputError(f"{path}: manifest version {version} predates figures read from the files ({FIRST_VERIFIABLE}); rebuild")
     return manifest
 
 
