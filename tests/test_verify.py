@@ -104,9 +104,12 @@ def test_a_damaged_file_is_one_line_naming_it(tmp_path):
         artifact_facts(path, "onnx")
 
 
-def test_verify_refuses_a_folder_without_a_manifest(tmp_path, capsys):
+def test_verify_refuses_a_folder_without_a_manifest_or_with_an_older_one(tmp_path, capsys):
     assert main(["verify", str(tmp_path)]) == 2
     assert "no manifest.json here" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text(json.dumps({"manifest_version": 2, "artifacts": {}}))
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "manifest version 2 predates figures read from the files (3); rebuild" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- every bundled profile, built and verified
