@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from edgeprune.data import Dataset
     from edgeprune.diff import ManifestDiff, Thresholds
     from edgeprune.sensitivity import SensitivityResult
+    from edgeprune.verify import Verification
 
 DEFAULT_CACHE = ".edgeprune-cache"
 
@@ -239,6 +240,7 @@ def build_config(
 def write_output(config, dataset, result, out: Path) -> tuple[dict[str, Any], list[Violation]]:
     """Copy the shipped artefacts, then write manifest.json, report.md, report.html and plots/, all swapped in at once."""
     from edgeprune.manifest import SHIPPED, make_manifest, seal
+    from edgeprune.verify import check_output
 
     with staged_directory(out) as staging:
         shipped: dict[str, Artifact] = {}
@@ -251,6 +253,7 @@ def write_output(config, dataset, result, out: Path) -> tuple[dict[str, Any], li
         manifest["budgets"] = {"limits": limits, "violations": [v.to_dict() for v in violations], "passed": not violations}
         write_json_atomic(staging / MANIFEST, seal(manifest))
         write_reports(manifest, staging, previous=out)
+        check_output(staging)  # never publish a manifest its files contradict
     return manifest, violations
 
 
@@ -293,6 +296,13 @@ def diff(old: Path, new: Path, thresholds: Thresholds | None = None) -> Manifest
     from edgeprune.diff import Thresholds, diff_manifests
 
     return diff_manifests(Path(old), Path(new), thresholds or Thresholds())
+
+
+def verify(folder: Path, *, parity: bool = False, data: Path | None = None) -> Verification:
+    """Derive every figure an output folder's manifest states about its files again and compare (``edgeprune.verify``)."""
+    from edgeprune.verify import verify_output
+
+    return verify_output(Path(folder), parity=parity, data=Path(data) if data is not None else None)
 
 
 def bench(

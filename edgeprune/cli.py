@@ -6,7 +6,8 @@ Exit codes: 0 success; 2 bad input or configuration; 3 a stage failed
 edgeprune.budgets); 130 interrupted. A matrix build exits with its worst
 outcome: a failed target's code, else the code of all its violations together.
 ``edgeprune diff`` exits 10/11/12/14 when it flags an accuracy/latency/size
-regression (several kinds: 14).
+regression (several kinds: 14). ``edgeprune verify`` exits 3 when the files of an
+output folder contradict its manifest.
 
 A command is an ``_add_NAME(commands)`` function (its arguments) and a
 handler ``_NAME(args) -> exit code``; add both and list the first in COMMANDS.
@@ -222,6 +223,21 @@ def _add_bench(commands) -> None:
     parser.set_defaults(handler=_bench)
 
 
+def _add_verify(commands) -> None:
+    parser = commands.add_parser(
+        "verify",
+        help="prove that a build's manifest describes the files beside it",
+        description="Derive every figure manifest.json states about the files in an output folder again from the files (sha256, "
+        "raw/gzip/zip sizes, compression ratio, I/O names, shapes, dtypes and quantization parameters, int8/float tensor mix, weight "
+        "sparsity global and per layer, parameters, MACs, channel widths, removed blocks) and compare. Exits 3 naming each mismatch.",
+    )
+    parser.add_argument("folder", type=Path, help="the output folder of a build (holds manifest.json)")
+    parser.add_argument("--parity", action="store_true", help="also run the parity checks again on the test split the manifest names")
+    parser.add_argument("--data", type=Path, default=None, help="with --parity: where that data file is now, if it moved")
+    _common(parser)
+    parser.set_defaults(handler=_verify)
+
+
 # --------------------------------------------------------------------------- handlers
 
 
@@ -363,6 +379,18 @@ def _diff(args) -> int:
     return result.exit_code
 
 
+def _verify(args) -> int:
+    from edgeprune import api
+
+    result = api.verify(args.folder, parity=args.parity, data=args.data)
+    files = sum(1 for figure in result.checked if figure.endswith(".sha256"))
+    verdict = "all match" if result.passed else f"{len(result.mismatches)} mismatch(es)"
+    _print(args, result.to_dict(), lambda: f"{args.folder}: {len(result.checked)} figures of {files} files checked: {verdict}")
+    for mismatch in result.mismatches:
+        print(f"edgeprune: mismatch: {mismatch.line()}", file=sys.stderr)
+    return 0 if result.passed else VERIFY_FAILED
+
+
 def _analyze(args) -> int:
     from edgeprune import api
 
@@ -403,7 +431,8 @@ def _toml_like(resolved: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = (_add_build, _add_analyze, _add_export, _add_targets, _add_bench, _add_diff)
+VERIFY_FAILED = 3  # the exit code of a build whose output check fails
+COMMANDS = (_add_build, _add_analyze, _add_export, _add_targets, _add_bench, _add_diff, _add_verify)
 
 if __name__ == "__main__":
     sys.exit(main())

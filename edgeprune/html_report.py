@@ -128,7 +128,19 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
                 entry["sha256"][:16],
             ]
         )
-    header = ["file", "precision", "KiB", "gzip KiB", "top-1", "max abs err", "top-1 agree", "p50 ms", "p90 ms", "peak RSS MB", "sha256"]
+    header = [
+        "file",
+        "precision",
+        "KiB",
+        "gzip KiB",
+        "top-1",
+        "max abs err",
+        "top-1 agree",
+        "p50 ms",
+        "p90 ms",
+        "runner peak RSS MB",
+        "sha256",
+    ]
     return ["<h2>Artefacts</h2>", _table(header, rows)]
 
 

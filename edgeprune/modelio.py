@@ -156,12 +156,7 @@ def load_model(path: Path) -> nn.Module:
     The file names the factory that rebuilds the network (``model.source``), which
     is imported and called: load model files you (or your build cache) wrote.
     """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path}: not a loadable edgeprune model file ({_first_line(error)})") from None
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise InputError(f"{path}: not an edgeprune model file")
+    payload = read_model_file(path)
     try:
         arch = payload["architecture"]
         config = ModelConfig(source=arch["source"], num_classes=arch["num_classes"])
@@ -171,6 +166,17 @@ def load_model(path: Path) -> nn.Module:
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise InputError(f"{path}: damaged edgeprune model file ({type(error).__name__}: {_first_line(error)})") from None
     return model.eval()
+
+
+def read_model_file(path: Path) -> dict[str, Any]:
+    """The payload of a model file written by ``save_model``: format, architecture, plan, state_dict (weights_only)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise InputError(f"{path}: not a loadable edgeprune model file ({_first_line(error)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise InputError(f"{path}: not an edgeprune model file")
+    return payload
 
 
 def capture_plan(model: nn.Module) -> dict[str, Any]:

@@ -40,12 +40,22 @@ def _summary(manifest: dict[str, Any]) -> list[str]:
         f"- MACs {model['macs_dense']:,} → {model['macs']:,} ({model['macs_dense'] / max(model['macs'], 1):.2f}× fewer); "
         f"params {model['params_dense']:,} → {model['params']:,}",
     ]
-    if "global_sparsity" in model:
-        lines.append(f"- global weight sparsity: {model['global_sparsity'] * 100:.1f} %")
+    lines += _sparsity(manifest)
     if speedup:
         device = _escape(manifest["benchmark_device"])
         lines.append(f"- measured speed-up of {primary} over the dense fp32 export on {device}: {speedup:.2f}×")
     return lines + [""]
+
+
+def _sparsity(manifest: dict[str, Any]) -> list[str]:
+    """Weight sparsity counted in the shipped files: the primary artefact's and the PyTorch model's."""
+    artifacts = manifest["artifacts"]
+    entries = [artifacts.get(manifest["primary_artifact"], {}), artifacts.get("model", {})]
+    counted = dict((entry["file"], entry["weights"]["global_sparsity"]) for entry in entries if "weights" in entry)
+    if not any(counted.values()):
+        return []
+    shown = ", ".join(f"`{name}` {value * 100:.1f} %" for name, value in counted.items())
+    return [f"- weight sparsity (zeros counted in the shipped file): {shown}"]
 
 
 def _plots(plots: Iterable[tuple[str, str]]) -> list[str]:
@@ -66,7 +76,7 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
     lines = [
         "## Artefacts",
         "",
-        "| file | precision | size KiB | gzip KiB | top-1 | max abs err | top-1 agree | p50 ms | p90 ms | p99 ms | peak RSS MB |",
+        "| file | precision | size KiB | gzip KiB | top-1 | max abs err | top-1 agree | p50 ms | p90 ms | p99 ms | runner peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in manifest["artifacts"].values():

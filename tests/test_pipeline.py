@@ -106,8 +106,8 @@ def test_android_build_ships_full_integer_tflite(workdir, user_checkpoint):
     result = build("android", user_checkpoint, "benchmark.threads=2", TINY_INT8_GATE)
     artifacts = result.manifest["artifacts"]
     assert result.manifest["primary_artifact"] == "tflite_int8"
-    io = artifacts["tflite_int8"]["io"]
-    assert io["input"]["dtype"] == "int8" and io["input"]["scale"] > 0
+    model_input = artifacts["tflite_int8"]["io"]["inputs"][0]
+    assert model_input["dtype"] == "int8" and model_input["quantization"]["scale"][0] > 0
     assert abs(artifacts["tflite_fp32"]["accuracy"] - artifacts["tflite_int8"]["accuracy"]) <= 1.0
     assert artifacts["tflite_fp32"]["parity"]["max_abs_error"] < 1e-3
     assert artifacts["tflite_int8"]["benchmark"]["latency_p50_ms"] > 0

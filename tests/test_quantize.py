@@ -200,7 +200,7 @@ def test_tflite_fallback_and_float_io(workdir, broken_checkpoint):
     assert int8["fallback"]["first_attempt"]["accuracy_drop"] > 20
     assert int8["budget"]["passed"] and int8["versus_fp32"]["top1_agreement"] >= 0.99
     assert "features.4" in int8["float_layers"]  # torch module paths for TFLite
-    assert int8["io"]["input"]["dtype"] == "float32" and int8["io"]["output"]["dtype"] == "float32"
+    assert int8["io"]["inputs"][0]["dtype"] == "float32" and int8["io"]["outputs"][0]["dtype"] == "float32"
     interpreter = tflite_interpreter(workdir / "dist/android/model_int8.tflite", threads=1)
     dtypes = {detail["index"]: detail["dtype"] for detail in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeprune.artifact_facts import count_macs_params  # noqa: F401 (the stages count MACs through here)
 from edgeprune.artifacts import Artifact
 from edgeprune.modelio import load_model, save_model
 from edgeprune.pipeline import StageContext
@@ -28,12 +29,3 @@ def write_model(context: StageContext, model: nn.Module, names: tuple[str, ...] 
 
 def example_input(context: StageContext, batch: int = 1) -> torch.Tensor:
     return torch.from_numpy(context.dataset.x_test[:batch].copy())
-
-
-def count_macs_params(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates and parameters for one input (Torch-Pruning's counter)."""
-    import torch_pruning as tp
-
-    model.eval()
-    macs, params = tp.utils.count_ops_and_params(model, example)
-    return {"macs": int(macs), "params": int(params)}
