@@ -296,13 +296,23 @@ def diff(old: Path, new: Path, thresholds: Thresholds | None = None) -> Manifest
 
 
 def bench(
-    artifact: Path, device: str = "local", threads: int = 2, iterations: int = 50, repeats: int = 3, warmup: int = 10
+    artifact: Path,
+    device: str = "local",
+    threads: int = 2,
+    iterations: int = 50,
+    repeats: int = 3,
+    warmup: int = 10,
+    shapes: tuple[str, ...] = (),
+    max_spread_pct: float = 0.0,
 ) -> dict[str, Any]:
-    """Benchmark one artefact on one device; returns the runner's figures."""
+    """Benchmark one artefact on one device; returns the runner's figures. ``shapes`` (``INPUT=1,3,224,224``)
+    fix dynamic input dimensions; above ``max_spread_pct`` (0: never) more repeats are taken (see BenchSettings)."""
     from edgeprune.errors import InputError
     from edgeprune.runtimes.base import BenchSettings, benchmark
 
     if not Path(artifact).is_file():
         raise InputError(f"artefact not found: {artifact}")
-    settings = BenchSettings(threads=threads, warmup=warmup, iterations=iterations, repeats=repeats)
+    settings = BenchSettings(
+        threads=threads, warmup=warmup, iterations=iterations, repeats=repeats, input_shapes=shapes, max_spread_pct=max_spread_pct
+    )
     return benchmark(Path(artifact), device, settings).to_dict()
