@@ -103,6 +103,7 @@ _RUNNER_NUMBERS = (  # latency_mean_ms is required, the others may be absent or 
     "peak_rss_mb",
     "rss_before_load_mb",
     "model_memory_mb",
+    "model_resident_mb",
     "runtime_memory_mb",
     "iterations",
     "threads",
@@ -171,7 +172,7 @@ class BenchResult:
 
     Memory: ``peak_rss_mb`` is the largest peak resident set of a measuring process (its own, from
     VmHWM); ``model_memory_mb`` the largest share of it the model took (peak minus the process before
-    the model was loaded); ``runtime_memory_mb`` the runtime's own figure where it gives one.
+    the model was loaded); ``model_resident_mb`` its share still resident after the timed runs; ``runtime_memory_mb`` the runtime's own figure where it gives one.
 
     When more repeats were taken because the first spread more than the settings allow, the figures
     come from the ``kept`` repeats whose p50s lie closest together (``repeats_taken`` in all);
@@ -205,6 +206,7 @@ class BenchResult:
     p50_is_mean: bool = False
     repeats: list[dict] = field(default_factory=list)
     model_memory_mb: float | None = None
+    model_resident_mb: float | None = None
     runtime_memory_mb: float | None = None
     threads_requested: int | None = None
     repeats_taken: int = 0
@@ -259,6 +261,7 @@ class BenchResult:
             p50_is_mean=p50_is_mean,
             repeats=[dict(r) for r in taken],
             model_memory_mb=_extreme([r.get("model_memory_mb") for r in runner_jsons], max),
+            model_resident_mb=_extreme([r.get("model_resident_mb") for r in runner_jsons], max),
             runtime_memory_mb=_extreme([r.get("runtime_memory_mb") for r in runner_jsons], max),
             threads_requested=first.get("threads_requested"),
             repeats_taken=len(taken),

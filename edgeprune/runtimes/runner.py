@@ -143,20 +143,26 @@ def peak_rss() -> tuple[float | None, str]:
 
 
 def memory_figures(rss_before_load: float | None, runtime_memory: tuple[float | None, str]) -> dict:
-    """The peak of this process, the model's share of it (peak minus the process before the model was
-    loaded: the runtime's import is not counted, the session, weights, arena and timed runs are) and
-    the runtime's own figure where it gives one; MiB."""
+    """This process's memory once the timed runs are over, in MiB: its peak; the model's share of the peak
+    (peak minus the process before the model was loaded: the runtime's import is not counted; the session,
+    its weights, arenas, threads and any copy made while loading are); the model's share still resident
+    now (what a running app keeps); and the runtime's own figure where it gives one."""
     peak, source = peak_rss()
-    model = peak - rss_before_load if peak is not None and rss_before_load is not None else None
+    now = _proc_status_mb("VmRSS")
     runtime_mb, runtime_source = runtime_memory
     return {
         "peak_rss_mb": peak,
         "peak_rss_source": source,
         "rss_before_load_mb": rss_before_load,
-        "model_memory_mb": model,
+        "model_memory_mb": _difference(peak, rss_before_load),
+        "model_resident_mb": _difference(now, rss_before_load),
         "runtime_memory_mb": runtime_mb,
         "runtime_memory_source": runtime_source if runtime_mb is not None else None,
     }
+
+
+def _difference(after: float | None, before: float | None) -> float | None:
+    return after - before if after is not None and before is not None else None
 
 
 def cpu_model() -> str:
@@ -203,12 +209,14 @@ def host_facts() -> dict:
 class OpenedModel(NamedTuple):
     """A loaded artefact: ``run_once`` runs one inference on its inputs; ``providers`` what runs it;
     ``runtime_memory`` (MiB, what the figure is) where the runtime reports its own memory; ``guessed``
-    the inputs whose dynamic dimensions were set to 1 because no ``--shape`` named them."""
+    the inputs whose dynamic dimensions were set to 1 because no ``--shape`` named them; ``shapes`` the
+    shape fed to each input."""
 
     run_once: object
     providers: list
     runtime_memory: tuple = (None, "")
     guessed: tuple = ()
+    shapes: dict = {}
 
 
 def random_input(shape: list[int], dtype: type, rng: np.random.Generator) -> np.ndarray:
@@ -277,27 +285,28 @@ def load_inputs(path: str | None, specs: list[tuple[str, list[int], type]]) -> d
     return {name: loaded[name].astype(dtype, copy=False) for name, _, dtype in specs}
 
 
-def _repeats(sentence: str, count: int) -> str:
-    if count == 1:
-        return ""
-    return f" (the same for {count} tensors)" if "tensor" in sentence.lower() else f" ({count} times)"
+# Sentence ends; XNNPACK's delegate messages arrive glued together ("...in XNNPACK delegateunsupported ...").
+_SENTENCE_END = re.compile(r"\n+|(?<=[.!])\s+|(?<=[.!])(?=[A-Z])|(?<=delegate)\s*(?=[a-z])|(?<=\w)(?=(?:tflite|tensorflow)/)")
+_VARYING = re.compile(r"'[^']*'|\"[^\"]*\"|\d+(?:\.\d+)?(?:e-?\d+)?")
 
 
-def one_line(message: str, limit: int = 300) -> str:
-    """A runtime's error as one short line: a sentence it repeats for every tensor is said once, with
-    how many times (the numbers and names in it differ), and the rest is cut at ``limit`` characters."""
-    counts: dict[str, int] = {}
-    firsts: dict[str, str] = {}
-    for part in re.split(r"\n+|(?<=[.!])\s+(?=[A-Z/])", message.strip()):
-        part = part.strip()
-        if not part:
-            continue
-        pattern = re.sub(r"'[^']*'|\"[^\"]*\"|\d+(\.\d+)?(e-?\d+)?", "#", part)
-        counts[pattern] = counts.get(pattern, 0) + 1
-        firsts.setdefault(pattern, part)
-    said = [firsts[key] + _repeats(firsts[key], counts[key]) for key in firsts]
-    text = " ".join(said) or message.strip()
+def one_line(message: str, limit: int = 400) -> str:
+    """A runtime's error as one short line: a sentence it repeats for every tensor (only numbers and names
+    differ) is said once with how many tensors it names, and the rest is cut at ``limit`` characters."""
+    groups: dict[str, list[str]] = {}
+    for part in _SENTENCE_END.split(message.strip()):
+        if part.strip():
+            groups.setdefault(_VARYING.sub("#", part.strip()), []).append(part.strip())
+    said = [parts[0] + _repeats(parts) for parts in groups.values()]
+    text = "; ".join(said) or message.strip()
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _repeats(parts: list[str]) -> str:
+    tensors = {number for part in parts for number in re.findall(r"tensor\s+'?([\w/:.]+)", part, re.IGNORECASE)}
+    if len(tensors) > 1:
+        return f" (the same for {len(tensors)} tensors)"
+    return f" ({len(parts)} times)" if len(parts) > 1 else ""
 
 
 # ---------------------------------------------------------------- runtimes
@@ -338,7 +347,7 @@ def open_onnx(args: argparse.Namespace, ort) -> tuple:
         session.run(None, feeds)
 
     # onnxruntime reports no memory figure of its own through its Python API.
-    return OpenedModel(run_once, used, guessed=guessed)
+    return OpenedModel(run_once, used, guessed=guessed, shapes=shapes)
 
 
 def paired_thread_pool(ort, threads: int) -> str:
@@ -434,7 +443,8 @@ def open_tflite(args: argparse.Namespace, module) -> OpenedModel:
         interpreter.invoke()
 
     delegates = ["builtin"] if args.no_xnnpack else ["xnnpack"]
-    return OpenedModel(run_once, delegates, (tflite_tensor_mb(interpreter), "sum of the interpreter's tensor sizes"), guessed)
+    memory = (tflite_tensor_mb(interpreter), "sum of the interpreter's tensor sizes")
+    return OpenedModel(run_once, delegates, memory, guessed, {name: shape for name, shape, _ in specs})
 
 
 def tflite_tensor_mb(interpreter) -> float | None:
@@ -550,6 +560,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "threads": args.threads,
         **memory_figures(rss_before_load, opened.runtime_memory),
+        "input_shapes": opened.shapes,
         "guessed_shapes": list(opened.guessed),
         "pid": os.getpid(),
         "model": os.path.basename(args.model),
