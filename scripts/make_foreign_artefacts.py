@@ -195,7 +195,7 @@ def tf1_uint8(path: Path) -> None:
         path.write_bytes(converter.convert())
 
 
-@maker("invalid_quantization.tflite", "keras int8 TFLite with every scale zeroed by tensorflow.lite.tools.flatbuffer_utils", "tf_keras", loads=False)
+@maker("invalid_quantization.tflite", "keras int8 TFLite, every scale zeroed (tflite flatbuffer_utils)", "tf_keras", loads=False)
 def invalid_quantization(path: Path) -> None:
     from tensorflow.lite.tools import flatbuffer_utils
 
@@ -287,7 +287,8 @@ def _torch_models():
             joined = torch.cat([x, features], dim=1)
             return self.fc(joined), torch.sigmoid(joined.sum(dim=1, keepdim=True))
 
-    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)]
+    cnn = nn.Sequential(*layers)
     return torch, Tokens().eval(), TwoHeads().eval(), cnn.eval()
 
 
@@ -298,9 +299,7 @@ def _torch_onnx(model, args: tuple, path: Path, names: list[str], outputs: list[
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(
-            model, args, str(path), dynamo=False, input_names=names, output_names=outputs, dynamic_axes=dynamic, **options
-        )
+        torch.onnx.export(model, args, str(path), dynamo=False, input_names=names, output_names=outputs, dynamic_axes=dynamic, **options)
 
 
 @maker("torch_opset9_dynamic_batch.onnx", "torch.onnx.export (TorchScript exporter), opset 9, dynamic batch", "torch")

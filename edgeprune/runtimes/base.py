@@ -172,7 +172,8 @@ class BenchResult:
 
     Memory: ``peak_rss_mb`` is the largest peak resident set of a measuring process (its own, from
     VmHWM); ``model_memory_mb`` the largest share of it the model took (peak minus the process before
-    the model was loaded); ``model_resident_mb`` its share still resident after the timed runs; ``runtime_memory_mb`` the runtime's own figure where it gives one.
+    the model was loaded); ``model_resident_mb`` its share still resident after the timed runs;
+    ``runtime_memory_mb`` the runtime's own figure where it gives one.
 
     When more repeats were taken because the first spread more than the settings allow, the figures
     come from the ``kept`` repeats whose p50s lie closest together (``repeats_taken`` in all);

@@ -158,7 +158,7 @@ def test_shapes_named_on_the_command_line_replace_dynamic_dimensions():
 
 
 def test_an_error_repeated_for_every_tensor_is_said_once_with_the_count():
-    sentence = "tensorflow/lite/core/subgraph.cc:{n} Tensor 'conv{n}/weights' has invalid quantization parameters: scale {n}.5 is not positive."
+    sentence = "tensorflow/lite/core/subgraph.cc:{n} Tensor 'conv{n}/w' has invalid quantization parameters: scale {n}.5 is not positive."
     message = "\n".join(sentence.format(n=n) for n in range(57)) + "\nFailed to allocate tensors."
     line = runner.one_line(message)
     assert "\n" not in line and len(line) < 300
