@@ -223,6 +223,7 @@ def build_config(
 ) -> BuildResult:
     """Build one resolved configuration (``dataset``: an already loaded one, for matrix builds)."""
     from edgeprune.cache import Cache
+    from edgeprune.library_output import build_log
     from edgeprune.pipeline import run_pipeline
 
     reporter = reporter or Reporter()
@@ -231,8 +232,9 @@ def build_config(
     cache = Cache(cache_dir or default_cache_dir())
     dataset = dataset if dataset is not None else _load_data(config)
     with cache.lock(f"out:{out.resolve()}"):  # two builds into one folder are serialized
-        result = run_pipeline(config, dataset, cache, reporter, force=force)
-        manifest, violations = write_output(config, dataset, result, out)
+        with build_log(out, reporter):
+            result = run_pipeline(config, dataset, cache, reporter, force=force)
+            manifest, violations = write_output(config, dataset, result, out)
     return BuildResult(config.name, out, manifest, violations)
 
 
