@@ -321,7 +321,7 @@ def run_repeats(run_once: Callable[[str], dict], settings: BenchSettings, label:
     """Call ``run_once(what)`` ``settings.repeats`` times, each with retries, and aggregate.
 
     While the steadiest ``settings.repeats`` of them spread more than ``settings.max_spread_pct``, take
-    another, until ``settings.spread_time_limit_s`` seconds have gone on them (at least one more is taken).
+    another, until ``settings.spread_time_limit_s`` seconds have gone on them.
     ``what`` names the stage for messages: ``"{label}: run repeat i/n"``.
 
     Raises:
