@@ -37,7 +37,7 @@ def row(name: str, entry: dict, result: dict | None, error: str) -> str:
         return f"| {name} | {entry['made_by']} | no: {error.replace('|', '/')} | | | | |"
 
     def mb(key: str) -> str:
-        return "-" if result.get(key) is None else f"{result[key]:.1f}"
+        return "-" if result.get(key) is None else f"{result[key]:.1f}" if result[key] >= 1 else f"{result[key]:.3f}"
 
     memory = " | ".join(mb(key) for key in ("peak_rss_mb", "model_memory_mb", "runtime_memory_mb"))
     return f"| {name} | {entry['made_by']} | yes | {result['latency_p50_ms']:.3f} | {memory} |"
