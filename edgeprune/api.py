@@ -224,6 +224,7 @@ def build_config(
 ) -> BuildResult:
     """Build one resolved configuration (``dataset``: an already loaded one, for matrix builds)."""
     from edgeprune.cache import Cache
+    from edgeprune.library_output import build_log
     from edgeprune.pipeline import run_pipeline
 
     reporter = reporter or Reporter()
@@ -232,8 +233,9 @@ def build_config(
     cache = Cache(cache_dir or default_cache_dir())
     dataset = dataset if dataset is not None else _load_data(config)
     with cache.lock(f"out:{out.resolve()}"):  # two builds into one folder are serialized
-        result = run_pipeline(config, dataset, cache, reporter, force=force)
-        manifest, violations = write_output(config, dataset, result, out)
+        with build_log(out, reporter):
+            result = run_pipeline(config, dataset, cache, reporter, force=force)
+            manifest, violations = write_output(config, dataset, result, out)
     return BuildResult(config.name, out, manifest, violations)
 
 
@@ -306,13 +308,23 @@ def verify(folder: Path, *, parity: bool = False, data: Path | None = None) -> V
 
 
 def bench(
-    artifact: Path, device: str = "local", threads: int = 2, iterations: int = 50, repeats: int = 3, warmup: int = 10
+    artifact: Path,
+    device: str = "local",
+    threads: int = 2,
+    iterations: int = 50,
+    repeats: int = 3,
+    warmup: int = 10,
+    shapes: tuple[str, ...] = (),
+    max_spread_pct: float = 0.0,
 ) -> dict[str, Any]:
-    """Benchmark one artefact on one device; returns the runner's figures."""
+    """Benchmark one artefact on one device; returns the runner's figures. ``shapes`` (``INPUT=1,3,224,224``)
+    fix dynamic input dimensions; above ``max_spread_pct`` (0: never) more repeats are taken (see BenchSettings)."""
     from edgeprune.errors import InputError
     from edgeprune.runtimes.base import BenchSettings, benchmark
 
     if not Path(artifact).is_file():
         raise InputError(f"artefact not found: {artifact}")
-    settings = BenchSettings(threads=threads, warmup=warmup, iterations=iterations, repeats=repeats)
+    settings = BenchSettings(
+        threads=threads, warmup=warmup, iterations=iterations, repeats=repeats, input_shapes=shapes, max_spread_pct=max_spread_pct
+    )
     return benchmark(Path(artifact), device, settings).to_dict()

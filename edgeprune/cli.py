@@ -219,6 +219,10 @@ def _add_bench(commands) -> None:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--shape", action="append", default=[], metavar="INPUT=1,3,224,224", help="an input's shape, for dynamic dimensions (repeatable)"
+    )
+    parser.add_argument("--max-spread", type=float, default=10.0, metavar="PCT", help="take more repeats while p50s spread more (0: never)")
     _common(parser)
     parser.set_defaults(handler=_bench)
 
@@ -319,7 +323,9 @@ def _build_summary(result) -> str:
         f"{entry.get('size_bytes', 0) / 1024:.1f} KiB",
     ]
     if p50:
-        parts.append(f"p50 {p50:.3f} ms")
+        from edgeprune.runtimes.figures import caveats, memory_text
+
+        parts += [f"p50 {p50:.3f} ms", memory_text(entry["benchmark"]), *caveats(entry["benchmark"])]
     return " | ".join(parts)
 
 
@@ -403,16 +409,12 @@ def _analyze(args) -> int:
 
 def _bench(args) -> int:
     from edgeprune import api
+    from edgeprune.runtimes.figures import bench_line
 
-    result = api.bench(args.artifact, args.device, args.threads, args.iterations, args.repeats, args.warmup)
-    _print(
-        args,
-        result,
-        lambda: (
-            f"{args.artifact} on {args.device}: p50 {result['latency_p50_ms']:.3f} ms, p90 {result['latency_p90_ms']:.3f} ms, "
-            f"p99 {result['latency_p99_ms']:.3f} ms, peak RSS {result.get('peak_rss_mb', 0):.1f} MB"
-        ),
+    result = api.bench(
+        args.artifact, args.device, args.threads, args.iterations, args.repeats, args.warmup, tuple(args.shape), args.max_spread
     )
+    _print(args, result, lambda: f"{args.artifact} on {args.device}: {bench_line(result)}")
     return 0
 
 

@@ -228,6 +228,9 @@ class BenchmarkConfig:
     iterations: int = field(default=50, metadata=_range(1, 1_000_000))
     repeats: int = field(default=3, metadata=_range(1, 100))
     use_xnnpack: bool = True
+    max_spread_pct: float = field(default=10.0, metadata=_range(0.0, 1000.0))  # more repeats above it; 0: never
+    spread_time_limit_s: float = field(default=60.0, metadata=_range(0.0, 3600.0))
+    threads_beyond_cores: bool = False  # local: run `threads` even on a host with fewer cores
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from html import escape
 from typing import Any
 
 from edgeprune.plots import Plot
-from edgeprune.report import QUANTIZATION_HEADER, quantization_rows
+from edgeprune.report import QUANTIZATION_HEADER, benchmark_caveats, quantization_rows
 
 NUMBER = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?( %)?$")
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -125,23 +125,14 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
                 _num(bench.get("latency_p50_ms")),
                 _num(bench.get("latency_p90_ms")),
                 _num(bench.get("peak_rss_mb")),
+                _num(bench.get("model_memory_mb")),
                 entry["sha256"][:16],
             ]
         )
-    header = [
-        "file",
-        "precision",
-        "KiB",
-        "gzip KiB",
-        "top-1",
-        "max abs err",
-        "top-1 agree",
-        "p50 ms",
-        "p90 ms",
-        "runner peak RSS MB",
-        "sha256",
-    ]
-    return ["<h2>Artefacts</h2>", _table(header, rows)]
+    header = ["file", "precision", "KiB", "gzip KiB", "top-1", "max abs err", "top-1 agree", "p50 ms", "p90 ms", "runner peak RSS MB"]
+    header += ["model MB", "sha256"]
+    notes = [f"<li>{escape(line[2:])}</li>" for line in benchmark_caveats(manifest) if line.startswith("- ")]
+    return ["<h2>Artefacts</h2>", _table(header, rows), *([f"<ul>{''.join(notes)}</ul>"] if notes else [])]
 
 
 def _quantization(manifest: dict[str, Any]) -> list[str]:

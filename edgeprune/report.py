@@ -76,8 +76,9 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
     lines = [
         "## Artefacts",
         "",
-        "| file | precision | size KiB | gzip KiB | top-1 | max abs err | top-1 agree | p50 ms | p90 ms | p99 ms | runner peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| file | precision | size KiB | gzip KiB | top-1 | max abs err | top-1 agree | p50 ms | p90 ms | p99 ms | runner peak RSS MB "
+        "| model MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in manifest["artifacts"].values():
         parity, bench = entry.get("parity", {}), entry.get("benchmark", {})
@@ -85,9 +86,18 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
             f"| {entry['file']} | {entry.get('precision', '-')} | {entry['size_bytes'] / 1024:.1f} | {entry['size_gzip_bytes'] / 1024:.1f} "
             f"| {_pct(entry.get('accuracy'))} | {_num(parity.get('max_abs_error'))} | {_num(parity.get('top1_agreement'))} "
             f"| {_num(bench.get('latency_p50_ms'))} | {_num(bench.get('latency_p90_ms'))} | {_num(bench.get('latency_p99_ms'))} "
-            f"| {_num(bench.get('peak_rss_mb'))} |"
+            f"| {_num(bench.get('peak_rss_mb'))} | {_num(bench.get('model_memory_mb'))} |"
         )
-    return lines + [""]
+    return lines + [""] + benchmark_caveats(manifest)
+
+
+def benchmark_caveats(manifest: dict[str, Any]) -> list[str]:
+    """A line per artefact whose benchmark figures need a caveat (fewer threads than asked, a spread that stayed high)."""
+    from edgeprune.runtimes.figures import caveats
+
+    notes = [f"- {entry['file']}: {'; '.join(caveats(entry['benchmark']))}" for entry in manifest["artifacts"].values()
+             if caveats(entry.get("benchmark", {}))]  # fmt: skip
+    return ["Benchmark caveats:", "", *notes, ""] if notes else []
 
 
 QUANTIZATION_HEADER = [

@@ -22,7 +22,7 @@ EXPORTED = ("onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp
 
 class Benchmark:
     name = "benchmark"
-    version = "4"  # 4: paired onnxruntime sessions share one spinning thread pool
+    version = "5"  # 5: the measuring process's own peak memory, threads within the host's cores, repeats until steady
     sections = ("benchmark",)
     consumes = EXPORTED
 
@@ -39,6 +39,9 @@ class Benchmark:
             iterations=config.iterations,
             repeats=config.repeats,
             use_xnnpack=config.use_xnnpack,
+            max_spread_pct=config.max_spread_pct,
+            spread_time_limit_s=config.spread_time_limit_s,
+            threads_beyond_cores=config.threads_beyond_cores,
         )
         results: dict[str, Any] = {}
         present = [name for name in EXPORTED if name in context.inputs]
