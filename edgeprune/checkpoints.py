@@ -186,17 +186,15 @@ def _flat_tensors(path: Path, state: Any) -> dict[str, torch.Tensor]:
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor], expected: dict[str, Any], adaptations: list[str]) -> dict[str, torch.Tensor]:
-    """Strip a leading component every key shares (``module.``, ``_orig_mod.``, ``model.``) while that fits more keys."""
-    while state:
+    """Strip a leading component every key shares (``module.``, ``_orig_mod.``, ``model.``) and no model key starts with."""
+    model_roots = {key.split(".", 1)[0] for key in expected}
+    while state and all("." in key for key in state):
         first = {key.split(".", 1)[0] for key in state}
-        if len(first) != 1 or not all("." in key for key in state):
+        if len(first) != 1 or next(iter(first)) in model_roots:
             return state
         prefix = f"{first.pop()}."
-        stripped = {key[len(prefix) :]: value for key, value in state.items()}
-        if len(stripped.keys() & expected.keys()) <= len(state.keys() & expected.keys()):
-            return state
         adaptations.append(f"key prefix {prefix!r} stripped")
-        state = stripped
+        state = {key[len(prefix) :]: value for key, value in state.items()}
     return state
 
 
