@@ -127,7 +127,8 @@ class DlaTree(nn.Module):
         else:
             self.root = DlaRoot((level + 1) * planes, planes)
             self.prev_root = DlaBasic(in_planes, planes, stride)
-            self.levels = nn.ModuleList(DlaTree(in_planes if i == level - 1 else planes, planes, i, stride) for i in reversed(range(1, level)))
+            subtrees = reversed(range(1, level))
+            self.levels = nn.ModuleList(DlaTree(in_planes if i == level - 1 else planes, planes, i, stride) for i in subtrees)
             self.node = DlaBasic(planes, planes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
