@@ -203,6 +203,9 @@ def model_summary(stages: dict[str, Any]) -> dict[str, Any]:
     if pruned is not None:
         summary.update(macs=pruned.metrics["macs_after"], params=pruned.metrics["params_after"], channels=pruned.metrics["layers"])
         summary["blocks_removed"] = [row["block"] for row in pruned.metrics.get("depth", {}).get("blocks", [])]
+        summary["left_unpruned"] = [*pruned.metrics.get("kept_whole", []), *pruned.metrics.get("untracked_coupling", [])]
+    if "checkpoint" in baseline:
+        summary["checkpoint"] = baseline["checkpoint"]
     sparse = stages.get("prune_unstructured")
     if sparse is not None:
         summary.update(global_sparsity=sparse.metrics["global_sparsity"], sparsity=sparse.metrics["layers"])

@@ -16,7 +16,7 @@ def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] =
     """The report; ``plots`` are (file stem, title) pairs of PNGs written to ``plots/``."""
     lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
     lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _quantization(manifest)
-    lines += _channels(manifest) + _budgets(manifest)
+    lines += _loaded(manifest) + _left_unpruned(manifest) + _channels(manifest) + _budgets(manifest)
     lines += [
         "## Preprocessing (a device app must repeat it)",
         "",
@@ -133,6 +133,22 @@ def _quantization(manifest: dict[str, Any]) -> list[str]:
     ]
     lines += ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows]
     return lines + [""]
+
+
+def _loaded(manifest: dict[str, Any]) -> list[str]:
+    checkpoint = manifest["model"].get("checkpoint")
+    if not checkpoint:
+        return []
+    lines = ["## Checkpoint", "", f"Format: {_escape(checkpoint['format'])}.", ""]
+    return lines + [f"- {_escape(item)}" for item in checkpoint["adapted"]] + ([""] if checkpoint["adapted"] else [])
+
+
+def _left_unpruned(manifest: dict[str, Any]) -> list[str]:
+    rows = manifest["model"].get("left_unpruned")
+    if not rows:
+        return []
+    lines = ["## Left unpruned", "", "| layer group | why |", "|---|---|"]
+    return lines + [f"| `{_escape(row['layer'])}` | {_escape(row['reason'])} |" for row in rows] + [""]
 
 
 def _channels(manifest: dict[str, Any]) -> list[str]:
