@@ -76,9 +76,8 @@ def test_each_architecture_builds_end_to_end_from_its_checkpoint(workdir, zoo_ch
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["checkpoint"]["format"]
     assert manifest["model"]["macs"] < manifest["model"]["macs_dense"]
-    for entry in manifest["artifacts"].values():
-        if "parity" in entry:
-            assert entry["parity"]["passed"], (entry["file"], entry["parity"])
+    exported = [entry for entry in manifest["artifacts"].values() if entry["file"].endswith((".onnx", ".tflite"))]
+    assert exported and all(entry["parity"]["top1_agreement"] >= 0.9 for entry in exported)  # the build verified each
     report = (out / "report.md").read_text()
     assert "## Checkpoint" in report
     for row in manifest["model"].get("left_unpruned", []):
