@@ -45,9 +45,10 @@ def kept_whole_by_rounding(groups: Iterable[LayerGroup], round_to: int) -> list[
 def rounding_warning(kept: list[KeptWhole], round_to: int) -> str:
     """One line naming the groups the rounding keeps whole and what to do about it."""
     names = ", ".join(item.layer for item in kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
-    narrowest = min(item.channels for item in kept)
+    narrowest, widest = min(item.channels for item in kept), max(item.channels for item in kept)
+    span = f"{narrowest}" if narrowest == widest else f"{narrowest}-{widest}"
     return (
-        f"prune_structured: {len(kept)} layer groups of {narrowest}-{max(item.channels for item in kept)} channels are kept whole "
+        f"prune_structured: {len(kept)} layer groups of {span} channels are kept whole "
         f"by prune.round_to = {round_to} ({names}); the other groups and removable residual blocks carry the reduction "
         f"(lower prune.round_to, e.g. {max(1, round_to // 2)}, or set prune.drop_block_count to reach them)"
     )
