@@ -32,6 +32,7 @@ from edgeprune.rounding import allowed_widths, kept_whole_by_rounding
 CONVERSION_TIMEOUT_S = 300.0
 TRIAL_RATIO = 0.5  # the trial prune narrows every movable group to about half its width
 CALIBRATION_IMAGES = 32
+CONVERSION_STEPS = ("onnx", "int8", "tflite")
 
 
 def inspect_model(config: BuildConfig, dataset: Dataset, reporter: Reporter, timeout_s: float = CONVERSION_TIMEOUT_S) -> dict[str, Any]:
@@ -98,12 +99,10 @@ def probe_conversion(model: nn.Module, config: BuildConfig, dataset: Dataset, ti
             child.kill()
             child.join()
         result = folder / "conversion.json"
-        if result.is_file():
-            return json.loads(result.read_text())
-        reason = (
-            f"did not finish within {timeout_s:.0f} s" if child.exitcode is not None and child.exitcode < 0 else "the converter crashed"
-        )
-        return {step: {"ok": False, "error": reason} for step in ("onnx", "int8", "tflite")}
+        done = json.loads(result.read_text()) if result.is_file() else {}
+        timed_out = child.exitcode is not None and child.exitcode < 0
+        reason = f"did not finish within {timeout_s:g} s" if timed_out else f"the converter crashed (exit code {child.exitcode})"
+        return {step: done.get(step, {"ok": False, "error": reason}) for step in CONVERSION_STEPS}
 
 
 def _convert_in_child(folder_name: str, sections: dict[str, Any]) -> None:
