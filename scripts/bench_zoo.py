@@ -49,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     zoo = load_zoo()
     names = args.models or sorted(zoo)
+    print(plain_torch_pruning_on_resnet56(), end="\n\n", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-zoo-") as scratch:
         folder = Path(scratch)
         data = write_subset(folder / "subset.npz", args.train_images, args.test_images)
@@ -57,8 +58,6 @@ def main() -> None:
         for name in names:
             checkpoint = train_and_save(zoo[name], data, folder, epochs=args.epochs)
             print("| " + " | ".join(corpus_row(name, zoo[name].source, checkpoint, data, args, folder)) + " |", flush=True)
-    print()
-    print(plain_torch_pruning_on_resnet56())
 
 
 def corpus_row(name: str, source: str, checkpoint: Path, data: Path, args: argparse.Namespace, folder: Path) -> list[str]:
@@ -76,7 +75,7 @@ def corpus_row(name: str, source: str, checkpoint: Path, data: Path, args: argpa
     except EdgepruneError as error:
         return [name, f"FAILED: {error}"] + ["-"] * (len(HEADER) - 2)
     manifest = result.manifest
-    return [name, *manifest_cells(manifest), tflite_cell(result.out / "model.pt" if (result.out / "model.pt").exists() else None, manifest)]
+    return [name, *manifest_cells(manifest), tflite_cell(result.out / "model.pt", manifest)]
 
 
 def manifest_cells(manifest: dict[str, Any]) -> list[str]:
@@ -102,16 +101,13 @@ def manifest_cells(manifest: dict[str, Any]) -> list[str]:
     ]
 
 
-def tflite_cell(model_file: Path | None, manifest: dict[str, Any]) -> str:
-    """Whether the pruned model converts with litert-torch (the android profile's converter)."""
-    stage = next(stage for stage in manifest["stages"] if stage["name"] == "prune_structured")
-    path = model_file or Path(stage.get("artifacts", {}).get("model", ""))
-    if not path.is_file():
+def tflite_cell(model_file: Path, manifest: dict[str, Any]) -> str:
+    """Whether the pruned model (the build's model.pt) converts with litert-torch, the android profile's converter."""
+    if not model_file.is_file():
         return "-"
-    model = load_model(path)
-    shape = manifest["preprocessing"]["input_shape"]
+    model = load_model(model_file)
     with tempfile.TemporaryDirectory() as scratch:
-        failure = try_litert(model, torch.zeros(shape), Path(scratch) / "model.tflite")
+        failure = try_litert(model, torch.zeros(manifest["preprocessing"]["input_shape"]), Path(scratch) / "model.tflite")
     return "converts" if not failure else f"fails: {failure[:80]}"
 
 

@@ -56,21 +56,32 @@ def test_option_a_resnet_identity_blocks_are_removable_and_its_padded_ones_are_n
     assert blocks == identity
 
 
+class ZooCheckpoints:
+    """Corpus architectures trained once per session, on first use: one epoch on a 600-image subset, in their wild layouts."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.data = write_subset(folder / "fashion_subset.npz", train_images=600, test_images=300)
+        self._paths: dict[str, Path] = {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self._paths:
+            self._paths[name] = train_and_save(ZOO[name], self.data, self.folder, epochs=1)
+        return self._paths[name]
+
+
 @pytest.fixture(scope="session")
-def zoo_checkpoints(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
-    """Every corpus architecture trained for one epoch on a 1,000-image subset, saved in its wild layout."""
-    folder = tmp_path_factory.mktemp("zoo")
-    data = write_subset(folder / "fashion_subset.npz", train_images=1000, test_images=300)
-    return data, {name: train_and_save(entry, data, folder, epochs=1) for name, entry in ZOO.items()}
+def zoo_checkpoints(tmp_path_factory) -> ZooCheckpoints:
+    return ZooCheckpoints(tmp_path_factory.mktemp("zoo"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_each_architecture_builds_end_to_end_from_its_checkpoint(workdir, zoo_checkpoints, capsys, name, target):
-    data, checkpoints = zoo_checkpoints
     out = workdir / "dist"
-    args = ["build", "--target", target, "--model", ZOO[name].source, "--weights", str(checkpoints[name]), "--data", str(data)]
+    checkpoint, data = zoo_checkpoints[name], zoo_checkpoints.data
+    args = ["build", "--target", target, "--model", ZOO[name].source, "--weights", str(checkpoint), "--data", str(data)]
     args += ["--out", str(out), "--json"] + [item for override in ZOO_FAST for item in ("--set", override)]
     assert main(args) == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
