@@ -135,20 +135,30 @@ def _quantization(manifest: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _loaded(manifest: dict[str, Any]) -> list[str]:
+def checkpoint_lines(manifest: dict[str, Any]) -> list[str]:
+    """The user's checkpoint: its format, then each adaptation made to load it (empty without a checkpoint)."""
     checkpoint = manifest["model"].get("checkpoint")
-    if not checkpoint:
+    return [f"Format: {checkpoint['format']}.", *checkpoint["adapted"]] if checkpoint else []
+
+
+def left_unpruned_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """One (layer group, why) row per group structured pruning left at its full width."""
+    return [[row["layer"], row["reason"]] for row in manifest["model"].get("left_unpruned", [])]
+
+
+def _loaded(manifest: dict[str, Any]) -> list[str]:
+    lines = checkpoint_lines(manifest)
+    if not lines:
         return []
-    lines = ["## Checkpoint", "", f"Format: {_escape(checkpoint['format'])}.", ""]
-    return lines + [f"- {_escape(item)}" for item in checkpoint["adapted"]] + ([""] if checkpoint["adapted"] else [])
+    return ["## Checkpoint", "", _escape(lines[0]), "", *[f"- {_escape(item)}" for item in lines[1:]], ""]
 
 
 def _left_unpruned(manifest: dict[str, Any]) -> list[str]:
-    rows = manifest["model"].get("left_unpruned")
+    rows = left_unpruned_rows(manifest)
     if not rows:
         return []
     lines = ["## Left unpruned", "", "| layer group | why |", "|---|---|"]
-    return lines + [f"| `{_escape(row['layer'])}` | {_escape(row['reason'])} |" for row in rows] + [""]
+    return lines + [f"| `{_escape(layer)}` | {_escape(reason)} |" for layer, reason in rows] + [""]
 
 
 def _channels(manifest: dict[str, Any]) -> list[str]:
