@@ -141,7 +141,8 @@ def _quantization(manifest: dict[str, Any]) -> list[str]:
 def _loaded(manifest: dict[str, Any]) -> list[str]:
     """The checkpoint's format and adaptations, and the layer groups left unpruned with the reason."""
     lines, rows = checkpoint_lines(manifest), left_unpruned_rows(manifest)
-    html = ["<h2>Checkpoint</h2>", f"<p>{_e(lines[0])}</p>", "<ul>", *[f"<li>{_e(item)}</li>" for item in lines[1:]], "</ul>"] if lines else []
+    adapted = [f"<li>{_e(item)}</li>" for item in lines[1:]]
+    html = ["<h2>Checkpoint</h2>", f"<p>{_e(lines[0])}</p>", "<ul>", *adapted, "</ul>"] if lines else []
     return html + (["<h2>Left unpruned</h2>", _table(["layer group", "why"], rows)] if rows else [])
 
 
