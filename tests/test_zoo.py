@@ -18,8 +18,17 @@ from tests.zoo.trained import train_and_save, write_subset
 
 ZOO = load_zoo()
 TARGETS = ("cpu-x86", "android")
-# Settings that keep one corpus build to seconds; every stage still runs on real data and is verified.
-ZOO_FAST = (*FAST, "benchmark.repeats=1", "benchmark.iterations=10", "quantize.min_top1_agreement=0.9", "budgets.max_accuracy_drop=100")
+# Settings that keep one corpus build to seconds; every stage still runs on real data and is verified. The corpus is
+# trained one epoch on 600 images: its logit margins are thin, so int8 agrees with fp32 on ~95 % of the test images
+# (a model trained to convergence meets the default 0.97), and the accuracy budget is not what these tests check.
+ZOO_FAST = (
+    *FAST,
+    "benchmark.repeats=1",
+    "benchmark.iterations=10",
+    "quantize.min_top1_agreement=0.9",
+    "parity.int8_min_top1_agreement=0.9",
+    "budgets.max_accuracy_drop=100",
+)
 
 
 def test_the_corpus_covers_the_architectures_people_publish():
