@@ -12,6 +12,7 @@ import torch
 from edgeprune.blocks import residual_blocks
 from edgeprune.cli import main
 from edgeprune.modelio import load_weights
+from tests.checkpoint_files import WRITERS
 from tests.conftest import FAST
 from tests.zoo import load_zoo
 from tests.zoo.trained import train_and_save, write_subset
@@ -42,8 +43,6 @@ def test_each_architecture_loads_from_its_wild_checkpoint(tmp_path, name):
     torch.manual_seed(1)
     source = entry.factory().eval()
     path = tmp_path / "checkpoint"
-    from tests.checkpoint_files import WRITERS
-
     WRITERS[entry.checkpoint](source, path)
     model = entry.factory()
     checkpoint = load_weights(model, path)
