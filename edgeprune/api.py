@@ -203,6 +203,13 @@ def analyze(
         )
 
 
+def inspect(config: BuildConfig, *, reporter: Reporter | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
+    """What ``edgeprune inspect`` reports for ``config``'s model and checkpoint (see ``edgeprune.inspection``)."""
+    from edgeprune.inspection import inspect_model
+
+    return inspect_model(config, _load_data(config), reporter or Reporter(verbosity=0), timeout_s)
+
+
 def _data_key(config: BuildConfig) -> str:
     return repr((config.data, config.model.num_classes))
 

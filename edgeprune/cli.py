@@ -150,6 +150,22 @@ def _add_analyze(commands) -> None:
     parser.set_defaults(handler=_analyze)
 
 
+def _add_inspect(commands) -> None:
+    parser = commands.add_parser(
+        "inspect",
+        help="look at a model before a build: layers, MACs, prunable groups, removable blocks, what converts",
+        description="Load the model (and checkpoint) as a build would and print its layers, MACs/params, the layer groups structured "
+        "pruning can narrow with the widths the target's round_to allows, the groups kept whole and why, the residual blocks depth "
+        "pruning can remove, the checkpoint's format and what was adapted to load it, and whether it exports to ONNX, int8 and TFLite "
+        "(checked by converting, in a child process bounded by --timeout).",
+    )
+    parser.add_argument("--target", "-t", default="cpu-x86", help="profile whose round_to and quantization to use (default cpu-x86)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds the conversion checks may take (default 300)")
+    _inputs(parser)
+    _common(parser)
+    parser.set_defaults(handler=_inspect)
+
+
 def _ratios(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
@@ -278,6 +294,16 @@ def _build(args) -> int:
     _print(args, _build_dict(result), lambda: _build_summary(result))
     _print_violations(result)
     return exit_code(result.violations)
+
+
+def _inspect(args) -> int:
+    from edgeprune import api
+    from edgeprune.inspection import format_inspection
+
+    config = api.resolve(args.target, args.project, tuple(args.overrides), args.model, args.weights, args.data, args.trust_checkpoint)
+    summary = api.inspect(config, reporter=_reporter(args), timeout_s=args.timeout)
+    _print(args, summary, lambda: format_inspection(summary))
+    return 0
 
 
 def _build_matrix(args, matrix) -> int:
@@ -434,7 +460,7 @@ def _toml_like(resolved: dict[str, Any]) -> str:
 
 
 VERIFY_FAILED = 3  # the exit code of a build whose output check fails
-COMMANDS = (_add_build, _add_analyze, _add_export, _add_targets, _add_bench, _add_diff, _add_verify)
+COMMANDS = (_add_build, _add_analyze, _add_inspect, _add_export, _add_targets, _add_bench, _add_diff, _add_verify)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,7 @@ from html import escape
 from typing import Any
 
 from edgeprune.plots import Plot
-from edgeprune.report import QUANTIZATION_HEADER, benchmark_caveats, quantization_rows
+from edgeprune.report import QUANTIZATION_HEADER, benchmark_caveats, checkpoint_lines, left_unpruned_rows, quantization_rows
 
 NUMBER = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?( %)?$")
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -52,6 +52,7 @@ def html_report(manifest: dict[str, Any], plots: list[Plot]) -> str:
         *_stages(manifest),
         *_artifacts(manifest),
         *_quantization(manifest),
+        *_loaded(manifest),
     ]
     body += [*_budgets(manifest), *_reproduce(manifest)]
     return "\n".join(
@@ -138,6 +139,14 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
 def _quantization(manifest: dict[str, Any]) -> list[str]:
     rows = quantization_rows(manifest)
     return ["<h2>Quantization accuracy budget</h2>", _table(QUANTIZATION_HEADER, rows)] if rows else []
+
+
+def _loaded(manifest: dict[str, Any]) -> list[str]:
+    """The checkpoint's format and adaptations, and the layer groups left unpruned with the reason."""
+    lines, rows = checkpoint_lines(manifest), left_unpruned_rows(manifest)
+    adapted = [f"<li>{_e(item)}</li>" for item in lines[1:]]
+    html = ["<h2>Checkpoint</h2>", f"<p>{_e(lines[0])}</p>", "<ul>", *adapted, "</ul>"] if lines else []
+    return html + (["<h2>Layer groups not pruned</h2>", _table(["layer group", "why"], rows)] if rows else [])
 
 
 def _budgets(manifest: dict[str, Any]) -> list[str]:

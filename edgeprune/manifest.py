@@ -198,6 +198,16 @@ def accuracy_summary(stages: dict[str, Any], artifacts: dict[str, Any], primary:
     return summary
 
 
+def left_unpruned(prune_metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every layer group structured pruning left at full width, with its reason: coupled through a channel-mixing
+    op (the dependency analysis), too narrow for ``round_to``, or breaking the model when pruned (each step's checks)."""
+    return [
+        *prune_metrics.get("dependency_analysis", {}).get("kept_whole", []),
+        *prune_metrics.get("kept_whole_by_rounding", []),
+        *prune_metrics.get("untracked_coupling", []),
+    ]
+
+
 def model_summary(stages: dict[str, Any], artifacts: dict[str, Any]) -> dict[str, Any]:
     """The shipped PyTorch model's figures, read from model.pt (``model_facts``), beside the unpruned baseline's
     (``macs_dense``/``params_dense``, the baseline stage's own figures) and the dense widths before pruning."""
@@ -209,6 +219,9 @@ def model_summary(stages: dict[str, Any], artifacts: dict[str, Any]) -> dict[str
     pruned = stages.get("prune_structured")
     if pruned is not None:
         summary["channels"] = channel_rows(pruned.metrics["layers"], summary["widths"])
+        summary["left_unpruned"] = left_unpruned(pruned.metrics)
+    if "checkpoint" in baseline:
+        summary["checkpoint"] = baseline["checkpoint"]
     return summary
 
 

@@ -16,7 +16,7 @@ def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] =
     """The report; ``plots`` are (file stem, title) pairs of PNGs written to ``plots/``."""
     lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
     lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _quantization(manifest)
-    lines += _channels(manifest) + _unpruned_groups(manifest) + _budgets(manifest)
+    lines += _loaded(manifest) + _left_unpruned(manifest) + _channels(manifest) + _budgets(manifest)
     lines += [
         "## Preprocessing (a device app must repeat it)",
         "",
@@ -155,6 +155,32 @@ def _quantization(manifest: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def checkpoint_lines(manifest: dict[str, Any]) -> list[str]:
+    """The user's checkpoint: its format, then each adaptation made to load it (empty without a checkpoint)."""
+    checkpoint = manifest["model"].get("checkpoint")
+    return [f"Format: {checkpoint['format']}.", *checkpoint["adapted"]] if checkpoint else []
+
+
+def left_unpruned_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """One (layer group, why) row per group structured pruning left at its full width."""
+    return [[row["layer"], row["reason"]] for row in manifest["model"].get("left_unpruned", [])]
+
+
+def _loaded(manifest: dict[str, Any]) -> list[str]:
+    lines = checkpoint_lines(manifest)
+    if not lines:
+        return []
+    return ["## Checkpoint", "", _escape(lines[0]), "", *[f"- {_escape(item)}" for item in lines[1:]], ""]
+
+
+def _left_unpruned(manifest: dict[str, Any]) -> list[str]:
+    rows = left_unpruned_rows(manifest)
+    if not rows:
+        return []
+    lines = ["## Layer groups not pruned", "", "| layer group | why |", "|---|---|"]
+    return lines + [f"| `{_escape(layer)}` | {_escape(reason)} |" for layer, reason in rows] + [""]
+
+
 def _channels(manifest: dict[str, Any]) -> list[str]:
     channels = manifest["model"].get("channels")
     if not channels:
@@ -166,16 +192,6 @@ def _channels(manifest: dict[str, Any]) -> list[str]:
     lines += ["| layer | before | after |", "|---|---:|---:|"]
     lines += [f"| {_escape(row['layer'])} | {row['channels_before']} | {row['channels_after']} |" for row in channels]
     return lines + [""]
-
-
-def _unpruned_groups(manifest: dict[str, Any]) -> list[str]:
-    """The layer groups structured pruning left whole, and why (the dependency analysis and each step's checks)."""
-    metrics = next((stage.get("metrics", {}) for stage in manifest.get("stages", []) if stage.get("name") == "prune_structured"), {})
-    rows = metrics.get("dependency_analysis", {}).get("kept_whole", []) + metrics.get("untracked_coupling", [])
-    if not rows:
-        return []
-    lines = ["## Layer groups not pruned", "", "| group | why |", "|---|---|"]
-    return lines + [f"| {_escape(row['layer'])} | {_escape(row['reason'])} |" for row in rows] + [""]
 
 
 def _budgets(manifest: dict[str, Any]) -> list[str]:

@@ -169,12 +169,16 @@ def test_a_deadline_that_did_not_fire_leaves_nothing_behind() -> None:
 
 
 def test_the_build_report_lists_the_groups_left_whole_and_why() -> None:
-    from edgeprune.report import _unpruned_groups
+    from edgeprune.manifest import left_unpruned
+    from edgeprune.report import _left_unpruned
+
+    def _unpruned_groups(manifest: dict) -> list[str]:
+        return _left_unpruned({"model": {"left_unpruned": left_unpruned(manifest["stages"][0]["metrics"])}})
 
     metrics = {
         "dependency_analysis": {"kept_whole": [{"layer": "layer1.0.conv2", "members": [], "reason": "a channel-mixing view"}]},
         "untracked_coupling": [{"layer": "stem.0", "reason": "pruning it breaks the model"}],
     }
     lines = _unpruned_groups({"stages": [{"name": "prune_structured", "metrics": metrics}]})
-    assert "| layer1.0.conv2 | a channel-mixing view |" in lines and "| stem.0 | pruning it breaks the model |" in lines
+    assert "| `layer1.0.conv2` | a channel-mixing view |" in lines and "| `stem.0` | pruning it breaks the model |" in lines
     assert _unpruned_groups({"stages": [{"name": "prune_structured", "metrics": {"untracked_coupling": []}}]}) == []

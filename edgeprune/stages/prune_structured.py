@@ -49,6 +49,7 @@ from edgeprune.pruning import (
     rounded_width,
     verify_pruned_model,
 )
+from edgeprune.rounding import kept_whole_by_rounding, rounding_warning
 from edgeprune.sensitivity import group_sensitivity
 from edgeprune.stages.common import count_macs_params, example_input, read_model, write_model
 from edgeprune.training import RECALIBRATION_IMAGES, TrainSettings, evaluate, recalibrate_batchnorm, train
@@ -60,7 +61,9 @@ HELD_OUT_IMAGES = 1000  # the last training images: blocks for drop_block_count 
 
 class PruneStructured:
     name = "prune_structured"
-    version = "10"  # 8: BatchNorm statistics re-estimated after each step; 9: depth pruning; 10: bounded analysis
+    version = (
+        "10"  # 8: BatchNorm statistics re-estimated after each step; 9: depth pruning; 10: bounded analysis, groups round_to keeps whole
+    )
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)
@@ -87,7 +90,11 @@ class PruneStructured:
         model, depth = depth_prune(context, dense, protected)
         analysis = analyse_dependencies(context, model, protected)
         protected, groups = analysis.protected(protected), analysis.groups
-        run = PruningRun(model, copy.deepcopy(dense), context, protected, groups, GroupPlan.from_config(groups, config.prune))
+        narrow = kept_whole_by_rounding(groups, config.prune.round_to)
+        if narrow:
+            context.reporter.warn(rounding_warning(narrow, config.prune.round_to))
+        movable = [group for group in groups if group.name not in {item.layer for item in narrow}]
+        run = PruningRun(model, copy.deepcopy(dense), context, protected, groups, GroupPlan.from_config(movable, config.prune))
         if config.prune.speedup > 0:
             trajectory = prune_to_speedup(run, LatencyProbe.for_target(context), config.prune, config.budgets.max_accuracy_drop)
         else:
@@ -108,6 +115,7 @@ class PruneStructured:
             "group_ratios": {name: round(1 - root_channels(model, name) / width, 4) for name, width in run.plan.widths.items()},
             "untracked_coupling": [{"layer": item.layer, "reason": item.reason} for item in run.untracked],
             "dependency_analysis": {"seconds": round(analysis.seconds, 3), "groups": len(groups), "kept_whole": analysis.report()},
+            "kept_whole_by_rounding": [item.to_dict() for item in narrow],
             "depth": depth,
             "trajectory": trajectory,
         }
