@@ -76,7 +76,8 @@ def _groups(model: nn.Module, config: BuildConfig, protected: set[str], sample: 
     widths = {name: width for name, width in widths.items() if name not in narrow}
     guard = Guard(sample, config.model.num_classes)
     untracked = guarded_prune(model, config.prune, protected, groups, widths, guard).untracked if widths else []
-    kept = [*analysis.report(), *(item.to_dict() for item in rounding), *({"layer": item.layer, "reason": item.reason} for item in untracked)]
+    kept = [*analysis.report(), *(item.to_dict() for item in rounding)]
+    kept += [{"layer": item.layer, "reason": item.reason} for item in untracked]
     rows = [
         {"layer": group.name, "channels": group.channels, "members": len(group.members), "widths": allowed_widths(group.channels, round_to)}
         for group in groups
