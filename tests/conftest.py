@@ -1,5 +1,6 @@
 """Shared fixtures: a user checkpoint trained once per session, and fast build settings."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 
 from edgeprune.config import DataConfig
 from edgeprune.data import load_dataset
+from edgeprune.simd import cpu_flags, host_channel_multiple
 from edgeprune.training import TrainSettings, train
 from tests.user_models import tiny_cnn
 
@@ -57,3 +59,15 @@ def onnx_op_types(path: Path) -> set[str]:
 def split_accuracy_is_real(value: float, samples: int) -> bool:
     """A top-1 measured on ``samples`` images is a multiple of 100/samples."""
     return bool(np.isclose(value * samples / 100, round(value * samples / 100), atol=1e-6))
+
+
+def pytest_report_header(config) -> list[str]:
+    """The CPU the numbers came from: vector ISA, what PyTorch dispatches to, and any ISA cap in force."""
+    flags = cpu_flags()
+    vector = sorted(flag for flag in flags if flag.startswith(("avx", "amx")) or flag in ("fma", "f16c"))
+    caps = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(name)]
+    return [
+        f"cpu: {' '.join(vector) or 'no x86 vector flags'}",
+        f"torch kernels: {torch.backends.cpu.get_cpu_capability()}; caps: {', '.join(caps) or 'none'}; "
+        f"prune.round_to auto: {host_channel_multiple().value}",
+    ]
