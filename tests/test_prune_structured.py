@@ -263,6 +263,7 @@ def build_tiny(workdir: Path, checkpoint: Path, *overrides: str, target: str = "
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_iterative_pruning_steps_to_the_final_amount_recovering_between_steps(workdir: Path, user_checkpoint: Path) -> None:
     metrics = prune_metrics(build_tiny(workdir, user_checkpoint, "prune.amount=0.5", "prune.steps=2", "prune.round_to=4"))
     trajectory = metrics["trajectory"]
@@ -484,6 +485,7 @@ def test_the_speedup_loop_names_the_measured_ceiling_when_the_target_is_out_of_r
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_latency_target_stops_with_a_stage_error_when_the_accuracy_budget_breaks(workdir: Path, user_checkpoint: Path) -> None:
     with pytest.raises(StageError) as raised:
         build_tiny(

@@ -162,6 +162,7 @@ def test_the_budget_fails_the_stage_when_the_fallback_is_off_or_exhausted(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_layers_float(workdir, broken_checkpoint):
     overrides = (*FAST, "prune.mode='none'", "benchmark.enabled=false")
 
@@ -194,6 +195,7 @@ def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_laye
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_tflite_fallback_and_float_io(workdir, broken_checkpoint):
     overrides = (*FAST, "prune.mode='none'", "benchmark.enabled=false", "quantize.tflite_io='float'")
     result = api.build("android", model=USER_MODEL, weights=str(broken_checkpoint), overrides=overrides)
@@ -288,6 +290,7 @@ def test_weight_only_onnx_has_int8_weights_float_activations_and_holds_the_budge
     assert path.stat().st_size - meta["float_layers_size_bytes"] < 0.4 * fp32.stat().st_size  # every weight int8: the first attempt
 
 
+@pytest.mark.numerics
 def test_weight_only_with_float16_constants_stores_biases_and_scales_in_half_the_bytes(tmp_path, user_checkpoint, example_data):
     import onnx
     from onnx import TensorProto
