@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -264,6 +265,7 @@ def build_tiny(workdir: Path, checkpoint: Path, *overrides: str, target: str = "
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_iterative_pruning_steps_to_the_final_amount_recovering_between_steps(workdir: Path, user_checkpoint: Path) -> None:
     metrics = prune_metrics(build_tiny(workdir, user_checkpoint, "prune.amount=0.5", "prune.steps=2", "prune.round_to=4"))
     trajectory = metrics["trajectory"]
@@ -485,6 +487,7 @@ def test_the_speedup_loop_names_the_measured_ceiling_when_the_target_is_out_of_r
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_latency_target_stops_with_a_stage_error_when_the_accuracy_budget_breaks(workdir: Path, user_checkpoint: Path) -> None:
     with pytest.raises(StageError) as raised:
         build_tiny(
@@ -620,10 +623,36 @@ def test_batchnorm_recalibration_re_estimates_the_statistics_with_dropout_off_an
     assert recalibrate_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.LayerNorm([2, 4, 4])), images) == 0
 
 
-def test_structured_steps_re_estimate_batchnorm_statistics_and_the_option_turns_it_off(workdir: Path, user_checkpoint: Path) -> None:
-    no_finetune = ("prune.amount=0.5", "prune.round_to=1", "finetune.epochs=0")
-    recalibrated = prune_metrics(build_tiny(workdir, user_checkpoint, *no_finetune))
-    stale = prune_metrics(build_tiny(workdir, user_checkpoint, *no_finetune, "prune.recalibrate_batchnorm=false"))
+@pytest.fixture(scope="module")
+def stale_statistics_checkpoint(user_checkpoint: Path, tmp_path_factory) -> Path:
+    """``user_checkpoint`` with every BatchNorm's running variance set to 1e30: statistics stale on purpose.
 
-    assert recalibrated["group_ratios"] == stale["group_ratios"]  # the same channels removed
-    assert recalibrated["accuracy"] > stale["accuracy"] + 5  # measured: 27.6 % against 17.6 % (tiny_cnn, half its channels gone)
+    Each BatchNorm then divides its centred input by 1e15, so what it passes on is its bias alone to float32
+    precision: with these statistics the network computes one constant, whatever the image.
+    """
+    state = torch.load(user_checkpoint, weights_only=True)
+    for name in [name for name in state if name.endswith("running_var")]:
+        state[name] = torch.full_like(state[name], 1e30)
+    path = tmp_path_factory.mktemp("stale") / "tiny_cnn_stale_batchnorm.pt"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.numerics
+def test_structured_steps_re_estimate_batchnorm_statistics_and_the_option_turns_it_off(
+    workdir: Path, user_checkpoint: Path, stale_statistics_checkpoint: Path, example_data
+) -> None:
+    no_finetune = ("prune.amount=0.5", "prune.round_to=1", "finetune.epochs=0")
+    kept = prune_metrics(build_tiny(workdir, stale_statistics_checkpoint, *no_finetune, "prune.recalibrate_batchnorm=false"))
+    recalibrated = prune_metrics(build_tiny(workdir, stale_statistics_checkpoint, *no_finetune))
+    from_trained = prune_metrics(build_tiny(workdir, user_checkpoint, *no_finetune))
+
+    assert kept["group_ratios"] == recalibrated["group_ratios"] == from_trained["group_ratios"]  # the same channels removed
+    labels = example_data.y_test[:500]  # FAST_BUILD's data.eval_samples
+    one_class = {round(100 * count / len(labels), 4) for count in np.bincount(labels)}
+    # kept statistics: one class for every image, before pruning and after
+    assert round(kept["accuracy_before"], 4) in one_class and round(kept["accuracy"], 4) in one_class
+    # re-estimated statistics replace the checkpoint's whole: the pruned model is the one the good statistics give
+    assert recalibrated["accuracy"] == from_trained["accuracy"]
+    # and it reads the image: above a constant guess by more than 3 standard errors of a 500-image top-1
+    assert recalibrated["accuracy"] > max(one_class) + 3 * 100 * 0.5 / np.sqrt(len(labels))
