@@ -15,7 +15,7 @@ PLOTS_DIR = "plots"
 def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] = ()) -> str:
     """The report; ``plots`` are (file stem, title) pairs of PNGs written to ``plots/``."""
     lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
-    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _quantization(manifest)
+    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _delegation(manifest) + _quantization(manifest)
     lines += _channels(manifest) + _budgets(manifest)
     lines += [
         "## Preprocessing (a device app must repeat it)",
@@ -133,6 +133,31 @@ def _quantization(manifest: dict[str, Any]) -> list[str]:
     ]
     lines += ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows]
     return lines + [""]
+
+
+def delegation_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """One row per ExecuTorch artefact: operators XNNPACK took, those left to portable kernels (by name), the share."""
+    rows = []
+    for entry in manifest["artifacts"].values():
+        if "delegated_share" not in entry:
+            continue
+        portable = ", ".join(f"{name} ×{count}" for name, count in entry.get("portable_kernels", {}).items()) or "none"
+        share = f"{entry['delegated_share'] * 100:.1f} %"
+        rows.append([entry["file"], str(entry["delegated_operators"]), str(entry["portable_operators"]), share, portable])
+    return rows
+
+
+def _delegation(manifest: dict[str, Any]) -> list[str]:
+    rows = delegation_rows(manifest)
+    if not rows:
+        return []
+    lines = [
+        "## ExecuTorch delegation (XNNPACK)",
+        "",
+        "| file | operators delegated | on portable kernels | delegated share | portable kernels |",
+        "|---|---:|---:|---:|---|",
+    ]
+    return lines + ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows] + [""]
 
 
 def _channels(manifest: dict[str, Any]) -> list[str]:
