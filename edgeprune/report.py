@@ -122,17 +122,17 @@ def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
 
 
 def _quantization(manifest: dict[str, Any]) -> list[str]:
-    rows = quantization_rows(manifest)
+    return _section(
+        "Quantization accuracy budget", QUANTIZATION_HEADER, "|---|---|---:|---:|---|---|---:|---:|", quantization_rows(manifest)
+    )
+
+
+def _section(title: str, header: list[str], rule: str, rows: list[list[str]]) -> list[str]:
+    """A Markdown section holding one table; nothing when there are no rows."""
     if not rows:
         return []
-    lines = [
-        "## Quantization accuracy budget",
-        "",
-        "| " + " | ".join(QUANTIZATION_HEADER) + " |",
-        "|---|---|---:|---:|---|---|---:|---:|",
-    ]
-    lines += ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows]
-    return lines + [""]
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", rule]
+    return lines + ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows] + [""]
 
 
 def delegation_rows(manifest: dict[str, Any]) -> list[list[str]]:
@@ -147,17 +147,11 @@ def delegation_rows(manifest: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+DELEGATION_HEADER = ["file", "operators delegated", "on portable kernels", "delegated share", "portable kernels"]
+
+
 def _delegation(manifest: dict[str, Any]) -> list[str]:
-    rows = delegation_rows(manifest)
-    if not rows:
-        return []
-    lines = [
-        "## ExecuTorch delegation (XNNPACK)",
-        "",
-        "| file | operators delegated | on portable kernels | delegated share | portable kernels |",
-        "|---|---:|---:|---:|---|",
-    ]
-    return lines + ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows] + [""]
+    return _section("ExecuTorch delegation (XNNPACK)", DELEGATION_HEADER, "|---|---:|---:|---:|---|", delegation_rows(manifest))
 
 
 def _channels(manifest: dict[str, Any]) -> list[str]:
