@@ -210,7 +210,7 @@ def _add_bench(commands) -> None:
     parser = commands.add_parser(
         "bench",
         help="benchmark one artefact on a device",
-        description="Measure latency and memory of an .onnx or .tflite file, each repeat in its own process.",
+        description="Measure latency and memory of an .onnx, .tflite or .pte file, each repeat in its own process.",
     )
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--device", default="local", help="local, gpu, ssh://user@host[:port], adb://SERIAL")

@@ -65,7 +65,10 @@ def main() -> None:
     print(" | ".join(HEADER))
     notes = []
     for name in args.models:
-        row, note = measure(name, data, args)
+        try:
+            row, note = measure(name, data, args)
+        except StageError as error:  # an architecture ExecuTorch cannot take is a result too
+            row, note = [name, "FAILED"] + ["-"] * (len(HEADER) - 2), str(error)
         print(" | ".join(row), flush=True)
         notes += [f"{name}: {note}"] if note else []
     for note in notes:
