@@ -63,16 +63,14 @@ def main() -> None:
     data = load_dataset(DataConfig(), 10)
     print(f"threads {args.threads}; p50 in ms over {args.rounds} x {args.iterations} runs per file, files taking turns")
     print(" | ".join(HEADER))
-    notes = []
     for name in args.models:
         try:
             row, note = measure(name, data, args)
         except StageError as error:  # an architecture ExecuTorch cannot take is a result too
             row, note = [name, "FAILED"] + ["-"] * (len(HEADER) - 2), str(error)
         print(" | ".join(row), flush=True)
-        notes += [f"{name}: {note}"] if note else []
-    for note in notes:
-        print(note)
+        if note:
+            print(f"  {name}: {note}", flush=True)  # under its row: a run cut short keeps it
 
 
 def measure(name: str, data, args) -> tuple[list[str], str]:
