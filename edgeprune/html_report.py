@@ -16,7 +16,7 @@ from html import escape
 from typing import Any
 
 from edgeprune.plots import Plot
-from edgeprune.report import QUANTIZATION_HEADER, quantization_rows
+from edgeprune.report import DELEGATION_HEADER, QUANTIZATION_HEADER, delegation_rows, quantization_rows
 
 NUMBER = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?( %)?$")
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -51,6 +51,7 @@ def html_report(manifest: dict[str, Any], plots: list[Plot]) -> str:
         *_plots(plots),
         *_stages(manifest),
         *_artifacts(manifest),
+        *_delegation(manifest),
         *_quantization(manifest),
     ]
     body += [*_budgets(manifest), *_reproduce(manifest)]
@@ -135,6 +136,11 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
 def _quantization(manifest: dict[str, Any]) -> list[str]:
     rows = quantization_rows(manifest)
     return ["<h2>Quantization accuracy budget</h2>", _table(QUANTIZATION_HEADER, rows)] if rows else []
+
+
+def _delegation(manifest: dict[str, Any]) -> list[str]:
+    rows = delegation_rows(manifest)
+    return ["<h2>ExecuTorch delegation (XNNPACK)</h2>", _table(DELEGATION_HEADER, rows)] if rows else []
 
 
 def _budgets(manifest: dict[str, Any]) -> list[str]:

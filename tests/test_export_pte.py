@@ -99,6 +99,7 @@ def test_build_android_executorch_through_the_cli(workdir: Path, capsys) -> None
     assert manifest["artifacts"]["pte_int8"]["versus_fp32"]["top1_agreement"] >= 0.97
     assert "pte_int8" in manifest["speedups"]
     assert "## ExecuTorch delegation (XNNPACK)" in (workdir / "out" / "report.md").read_text()
+    assert "<h2>ExecuTorch delegation (XNNPACK)</h2>" in (workdir / "out" / "report.html").read_text()
 
 
 def test_pte_without_the_extra_is_one_line(workdir: Path, monkeypatch, capsys) -> None:
