@@ -123,7 +123,7 @@ def _add_export(commands) -> None:
         help="convert a checkpoint to ONNX/TFLite with parity checks, no pruning",
         description="Export a model to ONNX and/or TFLite and check parity against PyTorch; no pruning, no benchmark.",
     )
-    parser.add_argument("--format", action="append", choices=["onnx", "tflite"], help="output format (repeatable; default onnx)")
+    parser.add_argument("--format", action="append", choices=["onnx", "tflite", "pte"], help="output format (repeatable; default onnx)")
     parser.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32", help="also write a quantized artefact")
     parser.add_argument("--target", "-t", default="cpu-x86", help="profile supplying defaults (default cpu-x86)")
     parser.add_argument("--out", type=Path, default=Path("dist/export"), help="output folder (default dist/export)")
@@ -227,7 +227,7 @@ def _add_bench(commands) -> None:
     parser = commands.add_parser(
         "bench",
         help="benchmark one artefact on a device",
-        description="Measure latency and memory of an .onnx or .tflite file, each repeat in its own process.",
+        description="Measure latency and memory of an .onnx, .tflite or .pte file, each repeat in its own process.",
     )
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--device", default="local", help="local, gpu, ssh://user@host[:port], adb://SERIAL")

@@ -197,9 +197,10 @@ class ExportConfig:
     ``tflite_channels_last`` gives the file NHWC input, what Android camera pipelines
     feed; ``tflite_converter`` = ``auto`` uses litert-torch and falls back to
     ONNX → onnx2tf (``pip install "edgeprune[tensorflow]"``) for ops it cannot lower.
+    ``pte``: an ExecuTorch program lowered to XNNPACK (``pip install "edgeprune[executorch]"``).
     """
 
-    formats: tuple[Literal["onnx", "tflite"], ...] = ("onnx",)
+    formats: tuple[Literal["onnx", "tflite", "pte"], ...] = ("onnx",)
     opset: int = field(default=17, metadata=_range(13, 23))
     simplify: bool = True
     dynamic_batch: bool = False

@@ -16,7 +16,15 @@ from html import escape
 from typing import Any
 
 from edgeprune.plots import Plot
-from edgeprune.report import QUANTIZATION_HEADER, benchmark_caveats, checkpoint_lines, left_unpruned_rows, quantization_rows
+from edgeprune.report import (
+    DELEGATION_HEADER,
+    QUANTIZATION_HEADER,
+    benchmark_caveats,
+    checkpoint_lines,
+    delegation_rows,
+    left_unpruned_rows,
+    quantization_rows,
+)
 
 NUMBER = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?( %)?$")
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -51,6 +59,7 @@ def html_report(manifest: dict[str, Any], plots: list[Plot]) -> str:
         *_plots(plots),
         *_stages(manifest),
         *_artifacts(manifest),
+        *_delegation(manifest),
         *_quantization(manifest),
         *_loaded(manifest),
     ]
@@ -147,6 +156,11 @@ def _loaded(manifest: dict[str, Any]) -> list[str]:
     adapted = [f"<li>{_e(item)}</li>" for item in lines[1:]]
     html = ["<h2>Checkpoint</h2>", f"<p>{_e(lines[0])}</p>", "<ul>", *adapted, "</ul>"] if lines else []
     return html + (["<h2>Layer groups not pruned</h2>", _table(["layer group", "why"], rows)] if rows else [])
+
+
+def _delegation(manifest: dict[str, Any]) -> list[str]:
+    rows = delegation_rows(manifest)
+    return ["<h2>ExecuTorch delegation (XNNPACK)</h2>", _table(DELEGATION_HEADER, rows)] if rows else []
 
 
 def _budgets(manifest: dict[str, Any]) -> list[str]:

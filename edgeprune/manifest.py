@@ -53,6 +53,8 @@ SHIPPED = {  # artefact name in the pipeline -> file name in the output folder
     "onnx_fp16": "model_fp16.onnx",
     "tflite_fp32": "model_fp32.tflite",
     "tflite_int8": "model_int8.tflite",
+    "pte_fp32": "model_fp32.pte",
+    "pte_int8": "model_int8.pte",
 }
 
 

@@ -26,7 +26,7 @@ from edgeprune.config import BuildConfig
 from edgeprune.data import Dataset
 from edgeprune.progress import Reporter
 
-TOOLS = ("edgeprune", "torch", "torch-pruning", "onnx", "onnxruntime", "onnxsim", "litert-torch", "ai-edge-litert", "numpy")
+TOOLS = ("edgeprune", "torch", "torch-pruning", "onnx", "onnxruntime", "onnxsim", "litert-torch", "ai-edge-litert", "executorch", "numpy")
 
 
 @dataclass
@@ -84,6 +84,7 @@ def plan_for(config: BuildConfig) -> list[Stage]:
         Baseline,
         Benchmark,
         ExportOnnx,
+        ExportPte,
         ExportTflite,
         Finetune,
         PruneStructured,
@@ -102,6 +103,8 @@ def plan_for(config: BuildConfig) -> list[Stage]:
         plan.append(ExportOnnx())
     if "tflite" in config.export.formats:
         plan.append(ExportTflite())
+    if "pte" in config.export.formats:
+        plan.append(ExportPte.checked(config))  # a missing extra fails here, before any stage runs
     if config.quantize.scheme != "none":
         plan.append(Quantize())
     if config.benchmark.enabled:

@@ -15,7 +15,7 @@ PLOTS_DIR = "plots"
 def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] = ()) -> str:
     """The report; ``plots`` are (file stem, title) pairs of PNGs written to ``plots/``."""
     lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
-    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _quantization(manifest)
+    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _delegation(manifest) + _quantization(manifest)
     lines += _loaded(manifest) + _left_unpruned(manifest) + _channels(manifest) + _budgets(manifest)
     lines += [
         "## Preprocessing (a device app must repeat it)",
@@ -142,17 +142,36 @@ def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
 
 
 def _quantization(manifest: dict[str, Any]) -> list[str]:
-    rows = quantization_rows(manifest)
+    return _section(
+        "Quantization accuracy budget", QUANTIZATION_HEADER, "|---|---|---:|---:|---|---|---:|---:|", quantization_rows(manifest)
+    )
+
+
+def _section(title: str, header: list[str], rule: str, rows: list[list[str]]) -> list[str]:
+    """A Markdown section holding one table; nothing when there are no rows."""
     if not rows:
         return []
-    lines = [
-        "## Quantization accuracy budget",
-        "",
-        "| " + " | ".join(QUANTIZATION_HEADER) + " |",
-        "|---|---|---:|---:|---|---|---:|---:|",
-    ]
-    lines += ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows]
-    return lines + [""]
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", rule]
+    return lines + ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows] + [""]
+
+
+def delegation_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """One row per ExecuTorch artefact: operators XNNPACK took, those left to portable kernels (by name), the share."""
+    rows = []
+    for entry in manifest["artifacts"].values():
+        if "delegated_share" not in entry:
+            continue
+        portable = ", ".join(f"{name} ×{count}" for name, count in entry.get("portable_kernels", {}).items()) or "none"
+        share = f"{entry['delegated_share'] * 100:.1f} %"
+        rows.append([entry["file"], str(entry["delegated_operators"]), str(entry["portable_operators"]), share, portable])
+    return rows
+
+
+DELEGATION_HEADER = ["file", "operators delegated", "on portable kernels", "delegated share", "portable kernels"]
+
+
+def _delegation(manifest: dict[str, Any]) -> list[str]:
+    return _section("ExecuTorch delegation (XNNPACK)", DELEGATION_HEADER, "|---|---:|---:|---:|---|", delegation_rows(manifest))
 
 
 def checkpoint_lines(manifest: dict[str, Any]) -> list[str]:

@@ -5,7 +5,7 @@ A *device* is a URL naming where an artefact is benchmarked:
 ``local``                                   a fresh local Python process per repeat
 ``gpu``                                     the same, on onnxruntime's CUDA/TensorRT providers
 ``ssh://user@host[:port][?python=...&key=...&known_hosts=...]``   a remote machine over OpenSSH
-``adb://SERIAL[?benchmark_model=...&python=...]``                 an Android device over adb
+``adb://SERIAL[?benchmark_model=...&executor_runner=...&python=...]`` an Android device over adb
 
 Every adapter ends up running ``runner.py`` (or TFLite's ``benchmark_model``) once per
 repeat in an isolated process and turns the per-repeat JSON into one ``BenchResult``.

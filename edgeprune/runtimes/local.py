@@ -26,9 +26,9 @@ from edgeprune.runtimes.commands import parse_runner_stdout, run_command
 
 
 def check_artifact(artifact: Path) -> None:
-    """Raises InputError unless ``artifact`` is an existing .onnx or .tflite file."""
-    if artifact.suffix.lower() not in (".onnx", ".tflite"):
-        raise InputError(f"cannot benchmark {artifact}: expected a .onnx or .tflite file")
+    """Raises InputError unless ``artifact`` is an existing .onnx, .tflite or .pte file."""
+    if artifact.suffix.lower() not in (".onnx", ".tflite", ".pte"):
+        raise InputError(f"cannot benchmark {artifact}: expected a .onnx, .tflite or .pte file")
     if not artifact.is_file():
         raise InputError(f"cannot benchmark {artifact}: file not found")
 

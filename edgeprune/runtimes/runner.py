@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark one .onnx or .tflite artefact in this process and print one JSON object.
+"""Benchmark one .onnx, .tflite or .pte artefact in this process and print one JSON object.
 
 This file is deliberately self-contained (stdlib + numpy + the runtime, no edgeprune
 imports) so it can be copied alone to a Raspberry Pi, a phone or a remote server::
@@ -8,6 +8,7 @@ imports) so it can be copied alone to a Raspberry Pi, a phone or a remote server
     python3 runner.py --model model.tflite --no-xnnpack --min-seconds 2
     python3 runner.py --model model.onnx --providers CUDAExecutionProvider,CPUExecutionProvider
     python3 runner.py --model pruned.onnx --baseline dense.onnx --iterations 500
+    python3 runner.py --model model.pte --threads 4       # ExecuTorch (pip install executorch)
 
 Stdout carries exactly one JSON object (anything the runtimes print to stdout is
 redirected to stderr). Times are milliseconds, memory is MiB. On any failure the
@@ -31,6 +32,10 @@ cores), on one pool 0.999x to 1.002x. Turning spinning off instead also pairs fa
 every operator's thread wake-up to both: resnet_wide went 0.34 -> 0.48 ms and a 2.2x speed-up
 read 1.7x. An onnxruntime without shared pools (or one whose pool is already made with
 another size) falls back to per-session pools that do not spin ("per-session, not spinning").
+
+A .pte runs through ``executorch.runtime``. ExecuTorch has one process-wide thread pool (what
+XNNPACK's delegate and the optimized kernels use); ``--threads`` resets it to that size before
+the program loads (``thread_pool`` in the JSON: "executorch global"), so a baseline .pte shares it.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ class _JsonArgumentParser(argparse.ArgumentParser):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse the command line; raises RunnerError on bad arguments."""
     parser = _JsonArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help=".onnx or .tflite file")
+    parser.add_argument("--model", required=True, help=".onnx, .tflite or .pte file")
     parser.add_argument("--threads", type=int, default=2, help="intra-op / interpreter threads")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs after the first")
     parser.add_argument("--iterations", type=int, default=50, help="minimum timed runs")
@@ -93,7 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-xnnpack", action="store_true", help="litert: no XNNPACK delegate")
     parser.add_argument("--input", default=None, help=".npy (one input) or .npz (by name)")
     parser.add_argument("--shape", action="append", default=[], metavar="INPUT=1,3,224,224", help="an input's shape (repeatable)")
-    parser.add_argument("--baseline", default=None, help="a second .onnx/.tflite timed in alternation with --model")
+    parser.add_argument("--baseline", default=None, help="a second .onnx/.tflite/.pte timed in alternation with --model")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.warmup < 0 or args.iterations < 1 or args.min_seconds < 0:
         raise RunnerError("need --threads >= 1, --warmup >= 0, --iterations >= 1, --min-seconds >= 0")
@@ -457,6 +462,66 @@ def tflite_tensor_mb(interpreter) -> float | None:
     return total / (1024.0 * 1024.0)
 
 
+# ---------------------------------------------------------------- ExecuTorch (.pte)
+
+EXECUTORCH_POOL = "executorch global"
+_ET_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64", 11: "bool"}  # ScalarType
+
+
+def import_executorch() -> tuple:
+    """executorch.runtime and its facts; raises RunnerError if the executorch wheel is not installed."""
+    try:
+        from executorch import runtime
+    except ImportError as error:
+        raise RunnerError("no ExecuTorch runtime: pip install executorch") from error
+    return runtime, {"runtime": "executorch", "runtime_version": _dist_version("executorch")}
+
+
+def open_pte(args: argparse.Namespace, runtime) -> OpenedModel:
+    """Load the program's ``forward`` on an ExecuTorch pool of ``--threads``."""
+    global _paired_pool
+    _paired_pool = EXECUTORCH_POOL
+    set_executorch_threads(args.threads)
+    method = runtime.Runtime.get().load_program(args.model).load_method("forward")
+    meta = method.metadata
+    declared, dtypes = [], {}
+    for index in range(meta.num_inputs()):
+        tensor = meta.input_tensor_meta(index)
+        dtype = _ET_TYPES.get(int(tensor.dtype()))
+        if dtype is None:
+            raise RunnerError(f"{os.path.basename(args.model)}: input {index} has dtype {tensor.dtype()}, which the runner cannot feed")
+        declared.append((f"input_{index}", list(tensor.sizes())))
+        dtypes[f"input_{index}"] = np.dtype(dtype).type
+    shapes, guessed = resolve_shapes(declared, parse_shapes(args.shape))
+    feeds = load_inputs(args.input, [(name, shapes[name], dtypes[name]) for name, _ in declared])
+    import torch  # executorch's Python runtime takes torch tensors
+
+    tensors = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name, _ in declared]
+
+    def run_once() -> None:
+        method.execute(tensors)
+
+    backends = pte_backends(args.model, runtime.Runtime.get().backend_registry.registered_backend_names)
+    return OpenedModel(run_once, backends, guessed=guessed, shapes=shapes)
+
+
+def pte_backends(path: str, registered: list[str]) -> list[str]:
+    """The registered delegates the program names (a delegate's id is a plain string in the flatbuffer), then "portable"."""
+    with open(path, "rb") as program:
+        data = program.read()
+    return sorted(name for name in registered if name.encode() in data) + ["portable"]
+
+
+def set_executorch_threads(threads: int) -> None:
+    """Size ExecuTorch's process-wide thread pool (XNNPACK's); a wheel without the call keeps its default."""
+    try:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(threads)
+    except (ImportError, AttributeError):
+        pass
+
+
 # ---------------------------------------------------------------- measurement
 
 
@@ -500,13 +565,13 @@ def paired_timed_loop(run_model, run_baseline, iterations: int, min_seconds: flo
 
 
 def runtime_for(path: str) -> tuple:
-    """(import_runtime, open_runtime) for an existing .onnx/.tflite ``path``; RunnerError otherwise."""
+    """(import_runtime, open_runtime) for an existing .onnx/.tflite/.pte ``path``; RunnerError otherwise."""
     if not os.path.isfile(path):
         raise RunnerError(f"model file not found: {path}")
     extension = os.path.splitext(path)[1].lower()
-    runtimes = {".onnx": (import_onnxruntime, open_onnx), ".tflite": (import_tflite, open_tflite)}
+    runtimes = {".onnx": (import_onnxruntime, open_onnx), ".tflite": (import_tflite, open_tflite), ".pte": (import_executorch, open_pte)}
     if extension not in runtimes:
-        raise RunnerError(f"unsupported model type {extension!r}: expected .onnx or .tflite")
+        raise RunnerError(f"unsupported model type {extension!r}: expected .onnx, .tflite or .pte")
     return runtimes[extension]
 
 

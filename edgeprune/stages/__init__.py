@@ -3,6 +3,7 @@
 from edgeprune.stages.baseline import Baseline
 from edgeprune.stages.benchmark import Benchmark
 from edgeprune.stages.export_onnx import ExportOnnx
+from edgeprune.stages.export_pte import ExportPte
 from edgeprune.stages.export_tflite import ExportTflite
 from edgeprune.stages.finetune import Finetune
 from edgeprune.stages.prune_structured import PruneStructured
@@ -13,6 +14,7 @@ __all__ = [
     "Baseline",
     "Benchmark",
     "ExportOnnx",
+    "ExportPte",
     "ExportTflite",
     "Finetune",
     "PruneStructured",

@@ -17,7 +17,10 @@ from edgeprune.config import BuildConfig
 from edgeprune.errors import DeviceError
 from edgeprune.pipeline import StageContext, StageOutput
 
-EXPORTED = ("onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp32", "tflite_int8", "tflite_fp32_dense")
+EXPORTED = (
+    "onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp32", "tflite_int8", "tflite_fp32_dense",
+    "pte_fp32", "pte_int8", "pte_fp32_dense",
+)  # fmt: skip
 
 
 class Benchmark:
@@ -86,7 +89,7 @@ def paired_speedups(context: StageContext, settings, present: list[str]) -> dict
 def speedups(results: dict[str, Any]) -> dict[str, float]:
     """p50 of the dense fp32 export over the p50 of each artefact of the same format."""
     ratios = {}
-    for fmt in ("onnx", "tflite"):
+    for fmt in ("onnx", "tflite", "pte"):
         dense = results.get(f"{fmt}_fp32_dense", {}).get("latency_p50_ms")
         if not dense:
             continue
