@@ -91,9 +91,11 @@ def build_log(out: Path, reporter: Reporter) -> Iterator[None]:
         return
     log_path = log_path_for(out)
     log_path.unlink(missing_ok=True)
-    with library_output_to(log_path, reporter):
-        yield
-    if log_path.stat().st_size:
-        reporter.info(f"[{out.name}] other libraries' warnings and logs: {log_path} (--verbose shows them here)")
-    else:
-        log_path.unlink()
+    try:
+        with library_output_to(log_path, reporter):
+            yield
+    finally:  # a failed build keeps a log only when something was written to it
+        if log_path.exists() and log_path.stat().st_size:
+            reporter.info(f"[{out.name}] other libraries' warnings and logs: {log_path} (--verbose shows them here)")
+        else:
+            log_path.unlink(missing_ok=True)
