@@ -359,7 +359,10 @@ def test_nan_logits_fail_parity_at_every_precision():
 @pytest.mark.numerics
 def test_export_command_writes_onnx_and_tflite_fp32_and_int8_with_parity(workdir, user_checkpoint, capsys):
     argv = ["export", "--format", "onnx", "--format", "tflite", "--precision", "int8", "--json", "--out", "exported"]
-    assert cli.main([*argv, "--model", USER_MODEL, "--weights", str(user_checkpoint), "--set", "data.calibration_samples=64"]) == 0
+    # The stage's agreement gate is the one this test asserts (0.97): on 512 images the 0.99 default is 5
+    # disagreements, and a briefly trained model's near-tied logits flip 6 on some CPUs (tflite_int8: 0.988).
+    gates = ["--set", "data.calibration_samples=64", "--set", "quantize.min_top1_agreement=0.97"]
+    assert cli.main([*argv, "--model", USER_MODEL, "--weights", str(user_checkpoint), *gates]) == 0
     artifacts = json.loads(capsys.readouterr().out)["artifacts"]
     assert sorted(artifacts) == ["model", "onnx_fp32", "onnx_int8", "tflite_fp32", "tflite_int8"]
     for name in ("onnx_fp32", "tflite_fp32"):
