@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,17 +87,30 @@ def _terminal_copy(reporter: Reporter, saved: dict[int, int]):
 @contextlib.contextmanager
 def build_log(out: Path, reporter: Reporter) -> Iterator[None]:
     """A build into ``out``: other libraries' output into ``<out>.log`` (kept when not empty, and said so), unless the
-    reporter is verbose (then it stays on the terminal)."""
+    reporter is verbose (then it stays on the terminal).
+
+    The log is written in the temp folder and moved beside the output only when the build returns, so a failed
+    build leaves nothing in the output folder; its log, when not empty, stays in the temp folder and is named.
+    """
     if reporter.verbosity >= 2:
         yield
         return
-    log_path = log_path_for(out)
-    log_path.unlink(missing_ok=True)
+    descriptor, scratch = tempfile.mkstemp(prefix=f"edgeprune-{out.name}-", suffix=".log")
+    os.close(descriptor)
+    scratch_path, log_path = Path(scratch), log_path_for(out)
     try:
-        with library_output_to(log_path, reporter):
+        with library_output_to(scratch_path, reporter):
             yield
-    finally:  # a failed build keeps a log only when something was written to it
-        if log_path.exists() and log_path.stat().st_size:
-            reporter.info(f"[{out.name}] other libraries' warnings and logs: {log_path} (--verbose shows them here)")
+    except BaseException:
+        if scratch_path.stat().st_size:
+            reporter.info(f"[{out.name}] other libraries' warnings and logs of the failed build: {scratch_path}")
         else:
-            log_path.unlink(missing_ok=True)
+            scratch_path.unlink()
+        raise
+    if not scratch_path.stat().st_size:
+        scratch_path.unlink()
+        log_path.unlink(missing_ok=True)
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(scratch_path, log_path)
+    reporter.info(f"[{out.name}] other libraries' warnings and logs: {log_path} (--verbose shows them here)")
