@@ -316,6 +316,12 @@ def merge_layers(layers: list[tuple[str, dict[str, Any]]]) -> BuildConfig:
     return resolve_round_to(_build(BuildConfig, merged, origins, prefix=""))
 
 
+def config_from_dict(resolved: dict[str, Any], origin: str) -> BuildConfig:
+    """A configuration rebuilt from ``BuildConfig.to_dict()`` (in a child process, say): its derived fields
+    (``prune.round_to_source``) are taken as they were resolved, which no user layer may set."""
+    return resolve_round_to(_build(BuildConfig, resolved, origin, prefix=""))
+
+
 def resolve_round_to(config: BuildConfig) -> BuildConfig:
     """``prune.round_to = "auto"`` replaced by this host's channel multiple, the reason in ``prune.round_to_source``.
 

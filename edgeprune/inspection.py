@@ -108,11 +108,11 @@ def probe_conversion(model: nn.Module, config: BuildConfig, dataset: Dataset, ti
 
 
 def _convert_in_child(folder_name: str, sections: dict[str, Any]) -> None:
-    from edgeprune.config import merge_layers
+    from edgeprune.config import config_from_dict
     from edgeprune.modelio import load_model
 
     folder = Path(folder_name)
-    config = merge_layers([("inspect", sections)])
+    config = config_from_dict(sections, "inspect")
     model = load_model(folder / "model.pt")
     calibration = np.load(folder / "calibration.npy")
     example = torch.from_numpy(calibration[:1].copy())
