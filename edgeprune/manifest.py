@@ -40,6 +40,7 @@ VOLATILE_FIELDS = (
     "stages.*.reason",
     "stages.*.metrics.results",
     "stages.*.metrics.speedups",
+    "stages.*.metrics.dependency_analysis.seconds",
     "artifacts.*.benchmark",
     "parity_data.path",
     "speedups",
