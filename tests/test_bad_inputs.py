@@ -182,7 +182,7 @@ def build(*args: str) -> tuple[str, ...]:
 
 ROWS = {
     # configuration: profiles, project files, --set
-    "unknown target": Row(("build", "--target", "iphone"), "unknown target 'iphone' (known: android, cpu-x86"),
+    "unknown target": Row(("build", "--target", "iphone"), "unknown target 'iphone' (known: android, android-executorch, cpu-x86"),
     "bad TOML in a project file": Row(build("--project", "bad.toml"), "bad.toml: invalid TOML", {"bad.toml": "[prune\n"}),
     "missing project file": Row(build("--project", "nope.toml"), "nope.toml: file not found"),
     "unknown key in a profile": Row(
