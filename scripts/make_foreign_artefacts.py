@@ -107,26 +107,26 @@ def keras_dynamic_batch(path: Path) -> None:
 def keras_int8(path: Path) -> None:
     import tf_keras
 
-    def setup(converter, tf) -> None:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = _representative((1, 16, 16, 3))
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = converter.inference_output_type = tf.int8
-
-    _tflite_from_keras(_keras_cnn(tf_keras), path, setup)
+    _tflite_from_keras(_keras_cnn(tf_keras), path, _full_integer("int8"))
 
 
 @maker("keras_uint8_io.tflite", "TFLiteConverter, int8 weights with uint8 in/out (the TF1 camera-model interface)", "tf_keras")
 def keras_uint8(path: Path) -> None:
     import tf_keras
 
+    _tflite_from_keras(_keras_cnn(tf_keras), path, _full_integer("uint8"))
+
+
+def _full_integer(io_dtype: str):
+    """A converter setup for full-integer int8 (representative data) with ``io_dtype`` ("int8"/"uint8") inputs and outputs."""
+
     def setup(converter, tf) -> None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = _representative((1, 16, 16, 3))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = converter.inference_output_type = tf.uint8
+        converter.inference_input_type = converter.inference_output_type = getattr(tf, io_dtype)
 
-    _tflite_from_keras(_keras_cnn(tf_keras), path, setup)
+    return setup
 
 
 @maker("keras_float16.tflite", "TFLiteConverter, float16 weights (Optimize.DEFAULT + supported_types float16)", "tf_keras")
