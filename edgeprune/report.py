@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from edgeprune.runtimes.figures import caveats
+
 PLOTS_DIR = "plots"
 
 
@@ -93,8 +95,6 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
 
 def benchmark_caveats(manifest: dict[str, Any]) -> list[str]:
     """A line per artefact whose benchmark figures need a caveat (fewer threads than asked, a spread that stayed high)."""
-    from edgeprune.runtimes.figures import caveats
-
     notes = [f"- {entry['file']}: {'; '.join(caveats(entry['benchmark']))}" for entry in manifest["artifacts"].values()
              if caveats(entry.get("benchmark", {}))]  # fmt: skip
     return ["Benchmark caveats:", "", *notes, ""] if notes else []
