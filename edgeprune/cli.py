@@ -22,10 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgeprune import __version__, interrupts
-from edgeprune.budgets import BUDGET_FLAGS
-from edgeprune.diff import Thresholds
+from edgeprune import api, interrupts
+from edgeprune.budgets import BUDGET_FLAGS, budget_overrides, exit_code
+from edgeprune.diff import Thresholds, markdown
 from edgeprune.errors import EdgepruneError
+from edgeprune.progress import Reporter
+from edgeprune.report import summary_table
+from edgeprune.versions import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,31 +228,28 @@ def _add_bench(commands) -> None:
 # --------------------------------------------------------------------------- handlers
 
 
-def _reporter(args):
-    from edgeprune.progress import Reporter
-
+def _reporter(args) -> Reporter:
     return Reporter(verbosity=0 if args.quiet else (2 if args.verbose else 1), json_mode=args.json)
 
 
-def _input_options(args, overrides: tuple[str, ...]) -> dict[str, Any]:
-    """What build, export and analyze take alike: the model, its data, the settings, where to write."""
-    return dict(
+def _build_inputs(args, overrides: tuple[str, ...]) -> api.BuildInputs:
+    """What build, export and analyze resolve a configuration from alike: the model, its data, the settings."""
+    return api.BuildInputs(
         project_file=args.project,
         overrides=overrides,
         model=args.model,
         weights=args.weights,
         data=args.data,
         trust_checkpoint=args.trust_checkpoint,
-        out=args.out,
-        cache_dir=args.cache_dir,
-        reporter=_reporter(args),
     )
 
 
-def _build(args) -> int:
-    from edgeprune import api
-    from edgeprune.budgets import budget_overrides, exit_code
+def _input_options(args, overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The inputs, and where to write and report."""
+    return dict(_build_inputs(args, overrides), out=args.out, cache_dir=args.cache_dir, reporter=_reporter(args))
 
+
+def _build(args) -> int:
     flags = {name.removeprefix("budget_"): value for name, value in vars(args).items() if name.startswith("budget_")}
     options = dict(_input_options(args, budget_overrides(flags) + tuple(args.overrides)), force=args.force)
     if len(args.target) > 1:
@@ -260,9 +260,7 @@ def _build(args) -> int:
     return exit_code(result.violations)
 
 
-def _build_matrix(args, matrix) -> int:
-    from edgeprune.report import summary_table
-
+def _build_matrix(args, matrix: api.MatrixResult) -> int:
     failures = {target: str(error) for target, error in matrix.failures.items()}
     data = {
         "builds": [_build_dict(result) for result in matrix.builds],
@@ -308,8 +306,6 @@ def _build_summary(result) -> str:
 
 
 def _export(args) -> int:
-    from edgeprune import api
-
     formats = args.format or ["onnx"]
     overrides = (
         "prune.mode='none'",
@@ -334,12 +330,10 @@ def _export(args) -> int:
 
 
 def _targets(args) -> int:
-    from edgeprune import api
-
     if args.action == "show":
         if not args.name:
             raise EdgepruneError("usage: edgeprune targets show NAME")
-        resolved = api.resolve(args.name, args.project, tuple(args.overrides)).to_dict()
+        resolved = api.resolve(args.name, project_file=args.project, overrides=tuple(args.overrides)).to_dict()
         _print(args, resolved, lambda: _toml_like(resolved))
         return 0
     infos = api.targets()
@@ -352,9 +346,6 @@ def _targets(args) -> int:
 
 
 def _diff(args) -> int:
-    from edgeprune import api
-    from edgeprune.diff import markdown
-
     thresholds = Thresholds(args.max_accuracy_drop, args.max_latency_increase_pct, args.max_size_increase_pct)
     result = api.diff(args.old, args.new, thresholds)
     _print(args, result.to_dict(), lambda: markdown(result).rstrip("\n"))
@@ -364,8 +355,6 @@ def _diff(args) -> int:
 
 
 def _analyze(args) -> int:
-    from edgeprune import api
-
     options = _input_options(args, tuple(args.overrides))
     result = api.analyze(args.target, **options, ratios=args.ratios, executor=args.executor, ray_address=args.ray_address, force=args.force)
     data = {"json": str(result.json_path), "table": str(result.table_path), "plot": str(result.plot_path), **result.data}
@@ -374,8 +363,6 @@ def _analyze(args) -> int:
 
 
 def _bench(args) -> int:
-    from edgeprune import api
-
     result = api.bench(args.artifact, args.device, args.threads, args.iterations, args.repeats, args.warmup)
     _print(
         args,

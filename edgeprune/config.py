@@ -80,7 +80,7 @@ class PruneConfig:
     training images after every structured step (the dense model's are stale once channels are gone), before
     the step's top-1 is measured and finetuning starts.
 
-    Depth pruning removes whole residual blocks before any channel goes (``edgeprune.blocks``): the blocks
+    Depth pruning removes whole residual blocks before any channel goes (``edgeprune.depth_pruning``): the blocks
     named in ``drop_blocks``, then ``drop_block_count`` more, those whose removal alone costs least top-1 on
     held-out training images. Every operator of a removed block is gone, which narrowing channels cannot do.
     """

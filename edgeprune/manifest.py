@@ -21,8 +21,9 @@ from typing import Any
 
 from edgeprune.artifacts import Artifact, gzip_size, sha256_of
 from edgeprune.config import BuildConfig
-from edgeprune.data import Dataset
-from edgeprune.pipeline import PipelineResult, tool_versions
+from edgeprune.data import EXAMPLE_DATA, Dataset
+from edgeprune.stages.base import PipelineResult
+from edgeprune.versions import tool_versions
 
 MANIFEST_VERSION = 2  # 2: reproducibility inputs, content_sha256, volatile fields
 # Fields that differ between two builds of the same inputs: when and how long it ran,
@@ -142,8 +143,6 @@ def input_hashes(config: BuildConfig, dataset: Dataset) -> dict[str, Any]:
 
 
 def _data_file_sha256(source: str) -> str | None:
-    from edgeprune.data import EXAMPLE_DATA
-
     path = EXAMPLE_DATA if source == "example" else Path(source)
     if path.suffix == ".npz" and path.is_file():
         return sha256_of(path)

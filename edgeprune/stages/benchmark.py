@@ -15,7 +15,8 @@ from typing import Any
 
 from edgeprune.config import BuildConfig
 from edgeprune.errors import DeviceError
-from edgeprune.pipeline import StageContext, StageOutput
+from edgeprune.runtimes import BenchSettings, benchmark, benchmark_pair, paired_speedup
+from edgeprune.stages.base import StageContext, StageOutput
 
 EXPORTED = ("onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp32", "tflite_int8", "tflite_fp32_dense")
 
@@ -25,13 +26,12 @@ class Benchmark:
     version = "4"  # 4: paired onnxruntime sessions share one spinning thread pool
     sections = ("benchmark",)
     consumes = EXPORTED
+    trains = False
 
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
         return {}
 
     def run(self, context: StageContext) -> StageOutput:
-        from edgeprune.runtimes.base import BenchSettings, benchmark
-
         config = context.config.benchmark
         settings = BenchSettings(
             threads=config.threads,
@@ -56,11 +56,9 @@ class Benchmark:
         return StageOutput([], metrics)
 
 
-def paired_speedups(context: StageContext, settings, present: list[str]) -> dict[str, float]:
+def paired_speedups(context: StageContext, settings: BenchSettings, present: list[str]) -> dict[str, float]:
     """Each artefact's speed-up over its format's dense export, timed in alternation in one process per repeat
     (empty where the adapter cannot, or a comparison fails and the benchmark is not required)."""
-    from edgeprune.runtimes.base import benchmark_pair, paired_speedup
-
     config = context.config.benchmark
     ratios = {}
     for name in present:

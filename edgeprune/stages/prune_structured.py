@@ -5,9 +5,9 @@ adds, concatenations, splits, depthwise convolutions and attention heads, so the
 pruned together (see ``edgeprune.pruning``). Each group's target width comes from
 ``prune.amount``, scaled per group by a sensitivity analysis (``prune.ratios_from``) or
 fixed (``prune.layer_ratios``); ``prune.speedup`` instead prunes until the speed-up
-measured on the target's runtime is reached (``edgeprune.latency_target``). Before any channel
+measured on the target's runtime is reached (``edgeprune.speedup_search``). Before any channel
 goes, ``prune.drop_blocks``/``prune.drop_block_count`` remove whole residual blocks
-(``edgeprune.blocks``); metrics key ``depth`` lists them.
+(``edgeprune.depth_pruning``); metrics key ``depth`` lists them.
 
 Every step prunes a copy and accepts it only once it runs and (where no LayerNorm
 intervenes) computes exactly the previous model minus the removed channels; groups whose
@@ -27,14 +27,11 @@ import torch
 from torch import nn
 
 from edgeprune.artifacts import sha256_of
-from edgeprune.blocks import check_droppable, drop_blocks, residual_blocks, score_blocks
-from edgeprune.config import BuildConfig, PruneConfig
+from edgeprune.config import BuildConfig
+from edgeprune.depth_pruning import check_droppable, drop_blocks, residual_blocks, score_blocks
 from edgeprune.errors import ConfigError, InputError, StageError
-from edgeprune.latency_target import LatencyProbe, prune_to_speedup
 from edgeprune.modelio import load_model
-from edgeprune.pipeline import StageContext, StageOutput
 from edgeprune.pruning import (
-    MAX_RATIO,
     Guard,
     LayerGroup,
     UntrackedCoupling,
@@ -42,14 +39,14 @@ from edgeprune.pruning import (
     layer_groups,
     protected_layers,
     root_channels,
-    rounded_width,
     verify_pruned_model,
 )
-from edgeprune.sensitivity import group_sensitivity
-from edgeprune.stages.common import count_macs_params, example_input, read_model, write_model
-from edgeprune.training import RECALIBRATION_IMAGES, TrainSettings, evaluate, recalibrate_batchnorm, train
+from edgeprune.pruning_plan import GroupPlan, partial_moves
+from edgeprune.speedup_search import LatencyProbe, prune_to_speedup
+from edgeprune.stages.base import StageContext, StageOutput
+from edgeprune.stages.common import example_input, read_model, write_model
+from edgeprune.training import RECALIBRATION_IMAGES, TrainSettings, count_macs_params, evaluate, recalibrate_batchnorm, train
 
-MAX_LEVEL_SPAN = 4.0  # a weighted plan's levels go up to this many times MAX_RATIO
 TAYLOR_SAMPLES = 256  # training images whose gradients feed first-order Taylor importance
 HELD_OUT_IMAGES = 1000  # the last training images: blocks for drop_block_count are ranked by top-1 on them
 
@@ -145,82 +142,6 @@ def depth_prune(context: StageContext, model: nn.Module, protected: set[str]) ->
         context.reporter.info(f"prune_structured: removing residual block {row['block']} ({row['chosen_by']})")
     reduction = count_macs_params(model, example)["macs"] / max(count_macs_params(shallower, example)["macs"], 1)
     return shallower, {"blocks": rows, "mac_reduction": reduction, "accuracy": evaluate(shallower, dataset.x_test, dataset.y_test)}
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """Per-group pruning ratios as a function of one *level* in [0, MAX_RATIO].
-
-    Group ``g`` is pruned to ``min(weights[g] * level, caps[g])`` of its original
-    channels (``widths``), or to ``fixed[g]`` when the profile fixes it. Uniform pruning
-    is every weight 1 and every cap MAX_RATIO; ``prune.ratios_from`` supplies measured
-    weights, and caps each group at the largest ratio its analysis measured (a plan does
-    not extrapolate a group's cost past what was measured).
-    """
-
-    widths: dict[str, int]
-    weights: dict[str, float]
-    fixed: dict[str, float]
-    caps: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, groups: list[LayerGroup], config: PruneConfig) -> GroupPlan:
-        if config.global_pruning and (config.layer_ratios or config.ratios_from):
-            raise ConfigError(
-                "prune.global_pruning ranks channels across all groups; it cannot be combined with prune.layer_ratios or prune.ratios_from"
-            )
-        widths = {group.name: group.channels for group in groups}
-        weights, caps = dict.fromkeys(widths, 1.0), {}
-        if config.ratios_from:
-            measured = group_sensitivity(Path(config.ratios_from), list(widths))
-            weights.update({name: weight for name, (weight, _) in measured.items()})
-            caps = {name: min(cap, MAX_RATIO) for name, (_, cap) in measured.items()}
-        return cls(widths, weights, parse_layer_ratios(config.layer_ratios, widths), caps)
-
-    def cap(self, name: str) -> float:
-        return self.caps.get(name, MAX_RATIO)
-
-    def ratio(self, name: str, level: float) -> float:
-        return self.fixed.get(name, min(self.weights[name] * level, self.cap(name)))
-
-    def max_level(self) -> float:
-        """The level at which every group it scales reaches its cap: MAX_RATIO when uniform, higher when
-        measured weights hold the sensitive groups back (at most ``MAX_LEVEL_SPAN`` times MAX_RATIO)."""
-        scaled = [self.cap(name) / weight for name, weight in self.weights.items() if name not in self.fixed and weight > 0]
-        return min(max(scaled), MAX_RATIO * MAX_LEVEL_SPAN) if scaled else MAX_RATIO
-
-    def targets(self, level: float, round_to: int = 1) -> dict[str, int]:
-        """Channels each group keeps at ``level``: the nearest multiple of ``round_to``, at least one multiple."""
-        return {name: rounded_width(width * (1 - self.ratio(name, level)), width, round_to) for name, width in self.widths.items()}
-
-
-def partial_moves(current: dict[str, int], targets: dict[str, int], weights: dict[str, float]) -> list[dict[str, int]]:
-    """Widths from ``current`` towards ``targets``, one more narrowed group each time, the highest ``weights`` first
-    (ties in the given order); the last move, which is ``targets`` itself, is left out."""
-    order = sorted((name for name in targets if targets[name] < current[name]), key=lambda name: -weights.get(name, 1.0))
-    moves, widths = [], dict(current)
-    for name in order[:-1]:
-        widths[name] = targets[name]
-        moves.append(dict(widths))
-    return moves
-
-
-def parse_layer_ratios(entries: tuple[str, ...], widths: dict[str, int]) -> dict[str, float]:
-    """``("layer=0.5", ...)`` → ``{"layer": 0.5}``; ConfigError for a bad entry, an unknown group or a ratio out of range."""
-    ratios = {}
-    for entry in entries:
-        name, sep, value = entry.partition("=")
-        try:
-            ratio = float(value)
-        except ValueError:
-            ratio = -1.0
-        if not sep or not 0.0 <= ratio <= MAX_RATIO:
-            raise ConfigError(f"prune.layer_ratios: {entry!r} must be 'layer.name=RATIO' with RATIO in [0, {MAX_RATIO}]")
-        if name.strip() not in widths:
-            known = ", ".join(widths) or "none"
-            raise ConfigError(f"prune.layer_ratios: '{name.strip()}' is not a prunable layer group (groups: {known})")
-        ratios[name.strip()] = ratio
-    return ratios
 
 
 @dataclass

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.errors import ExportError
+from edgeprune.parity import input_layout, tflite_interpreter
 
 # The modules onnx2tf imports (it declares no dependencies of its own).
 REQUIREMENTS = ("tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "sng4onnx", "sne4onnx", "psutil")
@@ -61,8 +62,6 @@ def convert_onnx(onnx_path: Path, tflite_path: Path, samples: np.ndarray, channe
     The input stays NCHW unless ``channels_last``. Raises ExportError naming
     the ONNX node onnx2tf failed on, or the missing packages.
     """
-    from edgeprune.parity import input_layout
-
     missing = missing_requirements()
     if missing:
         raise ExportError(f"the onnx2tf fallback needs {', '.join(missing)}; {INSTALL_HINT}")
@@ -92,8 +91,6 @@ def builtin_interpreter(tflite_path: Path, filename: str):
 
     ExportError when it needs TensorFlow select (Flex) ops that interpreter lacks, or does not load at all.
     """
-    from edgeprune.parity import tflite_interpreter
-
     try:
         interpreter = tflite_interpreter(tflite_path, 1)
         interpreter.allocate_tensors()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from edgeprune.errors import ConfigError
+from edgeprune.training import evaluate, recalibrate_batchnorm
 
 TOLERANCE = 1e-5  # |output - input| of a block with its parameters zeroed, relative to the input's largest value
 
@@ -144,8 +145,6 @@ def score_blocks(
 ) -> list[BlockScore]:
     """Each candidate removed alone: top-1 on ``held_out`` images (after re-estimating BatchNorm statistics on
     ``recalibration`` when given) and the MACs removed (``macs_of``); best first (highest top-1, then most MACs removed)."""
-    from edgeprune.training import evaluate, recalibrate_batchnorm
-
     dense_macs, scores = macs_of(model), []
     for name in candidates:
         candidate = drop_blocks(model, [name])
