@@ -50,7 +50,7 @@ class ProbeContext(Protocol):
 
 
 class SteppedPruning(Protocol):
-    """What the speed-up loop drives (``edgeprune.stages.prune_structured.PruningRun``)."""
+    """What the speed-up loop drives (``edgeprune.structured_pruning.PruningRun``)."""
 
     model: nn.Module
     dense: nn.Module
