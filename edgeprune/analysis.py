@@ -38,6 +38,7 @@ from edgeprune.artifacts import atomic_path, write_bytes_atomic, write_json_atom
 from edgeprune.cache import Cache
 from edgeprune.config import BuildConfig
 from edgeprune.data import Dataset, load_dataset
+from edgeprune.deadline import Budget
 from edgeprune.depth_pruning import drop_blocks, residual_blocks
 from edgeprune.errors import ConfigError
 from edgeprune.executors import Executor, LocalExecutor, sweep
@@ -192,12 +193,13 @@ def _analysis(model: nn.Module, config: BuildConfig, dataset: Dataset, reporter:
     with tempfile.TemporaryDirectory(prefix="edgeprune-analyze-") as folder:
         context = AnalysisContext(config, dataset, reporter, Path(folder))
         protected = protected_layers(model, config.prune.ignored_layers, config.model.num_classes)
+        analysis = layer_groups(model, example_batch(dataset), config.prune, protected, reporter)
         images, labels = (torch.from_numpy(split[:256]) for split in (dataset.x_train, dataset.y_train))
         yield _Analysis(
             model,
             context,
-            protected,
-            layer_groups(model, example_batch(dataset), config.prune, protected),
+            analysis.protected(protected),
+            analysis.groups,
             Guard(example_batch(dataset, batch=4), config.model.num_classes, images, labels),
             LatencyProbe.for_target(context),
         )
@@ -256,7 +258,7 @@ class _Analysis:
 
     def measure_blocks(self, cache_dir: Path) -> list[dict[str, Any]]:
         """One row per residual block the model can lose whole, removed alone."""
-        names = residual_blocks(self.model, self.guard.sample, self.protected)
+        names = residual_blocks(self.model, self.guard.sample, self.protected, Budget(self.context.config.prune.analysis_seconds))
         return self.measured_rows([({"block": name}, drop_blocks(self.model, [name])) for name in names], cache_dir)
 
     def measured_rows(self, candidates: list[tuple[dict[str, Any], nn.Module]], cache_dir: Path) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from edgeprune.data import Dataset, load_dataset
 from edgeprune.diff import ManifestDiff, Thresholds, diff_manifests
 from edgeprune.errors import ConfigError, EdgepruneError, InputError
 from edgeprune.html_report import html_report
+from edgeprune.library_output import build_log
 from edgeprune.manifest import SHIPPED, make_manifest, seal
 from edgeprune.plots import INDEX, plots_index, plots_key, render_plots, reuse_plots
 from edgeprune.progress import Reporter
@@ -38,6 +39,7 @@ from edgeprune.runtimes import BenchSettings, benchmark
 from edgeprune.runtimes.device_locks import DeviceSerializedCache
 from edgeprune.stages.base import PipelineResult
 from edgeprune.targets import TargetInfo, list_targets, resolve_config
+from edgeprune.verify import Verification, check_output, verify_output
 
 if TYPE_CHECKING:
     from edgeprune.analysis import SensitivityResult
@@ -249,6 +251,15 @@ def analyze(
         )
 
 
+def inspect(config: BuildConfig, *, reporter: Reporter | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
+    """What ``edgeprune inspect`` reports for ``config``'s model and checkpoint (see ``edgeprune.inspection``)."""
+    # Imported on use: the inspection imports torch, and importing edgeprune (the CLI's start-up) must not.
+    from edgeprune.inspection import inspect_model
+
+    dataset = load_dataset(config.data, config.model.num_classes)
+    return inspect_model(config, dataset, reporter or Reporter(verbosity=0), timeout_s)
+
+
 def build_config(
     config: BuildConfig,
     *,
@@ -265,11 +276,12 @@ def build_config(
 
 
 def _build_into(config: BuildConfig, out: Path, cache: Cache, reporter: Reporter, dataset: Dataset, force: bool) -> BuildResult:
-    """Run the pipeline and write the output folder, under the folder's lock (two builds into one folder are serialized)."""
+    """Run the pipeline and write the output folder, under the folder's lock (two builds into one folder are serialized),
+    other libraries' output going to the build log beside it."""
     # Imported on use: the pipeline imports the stages and torch, and importing edgeprune (the CLI's start-up) must not.
     from edgeprune.pipeline import run_pipeline
 
-    with cache.lock(f"out:{out.resolve()}"):
+    with cache.lock(f"out:{out.resolve()}"), build_log(out, reporter):
         result = run_pipeline(config, dataset, cache, reporter, force=force)
         manifest, violations = write_output(config, dataset, result, out)
     return BuildResult(config.name, out, manifest, violations)
@@ -288,6 +300,7 @@ def write_output(config: BuildConfig, dataset: Dataset, result: PipelineResult, 
         manifest["budgets"] = {"limits": limits, "violations": [v.to_dict() for v in violations], "passed": not violations}
         write_json_atomic(staging / MANIFEST, seal(manifest))
         write_reports(manifest, staging, previous=out)
+        check_output(staging)  # never publish a manifest its files contradict
     return manifest, violations
 
 
@@ -319,11 +332,26 @@ def diff(old: Path, new: Path, thresholds: Thresholds | None = None) -> Manifest
     return diff_manifests(Path(old), Path(new), thresholds or Thresholds())
 
 
+def verify(folder: Path, *, parity: bool = False, data: Path | None = None) -> Verification:
+    """Derive every figure an output folder's manifest states about its files again and compare (``edgeprune.verify``)."""
+    return verify_output(Path(folder), parity=parity, data=Path(data) if data is not None else None)
+
+
 def bench(
-    artifact: Path, device: str = "local", threads: int = 2, iterations: int = 50, repeats: int = 3, warmup: int = 10
+    artifact: Path,
+    device: str = "local",
+    threads: int = 2,
+    iterations: int = 50,
+    repeats: int = 3,
+    warmup: int = 10,
+    shapes: tuple[str, ...] = (),
+    max_spread_pct: float = 0.0,
 ) -> dict[str, Any]:
-    """Benchmark one artefact on one device; returns the runner's figures."""
+    """Benchmark one artefact on one device; returns the runner's figures. ``shapes`` (``INPUT=1,3,224,224``)
+    fix dynamic input dimensions; above ``max_spread_pct`` (0: never) more repeats are taken (see BenchSettings)."""
     if not Path(artifact).is_file():
         raise InputError(f"artefact not found: {artifact}")
-    settings = BenchSettings(threads=threads, warmup=warmup, iterations=iterations, repeats=repeats)
+    settings = BenchSettings(
+        threads=threads, warmup=warmup, iterations=iterations, repeats=repeats, input_shapes=shapes, max_spread_pct=max_spread_pct
+    )
     return benchmark(Path(artifact), device, settings).to_dict()

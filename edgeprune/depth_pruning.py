@@ -30,6 +30,7 @@ from torch import nn
 
 from edgeprune.config import PruneConfig
 from edgeprune.data import Dataset
+from edgeprune.deadline import AnalysisTimeout, Budget
 from edgeprune.errors import ConfigError
 from edgeprune.progress import Reporter
 from edgeprune.pruning import verify_pruned_model
@@ -53,21 +54,31 @@ class BlockScore:
     macs_removed: int
 
 
-def residual_blocks(model: nn.Module, sample: torch.Tensor, protected: Iterable[str] = ()) -> list[str]:
-    """Names of the blocks of ``model`` that can be removed whole, in the model's order (see the module doc)."""
-    protected = set(protected)
-    calls = _single_tensor_calls(model, sample)
-    passing = [
+def residual_blocks(model: nn.Module, sample: torch.Tensor, protected: Iterable[str] = (), budget: Budget | None = None) -> list[str]:
+    """Names of the blocks of ``model`` that can be removed whole, in the model's order (see the module doc).
+
+    Past ``budget`` (``budget.expired()`` then tells) the modules not checked yet are not blocks: never removed.
+    """
+    protected, passing = set(protected), []
+    try:
+        with (budget or Budget()).deadline():
+            calls = _single_tensor_calls(model, sample)
+            for name, module in model.named_modules():
+                if _may_be_block(name, module, calls, protected) and all(_is_identity_when_zeroed(module, x) for x in calls[name]):
+                    passing.append(name)
+    except AnalysisTimeout:
+        pass
+    return [name for name in passing if not any(other.startswith(f"{name}.") for other in passing)]
+
+
+def _may_be_block(name: str, module: nn.Module, calls: dict[str, list[torch.Tensor]], protected: set[str]) -> bool:
+    return bool(
         name
-        for name, module in model.named_modules()
-        if name
         and name in calls
         and not isinstance(module, DroppedBlock)
         and any(True for _ in module.parameters())
         and not any(layer == name or layer.startswith(f"{name}.") for layer in protected)
-        and all(_is_identity_when_zeroed(module, inputs) for inputs in calls[name])
-    ]
-    return [name for name in passing if not any(other.startswith(f"{name}.") for other in passing)]
+    )
 
 
 def _single_tensor_calls(model: nn.Module, sample: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -149,15 +160,23 @@ def score_blocks(
     macs_of: Callable[[nn.Module], int],
     held_out: tuple[np.ndarray, np.ndarray],
     recalibration: np.ndarray | None,
+    budget: Budget | None = None,
 ) -> list[BlockScore]:
     """Each candidate removed alone: top-1 on ``held_out`` images (after re-estimating BatchNorm statistics on
-    ``recalibration`` when given) and the MACs removed (``macs_of``); best first (highest top-1, then most MACs removed)."""
-    dense_macs, scores = macs_of(model), []
-    for name in candidates:
-        candidate = drop_blocks(model, [name])
-        if recalibration is not None:
-            recalibrate_batchnorm(candidate, recalibration)
-        scores.append(BlockScore(name, evaluate(candidate, *held_out), dense_macs - macs_of(candidate)))
+    ``recalibration`` when given) and the MACs removed (``macs_of``); best first (highest top-1, then most MACs removed).
+    Past ``budget`` the candidates not scored yet are left out."""
+    scores: list[BlockScore] = []
+    try:
+        with (budget or Budget()).deadline():
+            dense_macs = macs_of(model)
+            for name in candidates:
+                candidate = drop_blocks(model, [name])
+                if recalibration is not None:
+                    recalibrate_batchnorm(candidate, recalibration)
+                score = BlockScore(name, evaluate(candidate, *held_out), dense_macs - macs_of(candidate))
+                scores.append(score)
+    except AnalysisTimeout:
+        pass
     return sorted(scores, key=lambda score: (-score.accuracy, -score.macs_removed))
 
 
@@ -175,10 +194,13 @@ def depth_prune(
     if not named and not count:
         return model, {"blocks": [], "mac_reduction": 1.0}
     example, sample = example_batch(dataset), example_batch(dataset, batch=4)
-    candidates = residual_blocks(model, sample, protected)
+    budget, seconds = Budget(config.analysis_seconds), config.analysis_seconds
+    candidates = residual_blocks(model, sample, protected, budget)
+    if budget.expired():
+        reporter.warn(f"prune_structured: block detection ran past prune.analysis_seconds ({seconds:g} s): {len(candidates)} found by then")
     check_droppable(named, candidates)
     others = [name for name in candidates if name not in named]
-    if count > len(others):
+    if count > len(others) and not budget.expired():
         raise ConfigError(
             f"prune.drop_block_count = {count}, but the model has {len(others)} more removable residual blocks "
             f"({', '.join(others) or 'none'})"
@@ -188,7 +210,10 @@ def depth_prune(
         macs_of = lambda candidate: count_macs_params(candidate, example)["macs"]  # noqa: E731
         held_out = (dataset.x_train[-HELD_OUT_IMAGES:], dataset.y_train[-HELD_OUT_IMAGES:])
         recalibration = dataset.x_train[:RECALIBRATION_IMAGES] if config.recalibrate_batchnorm else None
-        for score in score_blocks(model, others, macs_of, held_out, recalibration)[:count]:
+        scores = score_blocks(model, others, macs_of, held_out, recalibration, Budget(seconds))
+        if len(scores) < min(count, len(others)):
+            reporter.warn(f"prune_structured: ranking blocks ran past prune.analysis_seconds ({seconds:g} s): {len(scores)} ranked")
+        for score in scores[:count]:
             chosen = {"block": score.block, "chosen_by": "prune.drop_block_count", "held_out_accuracy": score.accuracy}
             rows.append({**chosen, "macs_removed": score.macs_removed})
     order = {name: index for index, name in enumerate(candidates)}

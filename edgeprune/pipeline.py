@@ -30,6 +30,7 @@ from edgeprune.stages.base import PipelineResult, Stage, StageContext, StageOutp
 from edgeprune.stages.baseline import Baseline
 from edgeprune.stages.benchmark import Benchmark
 from edgeprune.stages.export_onnx import ExportOnnx
+from edgeprune.stages.export_pte import ExportPte
 from edgeprune.stages.export_tflite import ExportTflite
 from edgeprune.stages.finetune import Finetune
 from edgeprune.stages.prune_structured import PruneStructured
@@ -51,6 +52,8 @@ def plan_for(config: BuildConfig) -> list[Stage]:
         plan.append(ExportOnnx())
     if "tflite" in config.export.formats:
         plan.append(ExportTflite())
+    if "pte" in config.export.formats:
+        plan.append(ExportPte.checked(config))  # a missing extra fails here, before any stage runs
     if config.quantize.scheme != "none":
         plan.append(Quantize())
     if config.benchmark.enabled:

@@ -15,7 +15,7 @@ or write it, which the quantize stage keeps in float.
   swapped for their dequantized copies (onnxruntime's ``qdq_loss_debug`` weight
   matching). Layers are ONNX node names (``nodes_to_exclude`` takes them).
 - ONNX dynamic range (no QDQ graph): only weights, rounded as the quantizer would.
-- PT2E (TFLite): the converted torch graph runs with every quantize/dequantize pair
+- PT2E (TFLite, ExecuTorch): the converted torch graph runs with every quantize/dequantize pair
   but one turned into the identity. Layers are torch module paths (``features.3``);
   ops called in a model's own ``forward`` belong to :data:`TOP_LEVEL`.
 """
@@ -30,10 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.fx
+from torch import nn
 
 from edgeprune.onnx_compaction import WEIGHT_OPS, int8_roundtrip, weight_axes, weight_input
 
 TOP_LEVEL = "<top-level>"  # the layer name of ops a model calls in its own forward()
+CALIBRATION_BATCH = 32  # images per PT2E calibration call
 _GRAPH_OUTPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime renames a quantized graph output's producer
 
 
@@ -214,6 +216,17 @@ def module_path(node: torch.fx.Node) -> str | None:
     if not stack:
         return None
     return list(stack.values())[-1][0] or TOP_LEVEL
+
+
+def export_for_calibration(model: nn.Module, example: torch.Tensor) -> tuple[torch.fx.GraphModule, int]:
+    """``torch.export`` with a dynamic batch, so observers see batches of CALIBRATION_BATCH images
+    (one image per call costs ~30x more in HistogramObserver); batch 1 when the model cannot export so."""
+    try:
+        batched = example.expand(2, *example.shape[1:])  # torch.export specialises a batch of 1
+        exported = torch.export.export(model, (batched,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+        return exported.module(), CALIBRATION_BATCH
+    except Exception:  # noqa: BLE001 - any export failure just means "calibrate one image at a time"
+        return torch.export.export(model, (example,)).module(), 1
 
 
 def pt2e_tensor_noise(converted: torch.fx.GraphModule, images: np.ndarray, batch: int = 1) -> list[TensorNoise]:

@@ -10,7 +10,7 @@ from importlib import metadata
 
 __version__ = "0.1.0"
 
-TOOLS = ("edgeprune", "torch", "torch-pruning", "onnx", "onnxruntime", "onnxsim", "litert-torch", "ai-edge-litert", "numpy")
+TOOLS = ("edgeprune", "torch", "torch-pruning", "onnx", "onnxruntime", "onnxsim", "litert-torch", "ai-edge-litert", "executorch", "numpy")
 
 
 def tool_versions() -> dict[str, str]:

@@ -152,7 +152,8 @@ def uniform_level_for_mac_target(model: Any, example: Any, target: float, round_
 
     config = PruneConfig(round_to=round_to)
     protected = protected_layers(model, (), 10)
-    groups = layer_groups(model, example, config, protected)
+    analysis = layer_groups(model, example, config, protected)
+    groups, protected = analysis.groups, analysis.protected(protected)
     guard = Guard(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(0)), 10)
     plan = GroupPlan.from_config(groups, config)
     dense = count_macs_params(model, example)["macs"]

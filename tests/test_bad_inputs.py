@@ -205,7 +205,7 @@ ROWS = {
     "truncated checkpoint": Row(build("--model", TINY, "--weights", "t.pt"), "t.pt: corrupt or truncated checkpoint", {"t.pt": truncate}),
     "checkpoint of another architecture": Row(
         build("--model", TINY, "--weights", "o.pt"),
-        "o.pt: shape mismatch at classifier.weight: checkpoint (5, 64) vs model (10, 64); is it for another architecture?",
+        "o.pt: shape mismatch at classifier.weight: checkpoint (5, 64) vs model (10, 64) (a classifier of another size",
         {"o.pt": lambda path: save_checkpoint(path, num_classes=5)},
     ),
     "checkpoint with NaN weights": Row(

@@ -46,6 +46,7 @@ def test_a_world_of_no_processes_is_refused(example_data, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_two_process_ddp_on_a_cnn_matches_single_process_top1(example_data, user_checkpoint, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     teacher = tiny_cnn()

@@ -24,7 +24,7 @@ from edgeprune.models import create_model, list_models
 from edgeprune.parity import artifact_logits, check_parity, input_layout, parity_report, tflite_interpreter, verify_artifact
 from edgeprune.stages.quantize import OnnxQuantizer, TfliteQuantizer, quantize_within_budget
 from edgeprune.training import TrainSettings, predict_logits, train
-from tests.conftest import FAST, USER_MODEL, onnx_op_types
+from tests.conftest import FAST, ONNXRUNTIME_INT8_EXACT, USER_MODEL, onnx_op_types
 
 PARITY_IMAGES = 512  # parity.samples: one disagreement is 0.2 %
 HAS_TENSORFLOW = not onnx2tf_fallback.missing_requirements()
@@ -105,8 +105,19 @@ def test_every_registered_architecture_exports_to_onnx_and_tflite_within_fp32_pa
         assert check["parity"]["samples"] == PARITY_IMAGES
 
 
+# the reduced-ISA CI pass trains and quantizes these again (a CNN and the transformer): every architecture would add minutes
+NUMERICS_ARCHITECTURES = {"small_cnn", "vit_tiny"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "fmt"), [(name, fmt) for name in ARCHITECTURES for fmt in ("onnx", "tflite")])
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        pytest.param(name, fmt, marks=[pytest.mark.numerics] if name in NUMERICS_ARCHITECTURES else [])
+        for name in ARCHITECTURES
+        for fmt in ("onnx", "tflite")
+    ],
+)
 def test_every_registered_architecture_quantizes_to_int8_within_parity(name, fmt, trained, example_data, tmp_path):
     model = trained(name)
     images, labels = example_data.x_test[:PARITY_IMAGES], example_data.y_test[:PARITY_IMAGES]
@@ -121,8 +132,9 @@ def test_every_registered_architecture_quantizes_to_int8_within_parity(name, fmt
         quantizer = TfliteQuantizer(model, example, calibration, QuantizeConfig())
     fp32_logits = artifact_logits(fp32, images, layout="NCHW")
     # One epoch leaves small logit margins: 97 % agreement here (the 99 % default is measured on fully
-    # trained models by scripts/bench_export_parity.py).
-    budget = QuantizeConfig(max_accuracy_drop=0.5, min_top1_agreement=0.97)
+    # trained models by scripts/bench_export_parity.py). The fallback may keep any number of layers float:
+    # with all of them float the budget holds by construction, so on any CPU the loop ends within it.
+    budget = QuantizeConfig(max_accuracy_drop=0.5, min_top1_agreement=0.97, max_float_layers=10_000)
     try:  # the quantize stage's loop: every layer int8, then the noisiest kept float until the budget holds
         _, meta = quantize_within_budget(f"{fmt}_int8", f"{fmt}_fp32", quantizer, int8, fp32_logits, images, labels, budget)
     finally:
@@ -131,6 +143,9 @@ def test_every_registered_architecture_quantizes_to_int8_within_parity(name, fmt
     assert ("fallback" in meta) == bool(meta["float_layers"])  # a float layer is always reported with its rounds
     if fmt == "tflite" and name in LITERT_INT8_BUGS:
         assert meta["float_layers"], "the fallback repaired what litert-torch broke"
+    if fmt == "tflite" or ONNXRUNTIME_INT8_EXACT:
+        # how many layers int8 costs is the kernels' doing: litert's, or onnxruntime's where int8 dot products are exact
+        assert len(meta["float_layers"]) <= QuantizeConfig().max_float_layers  # the stage's default fallback suffices
     check = verify_artifact(f"{name}/int8.{fmt}", int8, "int8", parent, images, labels, ParityConfig(), reference=fp32)
     assert check["parity"]["top1_agreement"] >= 0.97 and check["versus_fp32"]["top1_agreement"] >= 0.97
     assert check["parity"]["max_abs_error"] > 1e-4  # really quantized, not a copy of the fp32 file
@@ -341,9 +356,13 @@ def test_nan_logits_fail_parity_at_every_precision():
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_export_command_writes_onnx_and_tflite_fp32_and_int8_with_parity(workdir, user_checkpoint, capsys):
     argv = ["export", "--format", "onnx", "--format", "tflite", "--precision", "int8", "--json", "--out", "exported"]
-    assert cli.main([*argv, "--model", USER_MODEL, "--weights", str(user_checkpoint), "--set", "data.calibration_samples=64"]) == 0
+    # The stage's agreement gate is the one this test asserts (0.97): on 512 images the 0.99 default is 5
+    # disagreements, and a briefly trained model's near-tied logits flip 6 on some CPUs (tflite_int8: 0.988).
+    gates = ["--set", "data.calibration_samples=64", "--set", "quantize.min_top1_agreement=0.97"]
+    assert cli.main([*argv, "--model", USER_MODEL, "--weights", str(user_checkpoint), *gates]) == 0
     artifacts = json.loads(capsys.readouterr().out)["artifacts"]
     assert sorted(artifacts) == ["model", "onnx_fp32", "onnx_int8", "tflite_fp32", "tflite_int8"]
     for name in ("onnx_fp32", "tflite_fp32"):

@@ -16,6 +16,7 @@ from edgeprune.parity import artifact_logits, tflite_interpreter
 from edgeprune.quant_sensitivity import TensorNoise, pt2e_tensor_noise, sqnr_db
 from edgeprune.stages import quantize
 from edgeprune.stages.quantize import OnnxQuantizer, TfliteQuantizer, quantize_within_budget, retype_tflite_io
+from edgeprune.training import top1_accuracy
 from tests.conftest import FAST, USER_MODEL, onnx_op_types
 from tests.user_models import tiny_cnn
 
@@ -161,6 +162,7 @@ def test_the_budget_fails_the_stage_when_the_fallback_is_off_or_exhausted(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_layers_float(workdir, broken_checkpoint):
     overrides = (*FAST, "prune.mode='none'", "benchmark.enabled=false")
 
@@ -193,6 +195,7 @@ def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_laye
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_tflite_fallback_and_float_io(workdir, broken_checkpoint):
     overrides = (*FAST, "prune.mode='none'", "benchmark.enabled=false", "quantize.tflite_io='float'")
     result = api.build("android", model=USER_MODEL, weights=str(broken_checkpoint), overrides=overrides)
@@ -200,7 +203,7 @@ def test_tflite_fallback_and_float_io(workdir, broken_checkpoint):
     assert int8["fallback"]["first_attempt"]["accuracy_drop"] > 20
     assert int8["budget"]["passed"] and int8["versus_fp32"]["top1_agreement"] >= 0.99
     assert "features.4" in int8["float_layers"]  # torch module paths for TFLite
-    assert int8["io"]["input"]["dtype"] == "float32" and int8["io"]["output"]["dtype"] == "float32"
+    assert int8["io"]["inputs"][0]["dtype"] == "float32" and int8["io"]["outputs"][0]["dtype"] == "float32"
     interpreter = tflite_interpreter(workdir / "dist/android/model_int8.tflite", threads=1)
     dtypes = {detail["index"]: detail["dtype"] for detail in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
@@ -239,28 +242,55 @@ def quantize_tiny_cnn(tmp_path, checkpoint, data, config: QuantizeConfig, name: 
         quantizer.close()
 
 
+def assert_the_budget_holds_with_the_noisiest_layers_float(meta: dict, noise: list[TensorNoise], fp32_logits, logits, labels) -> None:
+    """What the budget promises on any CPU, measured here from the logits rather than read from the meta.
+
+    Whether every layer can stay int8 is one machine's number: onnxruntime's int8 kernels differ by CPU
+    (without VNNI, AVX2 sums u8 x s8 pairs in saturating int16) and the trained checkpoint itself differs
+    with the CPU's float kernels. So the test checks the outcome and, where layers were kept float, that the
+    fallback chose them for a reason: every layer int8 missed the budget and the noisiest tensor's layers are
+    among those kept.
+    """
+    budget = QuantizeConfig()
+    agreement = float((logits.argmax(1) == fp32_logits.argmax(1)).mean())
+    drop = top1_accuracy(fp32_logits, labels) - top1_accuracy(logits, labels)
+    assert meta["budget"]["passed"] and agreement >= budget.min_top1_agreement and drop <= budget.max_accuracy_drop + 1e-9
+    assert meta["budget"]["top1_agreement"] == pytest.approx(agreement)
+    if meta["float_layers"]:
+        assert not meta["fallback"]["first_attempt"]["passed"]  # kept float only because all-int8 missed the budget
+        assert set(noise[0].layers) & set(meta["float_layers"])  # the noisiest first
+        assert len(meta["float_layers"]) <= budget.max_float_layers
+    else:
+        assert "fallback" not in meta
+
+
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_dynamic_range_onnx_quantizes_weights_and_holds_the_budget(tmp_path, user_checkpoint, example_data):
     fp32_logits, logits, meta, noise = quantize_tiny_cnn(tmp_path, user_checkpoint, example_data, QuantizeConfig(scheme="dynamic"), "dyn")
-    assert {"DynamicQuantizeLinear", "ConvInteger"} <= onnx_op_types(tmp_path / "dyn.onnx")
-    assert meta["budget"]["passed"] and meta["float_layers"] == [] and "calibration" not in meta
-    assert (logits.argmax(1) == fp32_logits.argmax(1)).mean() >= 0.99
+    graph = [node.op_type for node in __import__("onnx").load(str(tmp_path / "dyn.onnx")).graph.node]
+    assert "DynamicQuantizeLinear" in graph and "calibration" not in meta
+    assert graph.count("ConvInteger") + graph.count("Conv") == 3  # each conv either int8 at run time or kept float
+    assert graph.count("Conv") == sum(layer.endswith("/Conv") for layer in meta["float_layers"])
+    assert_the_budget_holds_with_the_noisiest_layers_float(meta, noise, fp32_logits, logits, example_data.y_test)
     assert len(noise) == 4 and all(15 < item.sqnr_db < 80 for item in noise)  # 3 convs + the classifier, int8 weights
     assert not (tmp_path / "preprocessed.onnx").exists()
 
 
+@pytest.mark.numerics
 def test_weight_only_onnx_has_int8_weights_float_activations_and_holds_the_budget(tmp_path, user_checkpoint, example_data):
     config = QuantizeConfig(scheme="int8", activation_type="float")
     fp32_logits, logits, meta, noise = quantize_tiny_cnn(tmp_path, user_checkpoint, example_data, config, "weights")
     path, fp32 = tmp_path / "weights.onnx", tmp_path / "fp32.onnx"
     ops = onnx_op_types(path)
     assert "DequantizeLinear" in ops and not ops & {"QuantizeLinear", "DynamicQuantizeLinear", "ConvInteger"}
-    assert meta["budget"]["passed"] and meta["float_layers"] == [] and meta["activations"] == "float"
-    assert (logits.argmax(1) == fp32_logits.argmax(1)).mean() >= 0.99  # 0.9945 measured: the default budget holds with no float layer
+    assert meta["activations"] == "float"
+    assert_the_budget_holds_with_the_noisiest_layers_float(meta, noise, fp32_logits, logits, example_data.y_test)
     assert len(noise) == 4 and all(15 < item.sqnr_db < 80 for item in noise)  # the budget ranks the 4 int8 weights
-    assert path.stat().st_size < 0.4 * fp32.stat().st_size
+    assert path.stat().st_size - meta["float_layers_size_bytes"] < 0.4 * fp32.stat().st_size  # every weight int8: the first attempt
 
 
+@pytest.mark.numerics
 def test_weight_only_with_float16_constants_stores_biases_and_scales_in_half_the_bytes(tmp_path, user_checkpoint, example_data):
     import onnx
     from onnx import TensorProto

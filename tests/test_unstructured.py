@@ -186,6 +186,7 @@ def gzip_bytes(path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_size_profile_ships_a_sparse_int8_onnx_many_times_smaller(workdir, user_checkpoint):
     import onnx
     from onnx import numpy_helper

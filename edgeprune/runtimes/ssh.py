@@ -5,7 +5,7 @@ Uses the system OpenSSH ``ssh`` and ``scp`` binaries, never a password prompt
 edgeprune's own known_hosts file, not the user's. Options in the query string:
 
 ``python``       the remote interpreter (default ``python3``); it needs numpy and
-                 onnxruntime or ai-edge-litert/tflite-runtime
+                 onnxruntime, ai-edge-litert/tflite-runtime, or the executorch wheel (.pte)
 ``key``          a private key file (default: ssh's own choice / agent)
 ``known_hosts``  the known_hosts file to use (default ``~/.cache/edgeprune/known_hosts``)
 

@@ -29,7 +29,7 @@ class StageContext:
     inputs: dict[str, Artifact]
     workdir: Path
     reporter: Reporter
-    key: str  # the stage's cache key: what manifest.json lists as its ``cache_key``
+    key: str = ""  # the stage's cache key (manifest.json's ``cache_key``); empty for a stage run outside the pipeline
 
 
 @dataclass

@@ -12,7 +12,9 @@ goes, ``prune.drop_blocks``/``prune.drop_block_count`` remove whole residual blo
 Every step prunes a copy and accepts it only once it runs and (where no LayerNorm
 intervenes) computes exactly the previous model minus the removed channels; groups whose
 coupling the graph gets wrong are bisected out, left unpruned and listed in the metrics
-(key ``untracked_coupling``). The saved model is verified by rebuilding it from its file.
+(key ``untracked_coupling``); groups the dependency analysis keeps whole (coupled through a
+channel shuffle, or not reached within ``prune.analysis_seconds``) are under key
+``dependency_analysis``. The saved model is verified by rebuilding it from its file.
 Metrics key ``trajectory`` has one row per step.
 """
 
@@ -27,11 +29,13 @@ from torch import nn
 
 from edgeprune.artifacts import sha256_of
 from edgeprune.config import BuildConfig
+from edgeprune.dependency import DependencyAnalysis
 from edgeprune.depth_pruning import depth_prune
 from edgeprune.errors import InputError, StageError
 from edgeprune.modelio import load_model
 from edgeprune.pruning import layer_groups, protected_layers, root_channels
 from edgeprune.pruning_plan import GroupPlan
+from edgeprune.rounding import kept_whole_by_rounding, rounding_warning
 from edgeprune.speedup_search import LatencyProbe, prune_to_speedup
 from edgeprune.stages.base import StageContext, StageOutput
 from edgeprune.stages.common import example_input, read_model, write_model
@@ -41,7 +45,9 @@ from edgeprune.training import count_macs_params
 
 class PruneStructured:
     name = "prune_structured"
-    version = "9"  # 8: BatchNorm statistics re-estimated after each step; 9: depth pruning
+    version = (
+        "10"  # 8: BatchNorm statistics re-estimated after each step; 9: depth pruning; 10: bounded analysis, groups round_to keeps whole
+    )
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)
@@ -66,8 +72,13 @@ class PruneStructured:
         before, widths_before = count_macs_params(dense, example), layer_widths(dense)
         protected = protected_layers(dense, config.prune.ignored_layers, config.model.num_classes)
         model, depth = depth_prune(dense, config.prune, context.dataset, protected, config.model.num_classes, context.reporter)
-        groups = layer_groups(model, example, config.prune, protected)
-        plan = GroupPlan.from_config(groups, config.prune)
+        analysis = analyse_dependencies(context, model, protected)
+        protected, groups = analysis.protected(protected), analysis.groups
+        narrow = kept_whole_by_rounding(groups, config.prune.round_to)
+        if narrow:
+            context.reporter.warn(rounding_warning(narrow, config.prune.round_to))
+        movable = [group for group in groups if group.name not in {item.layer for item in narrow}]
+        plan = GroupPlan.from_config(movable, config.prune)
         run = PruningRun(model, copy.deepcopy(dense), config, context.dataset, context.reporter, protected, groups, plan)
         if config.prune.speedup > 0:
             trajectory = prune_to_speedup(run, LatencyProbe.for_target(context), config.prune, config.budgets.max_accuracy_drop)
@@ -88,10 +99,25 @@ class PruneStructured:
             "layers": layer_report(widths_before, layer_widths(model)),
             "group_ratios": {name: round(1 - root_channels(model, name) / width, 4) for name, width in run.plan.widths.items()},
             "untracked_coupling": [{"layer": item.layer, "reason": item.reason} for item in run.untracked],
+            "dependency_analysis": {"seconds": round(analysis.seconds, 3), "groups": len(groups), "kept_whole": analysis.report()},
+            "kept_whole_by_rounding": [item.to_dict() for item in narrow],
             "depth": depth,
             "trajectory": trajectory,
         }
         return StageOutput(artifacts, metrics)
+
+
+def analyse_dependencies(context: StageContext, model: nn.Module, protected: set[str]) -> DependencyAnalysis:
+    """The layer groups of ``model`` (within ``prune.analysis_seconds``); the groups kept whole are said in the log."""
+    reporter, seconds = context.reporter, context.config.prune.analysis_seconds
+    reporter.info(f"prune_structured: dependency analysis (at most {seconds:g} s, prune.analysis_seconds)")
+    analysis = layer_groups(model, example_input(context), context.config.prune, protected, reporter)
+    reporter.info(f"prune_structured: {len(analysis.groups)} layer groups, {len(analysis.kept_whole)} kept whole ({analysis.seconds:.1f}s)")
+    if analysis.kept_whole:
+        reporter.warn(f"prune_structured: keeping {len(analysis.kept_whole)} layer groups whole (metrics: dependency_analysis)")
+    for item in analysis.kept_whole:
+        reporter.detail(f"keeping {item.layer} whole: {item.reason}")
+    return analysis
 
 
 def check_reloads(path: Path, model: nn.Module, sample: torch.Tensor) -> None:

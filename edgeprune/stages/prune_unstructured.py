@@ -24,7 +24,7 @@ STORAGE = "dense: zeros stored in place; the size benefit is in the gzip/zip dow
 
 class PruneUnstructured:
     name = "prune_unstructured"
-    version = "2"
+    version = "3"  # 3: metrics say which step they describe
     sections = ("prune", "sparsity")
     consumes = ("model",)
     trains = False
@@ -39,7 +39,8 @@ class PruneUnstructured:
         targets = pruning_plan(sparsity)
         apply_masks(model, compute_masks(model, sparsity, targets[0]))
         report = sparsity_report(model, sparsity.pattern)
-        metrics = {
+        metrics = {  # this stage's own figures: the model after step 1 of the schedule, not the shipped one
+            "describes": f"the model after pruning step 1 of {len(targets)}",
             "global_sparsity": report["global_sparsity"],
             "layers": report["layers"],
             "pattern": sparsity.pattern,

@@ -35,12 +35,14 @@ from torch import nn
 from edgeprune.artifacts import Artifact
 from edgeprune.config import BuildConfig, QuantizeConfig
 from edgeprune.errors import ConfigError, StageError
+from edgeprune.export.executorch import PteQuantizer
 from edgeprune.export.onnx import INPUT_NAME
 from edgeprune.export.tflite import convert_tflite
 from edgeprune.onnx_compaction import float16_constants, minify_names, quantize_weights
 from edgeprune.parity import artifact_logits, check_parity, parity_report, tflite_interpreter
 from edgeprune.quant_sensitivity import (
     TensorNoise,
+    export_for_calibration,
     fake_quantize,
     module_path,
     onnx_activations,
@@ -54,14 +56,13 @@ from edgeprune.stages.common import example_input, read_model
 from edgeprune.training import predict_logits, top1_accuracy
 
 SENSITIVITY_SAMPLES = 64  # calibration images on which each tensor's effect on the logits is measured
-CALIBRATION_BATCH = 32  # images per PT2E calibration call
 
 
 class Quantize:
     name = "quantize"
     version = "3"
     sections = ("quantize", "parity", "export")
-    consumes = ("model", "onnx_fp32", "tflite_fp32")
+    consumes = ("model", "onnx_fp32", "tflite_fp32", "pte_fp32")
     trains = False
 
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
@@ -89,7 +90,7 @@ class Quantize:
         parent_logits = predict_logits(model, context.dataset.x_test)
         artifacts = [
             quantize_artifact(fmt, context.inputs[fp32_name], model, parent_logits, context)
-            for fp32_name, fmt in (("onnx_fp32", "onnx"), ("tflite_fp32", "tflite"))
+            for fp32_name, fmt in (("onnx_fp32", "onnx"), ("tflite_fp32", "tflite"), ("pte_fp32", "pte"))
             if fp32_name in context.inputs
         ]
         return StageOutput(artifacts, {artifact.name: artifact.meta for artifact in artifacts})
@@ -265,6 +266,8 @@ def make_quantizer(fmt: str, model: nn.Module, fp32: Artifact, context: StageCon
     calibration = context.dataset.calibration_batches(context.config.data.calibration_samples, context.config.seed)
     if fmt == "onnx":
         return OnnxQuantizer(fp32.path, calibration, context.config.quantize, context.workdir)
+    if fmt == "pte":  # ExecuTorch: PT2E with the XNNPACK quantizer, the same budget and float fallback
+        return PteQuantizer(model, example_input(context), calibration, context.config.quantize)
     channels_last = fp32.meta.get("input_layout") == "NHWC"
     return TfliteQuantizer(model, example_input(context), calibration, context.config.quantize, channels_last)
 
@@ -410,17 +413,6 @@ class TfliteQuantizer:
 
     def close(self) -> None:
         self.converted = None
-
-
-def export_for_calibration(model: nn.Module, example: torch.Tensor) -> tuple[torch.fx.GraphModule, int]:
-    """``torch.export`` with a dynamic batch, so observers see batches of CALIBRATION_BATCH images
-    (one image per call costs ~30x more in HistogramObserver); batch 1 when the model cannot export so."""
-    try:
-        batched = example.expand(2, *example.shape[1:])  # torch.export specialises a batch of 1
-        exported = torch.export.export(model, (batched,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
-        return exported.module(), CALIBRATION_BATCH
-    except Exception:  # noqa: BLE001 - any export failure just means "calibrate one image at a time"
-        return torch.export.export(model, (example,)).module(), 1
 
 
 def keep_float_quantizer(scheme: Any, keep_float: tuple[str, ...]) -> Any:

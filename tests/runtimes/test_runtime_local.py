@@ -57,7 +57,7 @@ def test_local_runner_failure_is_a_device_error(tmp_path):
 def test_missing_artifact_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="file not found"):
         benchmark(tmp_path / "absent.onnx", "local", QUICK)
-    with pytest.raises(InputError, match="expected a .onnx or .tflite"):
+    with pytest.raises(InputError, match="expected a .onnx, .tflite or .pte"):
         benchmark(tmp_path / "model.pt", "local", QUICK)
 
 
