@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeprune import parity
 from edgeprune.errors import ExportError
-from edgeprune.parity import input_layout, tflite_interpreter
 
 # The modules onnx2tf imports (it declares no dependencies of its own).
 REQUIREMENTS = ("tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "sng4onnx", "sne4onnx", "psutil")
@@ -83,7 +83,7 @@ def convert_onnx(onnx_path: Path, tflite_path: Path, samples: np.ndarray, channe
             raise ExportError(f"onnx2tf wrote no {produced.name} for {Path(onnx_path).name}; rerun with --debug and report the model")
         input_shape = builtin_interpreter(produced, Path(onnx_path).name).get_input_details()[0]["shape"]
         os.replace(produced, tflite_path)
-    return input_layout(tflite_path, input_shape, samples.shape)  # the layout onnx2tf really gave it (it may transpose despite -k)
+    return parity.input_layout(tflite_path, input_shape, samples.shape)  # the layout onnx2tf really gave it (it may transpose despite -k)
 
 
 def builtin_interpreter(tflite_path: Path, filename: str):
@@ -92,7 +92,7 @@ def builtin_interpreter(tflite_path: Path, filename: str):
     ExportError when it needs TensorFlow select (Flex) ops that interpreter lacks, or does not load at all.
     """
     try:
-        interpreter = tflite_interpreter(tflite_path, 1)
+        interpreter = parity.tflite_interpreter(tflite_path, 1)
         interpreter.allocate_tensors()
         return interpreter
     except (RuntimeError, ValueError) as error:
