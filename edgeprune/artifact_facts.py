@@ -319,10 +319,12 @@ def _tflite_value(tensor, type_names: dict[int, str]) -> Facts:
 @facts_for("model")
 def torch_model_facts(path: Path) -> Facts:
     """Parameters, MACs (one input of the recorded shape), widths, removed blocks and weight sparsity of a model file."""
+    # Imported on use: the manifest's writer imports this module, and importing edgeprune (the CLI's start-up) must not import torch.
     import torch
     from torch import nn
 
     from edgeprune.modelio import load_model, read_model_file
+    from edgeprune.training import count_macs_params
 
     payload = read_model_file(Path(path))
     model = load_model(Path(path))
@@ -334,12 +336,3 @@ def torch_model_facts(path: Path) -> Facts:
     example = torch.zeros(1, *payload["architecture"]["input_shape"])
     blocks_removed = list(payload["plan"].get("dropped", []))
     return {**count_macs_params(model, example), "widths": widths, "blocks_removed": blocks_removed, "weights": sparsity_summary(rows)}
-
-
-def count_macs_params(model, example) -> dict[str, int]:
-    """Multiply-accumulates and parameters for one input (Torch-Pruning's counter)."""
-    import torch_pruning as tp
-
-    model.eval()
-    macs, params = tp.utils.count_ops_and_params(model, example)
-    return {"macs": int(macs), "params": int(params)}

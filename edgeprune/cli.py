@@ -23,10 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgeprune import __version__, interrupts
-from edgeprune.budgets import BUDGET_FLAGS
-from edgeprune.diff import Thresholds
+from edgeprune import api, interrupts
+from edgeprune.budgets import BUDGET_FLAGS, budget_overrides, exit_code
+from edgeprune.diff import Thresholds, markdown
 from edgeprune.errors import EdgepruneError
+from edgeprune.progress import Reporter
+from edgeprune.report import summary_table
+from edgeprune.runtimes.figures import bench_line, caveats, memory_text
+from edgeprune.versions import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,31 +265,28 @@ def _add_verify(commands) -> None:
 # --------------------------------------------------------------------------- handlers
 
 
-def _reporter(args):
-    from edgeprune.progress import Reporter
-
+def _reporter(args) -> Reporter:
     return Reporter(verbosity=0 if args.quiet else (2 if args.verbose else 1), json_mode=args.json)
 
 
-def _input_options(args, overrides: tuple[str, ...]) -> dict[str, Any]:
-    """What build, export and analyze take alike: the model, its data, the settings, where to write."""
-    return dict(
+def _build_inputs(args, overrides: tuple[str, ...]) -> api.BuildInputs:
+    """What build, export and analyze resolve a configuration from alike: the model, its data, the settings."""
+    return api.BuildInputs(
         project_file=args.project,
         overrides=overrides,
         model=args.model,
         weights=args.weights,
         data=args.data,
         trust_checkpoint=args.trust_checkpoint,
-        out=args.out,
-        cache_dir=args.cache_dir,
-        reporter=_reporter(args),
     )
 
 
-def _build(args) -> int:
-    from edgeprune import api
-    from edgeprune.budgets import budget_overrides, exit_code
+def _input_options(args, overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The inputs, and where to write and report."""
+    return dict(_build_inputs(args, overrides), out=args.out, cache_dir=args.cache_dir, reporter=_reporter(args))
 
+
+def _build(args) -> int:
     flags = {name.removeprefix("budget_"): value for name, value in vars(args).items() if name.startswith("budget_")}
     options = dict(_input_options(args, budget_overrides(flags) + tuple(args.overrides)), force=args.force)
     if len(args.target) > 1:
@@ -297,18 +298,16 @@ def _build(args) -> int:
 
 
 def _inspect(args) -> int:
-    from edgeprune import api
+    # Imported on use: the inspection imports torch, and the CLI's start-up must not.
     from edgeprune.inspection import format_inspection
 
-    config = api.resolve(args.target, args.project, tuple(args.overrides), args.model, args.weights, args.data, args.trust_checkpoint)
+    config = api.resolve(args.target, **_build_inputs(args, tuple(args.overrides)))
     summary = api.inspect(config, reporter=_reporter(args), timeout_s=args.timeout)
     _print(args, summary, lambda: format_inspection(summary))
     return 0
 
 
-def _build_matrix(args, matrix) -> int:
-    from edgeprune.report import summary_table
-
+def _build_matrix(args, matrix: api.MatrixResult) -> int:
     failures = {target: str(error) for target, error in matrix.failures.items()}
     data = {
         "builds": [_build_dict(result) for result in matrix.builds],
@@ -349,15 +348,11 @@ def _build_summary(result) -> str:
         f"{entry.get('size_bytes', 0) / 1024:.1f} KiB",
     ]
     if p50:
-        from edgeprune.runtimes.figures import caveats, memory_text
-
         parts += [f"p50 {p50:.3f} ms", memory_text(entry["benchmark"]), *caveats(entry["benchmark"])]
     return " | ".join(parts)
 
 
 def _export(args) -> int:
-    from edgeprune import api
-
     formats = args.format or ["onnx"]
     overrides = (
         "prune.mode='none'",
@@ -382,12 +377,10 @@ def _export(args) -> int:
 
 
 def _targets(args) -> int:
-    from edgeprune import api
-
     if args.action == "show":
         if not args.name:
             raise EdgepruneError("usage: edgeprune targets show NAME")
-        resolved = api.resolve(args.name, args.project, tuple(args.overrides)).to_dict()
+        resolved = api.resolve(args.name, project_file=args.project, overrides=tuple(args.overrides)).to_dict()
         _print(args, resolved, lambda: _toml_like(resolved))
         return 0
     infos = api.targets()
@@ -400,9 +393,6 @@ def _targets(args) -> int:
 
 
 def _diff(args) -> int:
-    from edgeprune import api
-    from edgeprune.diff import markdown
-
     thresholds = Thresholds(args.max_accuracy_drop, args.max_latency_increase_pct, args.max_size_increase_pct)
     result = api.diff(args.old, args.new, thresholds)
     _print(args, result.to_dict(), lambda: markdown(result).rstrip("\n"))
@@ -412,8 +402,6 @@ def _diff(args) -> int:
 
 
 def _verify(args) -> int:
-    from edgeprune import api
-
     result = api.verify(args.folder, parity=args.parity, data=args.data)
     files = sum(1 for figure in result.checked if figure.endswith(".sha256"))
     verdict = "all match" if result.passed else f"{len(result.mismatches)} mismatch(es)"
@@ -424,8 +412,6 @@ def _verify(args) -> int:
 
 
 def _analyze(args) -> int:
-    from edgeprune import api
-
     options = _input_options(args, tuple(args.overrides))
     result = api.analyze(args.target, **options, ratios=args.ratios, executor=args.executor, ray_address=args.ray_address, force=args.force)
     data = {"json": str(result.json_path), "table": str(result.table_path), "plot": str(result.plot_path), **result.data}
@@ -434,9 +420,6 @@ def _analyze(args) -> int:
 
 
 def _bench(args) -> int:
-    from edgeprune import api
-    from edgeprune.runtimes.figures import bench_line
-
     result = api.bench(
         args.artifact, args.device, args.threads, args.iterations, args.repeats, args.warmup, tuple(args.shape), args.max_spread
     )

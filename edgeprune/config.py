@@ -86,7 +86,7 @@ class PruneConfig:
     machine) takes the channel multiple from the host's vector width (``edgeprune.simd``: 16 with AVX-512, 8 with
     AVX2/AVX); the resolved number replaces it and ``round_to_source`` records why.
 
-    Depth pruning removes whole residual blocks before any channel goes (``edgeprune.blocks``): the blocks
+    Depth pruning removes whole residual blocks before any channel goes (``edgeprune.depth_pruning``): the blocks
     named in ``drop_blocks``, then ``drop_block_count`` more, those whose removal alone costs least top-1 on
     held-out training images. Every operator of a removed block is gone, which narrowing channels cannot do.
 

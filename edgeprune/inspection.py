@@ -21,13 +21,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeprune.blocks import residual_blocks
-from edgeprune.config import BuildConfig
+from edgeprune.config import BuildConfig, config_from_dict
 from edgeprune.data import Dataset
-from edgeprune.modelio import create_model, load_weights, save_model
+from edgeprune.depth_pruning import residual_blocks
+from edgeprune.export.onnx import export_onnx
+from edgeprune.export.tflite import litert_failure, try_litert
+from edgeprune.modelio import create_model, load_model, load_weights, save_model
 from edgeprune.progress import Reporter
 from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers, rounded_width
 from edgeprune.rounding import allowed_widths, kept_whole_by_rounding
+from edgeprune.stages.quantize import OnnxQuantizer
 
 CONVERSION_TIMEOUT_S = 300.0
 TRIAL_RATIO = 0.5  # the trial prune narrows every movable group to about half its width
@@ -108,9 +111,6 @@ def probe_conversion(model: nn.Module, config: BuildConfig, dataset: Dataset, ti
 
 
 def _convert_in_child(folder_name: str, sections: dict[str, Any]) -> None:
-    from edgeprune.config import config_from_dict
-    from edgeprune.modelio import load_model
-
     folder = Path(folder_name)
     config = config_from_dict(sections, "inspect")
     model = load_model(folder / "model.pt")
@@ -128,8 +128,6 @@ def _convert_in_child(folder_name: str, sections: dict[str, Any]) -> None:
 def _onnx(model: nn.Module, example: torch.Tensor, _calibration: np.ndarray, config: BuildConfig, folder: Path) -> dict[str, Any]:
     import onnx
 
-    from edgeprune.stages.export_onnx import export_onnx
-
     export_onnx(model, example, folder / "model.onnx", config.export)
     return {"ops": sorted({node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node})}
 
@@ -137,8 +135,6 @@ def _onnx(model: nn.Module, example: torch.Tensor, _calibration: np.ndarray, con
 def _int8(_model: nn.Module, _example: torch.Tensor, calibration: np.ndarray, config: BuildConfig, folder: Path) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
-
-    from edgeprune.stages.quantize import OnnxQuantizer
 
     quantizer = OnnxQuantizer(folder / "model.onnx", calibration, config.quantize, folder)
     quantizer.quantize(folder / "model.int8.onnx", ())
@@ -153,8 +149,6 @@ def _int8(_model: nn.Module, _example: torch.Tensor, calibration: np.ndarray, co
 
 
 def _tflite(model: nn.Module, example: torch.Tensor, _calibration: np.ndarray, _config: BuildConfig, folder: Path) -> dict[str, Any]:
-    from edgeprune.stages.export_tflite import litert_failure, try_litert
-
     failure = try_litert(model, example, folder / "model.tflite")
     if failure:
         raise RuntimeError(litert_failure(failure))

@@ -22,8 +22,9 @@ from typing import Any
 from edgeprune.artifact_facts import artifact_facts
 from edgeprune.artifacts import Artifact, sha256_of
 from edgeprune.config import BuildConfig
-from edgeprune.data import Dataset
-from edgeprune.pipeline import PipelineResult, tool_versions
+from edgeprune.data import EXAMPLE_DATA, Dataset
+from edgeprune.stages.base import PipelineResult
+from edgeprune.versions import tool_versions
 
 MANIFEST_VERSION = 3  # 2: reproducibility inputs, content_sha256, volatile fields; 3: figures read from the shipped files
 # Which process a benchmark's memory figures belong to: the runner that loaded and ran the artefact, never the build.
@@ -150,8 +151,6 @@ def input_hashes(config: BuildConfig, dataset: Dataset) -> dict[str, Any]:
 
 
 def _data_file_sha256(source: str) -> str | None:
-    from edgeprune.data import EXAMPLE_DATA
-
     path = EXAMPLE_DATA if source == "example" else Path(source)
     if path.suffix == ".npz" and path.is_file():
         return sha256_of(path)

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeprune import models
 from edgeprune.artifacts import write_bytes_atomic
-from edgeprune.blocks import dropped_blocks, replace_with_dropped
 from edgeprune.checkpoints import Checkpoint, first_line, fit_to_model, read_checkpoint
 from edgeprune.config import ModelConfig
+from edgeprune.depth_pruning import dropped_blocks, replace_with_dropped
 from edgeprune.errors import InputError
 
 MODEL_FORMAT = "edgeprune-model/1"
@@ -33,8 +34,6 @@ def create_model(config: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module
     """Instantiate the architecture named by ``config.source`` (random weights)."""
     source = config.source
     if source.startswith("example:"):
-        from edgeprune import models
-
         channels, height = input_shape[0], input_shape[-1]
         return models.create_model(source.removeprefix("example:"), num_classes=config.num_classes, in_channels=channels, image_size=height)
     module_name, sep, factory_name = source.partition(":")

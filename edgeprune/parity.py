@@ -4,7 +4,7 @@
 model saw and returns float logits: in chunks for an ONNX file with a dynamic
 batch, transposed to NHWC for a TFLite file with channels-last input, and
 quantized with the scale and zero-point stored in the file for int8 input;
-an ExecuTorch .pte runs through ``executorch.runtime`` (``edgeprune.export_pte``).
+an ExecuTorch .pte runs through ``executorch.runtime`` (``edgeprune.export.executorch``).
 ``parity_report`` compares logits with the parent's; ``check_parity`` holds them
 to the per-precision tolerances of ``ParityConfig``:
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from edgeprune.config import ParityConfig
 from edgeprune.errors import ParityError
+from edgeprune.pte_runtime import pte_logits
 
 BATCH = 256  # chunk size for ONNX files with a dynamic batch dimension
 Layout = Literal["NCHW", "NHWC"]
@@ -44,8 +45,6 @@ def artifact_logits(path: Path, images: np.ndarray, threads: int = 2, layout: La
     if suffix == ".tflite":
         return _tflite_logits(path, images, threads, layout)
     if suffix == ".pte":
-        from edgeprune.export_pte import pte_logits
-
         return pte_logits(path, images, threads)
     raise ValueError(f"no in-process runner for {path}")
 

@@ -32,6 +32,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from edgeprune.onnx_compaction import WEIGHT_OPS, int8_roundtrip, weight_axes, weight_input
+
 TOP_LEVEL = "<top-level>"  # the layer name of ops a model calls in its own forward()
 CALIBRATION_BATCH = 32  # images per PT2E calibration call
 _GRAPH_OUTPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime renames a quantized graph output's producer
@@ -127,14 +129,12 @@ def onnx_rounded_tensors(float_path: Path, qdq_path: Path, activations: dict[str
 def onnx_rounded_weights(float_path: Path, per_channel: bool, stored_axes: bool = False) -> dict[str, np.ndarray]:
     """Weights rounded to symmetric int8, per output channel or per tensor.
 
-    With ``stored_axes`` the weights and axes are those weight-only int8 stores (``onnx_weights.weight_axes``:
+    With ``stored_axes`` the weights and axes are those weight-only int8 stores (``onnx_compaction.weight_axes``:
     Gemm/MatMul per output column, embedding tables included); otherwise Conv/Gemm/MatMul weights per row
     (axis 0), as onnxruntime's dynamic quantizer rounds them.
     """
     import onnx
     from onnx import numpy_helper
-
-    from edgeprune.onnx_weights import WEIGHT_OPS, int8_roundtrip, weight_axes, weight_input
 
     graph = onnx.load(str(float_path)).graph
     constants = {item.name: numpy_helper.to_array(item) for item in graph.initializer}

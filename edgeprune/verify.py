@@ -8,9 +8,8 @@ with the manifest: exactly for hashes, counts, names and shapes, within
 ``FLOAT_RELATIVE`` for ratios. The ``model`` section and the channel table are checked
 against model.pt, ``content_sha256`` against the manifest itself, and every model file in
 the folder must be listed. With ``parity`` the parity checks are run again on the test
-split the manifest names (``parity_data``): top-1 within ``ACCURACY_POINTS``, top-1
-agreement within ``AGREEMENT``, max abs error within ``MAX_ABS_ERROR`` and the
-profile's parity tolerances.
+split the manifest names (``parity_data``, ``edgeprune.verify_parity``): top-1, top-1 agreement and
+max abs error within its tolerances, and the profile's parity tolerances.
 
 The build runs ``verify_output`` on its staged output folder before swapping it in.
 """
@@ -26,11 +25,10 @@ from typing import Any
 from edgeprune.artifact_facts import file_facts, format_facts
 from edgeprune.artifacts import MANIFEST
 from edgeprune.errors import EdgepruneError, InputError, StageError
+from edgeprune.manifest import content_sha256, model_facts
+from edgeprune.verify_parity import check_parity_again
 
 FLOAT_RELATIVE = 1e-6  # figures read from files: the same bytes give the same numbers up to JSON's float printing
-ACCURACY_POINTS = 0.5  # --parity: top-1 (percent) re-measured on another CPU may differ by a few images
-AGREEMENT = 0.01  # --parity: top-1 agreement (fraction)
-MAX_ABS_ERROR = (1e-3, 0.1)  # --parity: |re-measured - stated| <= 1e-3 + 10 % of the stated max abs error
 MODEL_SUFFIXES = (".onnx", ".tflite", ".pt", ".pte")
 FIRST_VERIFIABLE = 3  # the manifest version whose file figures are read from the files
 _MISSING = object()
@@ -137,8 +135,6 @@ def verify_output(folder: Path, *, parity: bool = False, data: Path | None = Non
         check_model_section(manifest.get("model", {}), facts["model"], manifest["artifacts"]["model"]["file"], result)
     check_unlisted(folder, manifest, result)
     if parity:
-        from edgeprune.verify_parity import check_parity_again
-
         check_parity_again(folder, manifest, result, data)
     return result
 
@@ -155,8 +151,6 @@ def check_output(folder: Path) -> None:
 
 
 def check_content_hash(manifest: dict[str, Any], result: Verification) -> None:
-    from edgeprune.manifest import content_sha256
-
     if "content_sha256" in manifest:
         result.compare("content_sha256", manifest["content_sha256"], content_sha256(manifest), MANIFEST)
 
@@ -182,8 +176,6 @@ def check_artifact(folder: Path, figure: str, entry: dict[str, Any], result: Ver
 
 def check_model_section(model: dict[str, Any], derived: dict[str, Any], filename: str, result: Verification) -> None:
     """``manifest["model"]`` (params, MACs, widths, removed blocks, sparsity) and the channel table against model.pt."""
-    from edgeprune.manifest import model_facts
-
     expected = model_facts(derived)
     result.compare("model", {key: model.get(key, _MISSING) for key in expected}, expected, filename)
     for index, row in enumerate(model.get("channels", [])):

@@ -32,12 +32,13 @@ import torch
 from edgeprune.config import DataConfig, ExportConfig, QuantizeConfig
 from edgeprune.data import load_dataset
 from edgeprune.errors import StageError
-from edgeprune.export_pte import PteQuantizer, export_pte, xnnpack_threads
+from edgeprune.export.executorch import PteQuantizer, export_pte
+from edgeprune.export.onnx import export_onnx
+from edgeprune.export.tflite import convert_tflite
 from edgeprune.models import create_model, list_models
 from edgeprune.parity import artifact_logits, parity_report
+from edgeprune.pte_runtime import xnnpack_threads
 from edgeprune.runtimes import runner
-from edgeprune.stages.export_onnx import export_onnx
-from edgeprune.stages.export_tflite import convert_tflite
 from edgeprune.stages.quantize import quantize_within_budget
 from edgeprune.training import TrainSettings, predict_logits, top1_accuracy, train
 

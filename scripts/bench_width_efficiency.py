@@ -52,11 +52,11 @@ def measure(widths: tuple[int, ...], round_to: int, args: argparse.Namespace, fo
     import torch
 
     from edgeprune.config import ExportConfig
-    from edgeprune.latency_target import pairs_summary
+    from edgeprune.export.onnx import export_onnx
     from edgeprune.models.resnet import ResNetMini
     from edgeprune.runtimes import BenchSettings, benchmark_pair
-    from edgeprune.stages.common import count_macs_params
-    from edgeprune.stages.export_onnx import export_onnx
+    from edgeprune.speedup_search import pairs_summary
+    from edgeprune.training import count_macs_params
 
     torch.manual_seed(0)
     model, example = ResNetMini(10, 1, widths).eval(), torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))

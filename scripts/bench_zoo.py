@@ -28,9 +28,9 @@ import torch
 
 from edgeprune import api
 from edgeprune.errors import EdgepruneError
+from edgeprune.export.tflite import try_litert
 from edgeprune.modelio import load_model
 from edgeprune.progress import Reporter
-from edgeprune.stages.export_tflite import try_litert
 from tests.zoo import load_zoo
 from tests.zoo.resnets import resnet56_a
 from tests.zoo.trained import train_and_save, write_subset

@@ -14,10 +14,10 @@ from edgeprune.config import BuildConfig, ModelConfig, PruneConfig
 from edgeprune.deadline import AnalysisTimeout, Budget, Deadline
 from edgeprune.dependency import dependency_analysis
 from edgeprune.modelio import load_model, save_model
-from edgeprune.pipeline import StageContext
 from edgeprune.progress import SILENT
-from edgeprune.stages.common import count_macs_params
+from edgeprune.stages.base import StageContext
 from edgeprune.stages.prune_structured import PruneStructured
+from edgeprune.training import count_macs_params
 from tests.shufflenet_public import ShuffleNetV2
 
 X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -63,7 +63,7 @@ def test_public_shufflenet_v2_prunes_within_its_budget_to_a_verified_model_with_
 def test_every_group_touching_a_reshape_shuffle_is_kept_whole_and_the_rest_prune_to_an_exact_subnetwork() -> None:
     """With the shuffle as a barrier the remaining groups are exactly what Torch-Pruning computes on the uncut graph."""
     from edgeprune.pruning import Guard, guarded_prune
-    from edgeprune.stages.prune_structured import GroupPlan
+    from edgeprune.pruning_plan import GroupPlan
 
     model = ShuffleNetV2(0.5).eval()
     analysis = dependency_analysis(model, X[:1], {"linear"}, Budget(120))
@@ -110,7 +110,7 @@ class ChannelMixingNet(nn.Module):
 @pytest.mark.parametrize("mix", ["pixel_shuffle", "rearrange", "channel_shuffle", "grouped_reshape"])
 def test_a_channel_mixing_op_keeps_only_the_group_feeding_it_whole_and_the_rest_prunes_exactly(mix: str) -> None:
     from edgeprune.pruning import Guard, guarded_prune
-    from edgeprune.stages.prune_structured import GroupPlan
+    from edgeprune.pruning_plan import GroupPlan
 
     torch.manual_seed(0)
     model, x = ChannelMixingNet(mix).eval(), torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))

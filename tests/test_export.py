@@ -17,11 +17,11 @@ from edgeprune import __version__, cli
 from edgeprune.api import build
 from edgeprune.config import ExportConfig, ParityConfig, QuantizeConfig
 from edgeprune.errors import ExportError, ParityError
+from edgeprune.export import onnx2tf as onnx2tf_fallback
+from edgeprune.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
+from edgeprune.export.tflite import convert_tflite, litert_failure
 from edgeprune.models import create_model, list_models
 from edgeprune.parity import artifact_logits, check_parity, input_layout, parity_report, tflite_interpreter, verify_artifact
-from edgeprune.stages import onnx2tf_fallback
-from edgeprune.stages.export_onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
-from edgeprune.stages.export_tflite import convert_tflite, litert_failure
 from edgeprune.stages.quantize import OnnxQuantizer, TfliteQuantizer, quantize_within_budget
 from edgeprune.training import TrainSettings, predict_logits, train
 from tests.conftest import FAST, ONNXRUNTIME_INT8_EXACT, USER_MODEL, onnx_op_types
@@ -391,7 +391,8 @@ def test_the_export_stages_never_import_tensorflow():
     import sys
 
     probe = (
-        "import sys; from edgeprune.stages import export_tflite, onnx2tf_fallback; onnx2tf_fallback.missing_requirements(); "
+        "import sys; from edgeprune.stages import export_tflite; from edgeprune.export import onnx2tf as onnx2tf_fallback; "
+        "onnx2tf_fallback.missing_requirements(); "
         "onnx2tf_fallback.versions(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'onnx2tf', 'tf_keras')))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)

@@ -21,7 +21,7 @@ from edgeprune.parity import artifact_logits, parity_report
 from edgeprune.training import TrainSettings, predict_logits, train
 
 pytest.importorskip("executorch")
-from edgeprune.export_pte import PteQuantizer, export_pte  # noqa: E402 - needs the extra
+from edgeprune.export.executorch import PteQuantizer, export_pte  # noqa: E402 - needs the extra
 from edgeprune.stages.quantize import quantize_within_budget  # noqa: E402
 
 PARITY_IMAGES = 200

@@ -16,8 +16,8 @@ from edgeprune.config import PruneConfig
 from edgeprune.errors import ConfigError, InputError, StageError
 from edgeprune.models import example_input, get_spec
 from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers, root_channels
-from edgeprune.stages.common import count_macs_params
-from edgeprune.stages.prune_structured import GroupPlan
+from edgeprune.pruning_plan import GroupPlan
+from edgeprune.training import count_macs_params
 from tests.conftest import USER_MODEL
 from tests.test_models import attention_modules
 from tests.test_models import build as build_model
@@ -357,7 +357,7 @@ class TwoGroupRun(ScriptedRun):
         return 6 * self.widths["a"] + 4 * self.widths["b"]
 
     def partial_moves(self, level: float) -> list[dict[str, int]]:
-        from edgeprune.stages.prune_structured import partial_moves
+        from edgeprune.pruning_plan import partial_moves
 
         return partial_moves(self.widths, self.targets(level), self.weights)
 
@@ -394,7 +394,7 @@ class ScriptedProbe:
 
 
 def test_the_speedup_loop_stops_at_the_first_step_whose_measured_speedup_reaches_the_target() -> None:
-    from edgeprune.latency_target import prune_to_speedup
+    from edgeprune.speedup_search import prune_to_speedup
 
     run = ScriptedRun()
     probe = ScriptedProbe(run)
@@ -409,7 +409,7 @@ def test_the_speedup_loop_stops_at_the_first_step_whose_measured_speedup_reaches
 
 
 def test_the_speedup_loop_measures_where_depth_pruning_left_the_model_and_stops_there_when_it_is_fast_enough() -> None:
-    from edgeprune.latency_target import prune_to_speedup
+    from edgeprune.speedup_search import prune_to_speedup
 
     run = ScriptedRun()
     run.level = 0.4  # residual blocks removed before the loop: 360 of the dense 1000 MACs, 2.0 / 1.36 ms = 1.47x
@@ -421,7 +421,7 @@ def test_the_speedup_loop_measures_where_depth_pruning_left_the_model_and_stops_
 
 
 def test_a_step_that_overshoots_is_retried_with_fewer_groups_moved_the_plans_preferred_group_first() -> None:
-    from edgeprune.latency_target import prune_to_speedup
+    from edgeprune.speedup_search import prune_to_speedup
 
     run = TwoGroupRun({"a": 2.0, "b": 1.0})
     trajectory = prune_to_speedup(run, ScriptedProbe(run), PruneConfig(speedup=1.15, speedup_step=0.5), max_accuracy_drop=1.0)
@@ -433,7 +433,7 @@ def test_a_step_that_overshoots_is_retried_with_fewer_groups_moved_the_plans_pre
 
 
 def test_a_step_whose_partial_moves_miss_the_target_keeps_the_whole_step() -> None:
-    from edgeprune.latency_target import prune_to_speedup
+    from edgeprune.speedup_search import prune_to_speedup
 
     run = TwoGroupRun({"a": 1.0, "b": 2.0})  # b first: 800 MACs = 1.8 ms, 1.11x, short of 1.15x
     (_, last) = prune_to_speedup(run, ScriptedProbe(run), PruneConfig(speedup=1.15, speedup_step=0.5), max_accuracy_drop=1.0)
@@ -442,7 +442,7 @@ def test_a_step_whose_partial_moves_miss_the_target_keeps_the_whole_step() -> No
 
 
 def test_partial_moves_narrow_one_more_group_each_time_by_weight_and_leave_out_the_whole_step() -> None:
-    from edgeprune.stages.prune_structured import partial_moves
+    from edgeprune.pruning_plan import partial_moves
 
     current, targets = {"a": 64, "b": 32, "c": 32, "d": 16}, {"a": 32, "b": 16, "c": 32, "d": 8}
     assert partial_moves(current, targets, {"a": 0.5, "b": 2.0, "d": 1.0}) == [
@@ -462,7 +462,7 @@ class LuckyOnceProbe(ScriptedProbe):
 
 
 def test_a_lucky_measurement_does_not_end_the_speedup_loop_the_confirmation_pairs_outvote_it() -> None:
-    from edgeprune.latency_target import prune_to_speedup
+    from edgeprune.speedup_search import prune_to_speedup
 
     run = ScriptedRun()
     probe = LuckyOnceProbe(run, rounds=2)
@@ -475,7 +475,7 @@ def test_a_lucky_measurement_does_not_end_the_speedup_loop_the_confirmation_pair
 
 
 def test_the_speedup_loop_names_the_measured_ceiling_when_the_target_is_out_of_reach() -> None:
-    from edgeprune.latency_target import prune_to_speedup
+    from edgeprune.speedup_search import prune_to_speedup
 
     run = ScriptedRun()
     with pytest.raises(StageError) as raised:
@@ -504,7 +504,7 @@ def test_latency_target_stops_with_a_stage_error_when_the_accuracy_budget_breaks
 
 @pytest.mark.slow
 def test_sensitivity_analysis_writes_table_plot_and_weights_that_drive_the_build(workdir: Path, user_checkpoint: Path) -> None:
-    from edgeprune.sensitivity import run_analysis
+    from edgeprune.analysis import run_analysis
 
     config = api.resolve("cpu-x86", overrides=(*FAST_BUILD, "prune.round_to=8"), model=USER_MODEL, weights=str(user_checkpoint))
     analysis = run_analysis(config, out=workdir / "analysis", cache_dir=workdir / "cache", ratios=(0.5,))
@@ -530,7 +530,7 @@ def test_sensitivity_analysis_writes_table_plot_and_weights_that_drive_the_build
 
 @pytest.mark.slow
 def test_sensitivity_analysis_measures_each_removable_residual_block_removed_alone(workdir: Path) -> None:
-    from edgeprune.sensitivity import run_analysis
+    from edgeprune.analysis import run_analysis
 
     config = api.resolve("cpu-x86", overrides=(*FAST_BUILD, "train.epochs=1", "export.formats=['onnx']"), model="example:resnet_mini")
     analysis = run_analysis(config, out=workdir / "analysis", cache_dir=workdir / "cache", ratios=(0.5,))
@@ -550,9 +550,9 @@ def test_the_latency_probe_exports_each_ratios_candidate_to_its_own_file(tmp_pat
     from types import SimpleNamespace
 
     from edgeprune.config import ExportConfig
-    from edgeprune.latency_target import LatencyProbe
     from edgeprune.progress import Reporter
     from edgeprune.runtimes import BenchSettings
+    from edgeprune.speedup_search import LatencyProbe
 
     dataset, config = SimpleNamespace(x_test=torch.zeros(2, 1, 8, 8).numpy()), SimpleNamespace(export=ExportConfig())
     context = SimpleNamespace(dataset=dataset, config=config, reporter=Reporter(verbosity=0))
@@ -563,7 +563,7 @@ def test_the_latency_probe_exports_each_ratios_candidate_to_its_own_file(tmp_pat
 
 
 def test_sensitivity_weights_ignore_ratios_that_rounding_left_unpruned() -> None:
-    from edgeprune.sensitivity import add_weights
+    from edgeprune.analysis import add_weights
 
     def result(channels: int, drop: float, gain: float) -> dict:
         return {"channels": channels, "accuracy_drop": drop, "latency_gain_pct": gain}

@@ -10,11 +10,11 @@ import torch
 from edgeprune import api
 from edgeprune.config import ExportConfig, QuantizeConfig
 from edgeprune.errors import StageError
-from edgeprune.onnx_weights import minify_names
+from edgeprune.export.onnx import export_onnx
+from edgeprune.onnx_compaction import minify_names
 from edgeprune.parity import artifact_logits, tflite_interpreter
 from edgeprune.quant_sensitivity import TensorNoise, pt2e_tensor_noise, sqnr_db
 from edgeprune.stages import quantize
-from edgeprune.stages.export_onnx import export_onnx
 from edgeprune.stages.quantize import OnnxQuantizer, TfliteQuantizer, quantize_within_budget, retype_tflite_io
 from edgeprune.training import top1_accuracy
 from tests.conftest import FAST, USER_MODEL, onnx_op_types

@@ -11,8 +11,7 @@ from torch import nn
 from edgeprune import api
 from edgeprune.cli import main
 from edgeprune.config import SparsityConfig
-from edgeprune.stages.finetune import schedule_updates
-from edgeprune.stages.prune_unstructured import (
+from edgeprune.sparsity import (
     apply_masks,
     compute_masks,
     cubic_sparsity,
@@ -20,6 +19,7 @@ from edgeprune.stages.prune_unstructured import (
     prunable_weights,
     pruning_plan,
     satisfies_two_four,
+    schedule_updates,
     sparsity_masks,
     sparsity_report,
     two_four_eligible,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeprune.blocks import residual_blocks
 from edgeprune.cli import main
+from edgeprune.depth_pruning import residual_blocks
 from edgeprune.modelio import load_weights
 from tests.checkpoint_files import WRITERS
 from tests.conftest import FAST

@@ -26,14 +26,12 @@ import subprocess
 from functools import partial
 from pathlib import Path
 
-from edgeprune.errors import DeviceError
+from edgeprune.errors import DeviceError, TransientDeviceError
 from edgeprune.runtimes.base import (
     RUNNER_PATH,
     BenchResult,
     BenchSettings,
     DeviceUrl,
-    TransientDeviceError,
-    register_adapter,
     run_repeats,
     with_retries,
 )
@@ -45,6 +43,7 @@ from edgeprune.runtimes.executor_runner_output import (
     runner_json_from_executor_runner,
 )
 from edgeprune.runtimes.local import check_artifact
+from edgeprune.runtimes.registry import register_adapter
 
 _LOG = logging.getLogger(__name__)
 DEVICE_TMP = "/data/local/tmp"

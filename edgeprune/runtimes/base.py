@@ -1,4 +1,4 @@
-"""Benchmark settings and results, the adapter protocol, and the device-URL front door.
+"""The types every runtime adapter shares: benchmark settings and results, the adapter protocol, device URLs.
 
 A *device* is a URL naming where an artefact is benchmarked:
 
@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import math
 import statistics
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from edgeprune.errors import ConfigError, DeviceError
+from edgeprune.errors import ConfigError, DeviceError, TransientDeviceError
 
 RUNNER_PATH = Path(__file__).with_name("runner.py")
 _T = TypeVar("_T")
@@ -294,10 +292,6 @@ class RuntimeAdapter(Protocol):
     def cleanup(self) -> None: ...
 
 
-class TransientDeviceError(DeviceError):
-    """A failure worth retrying: a dropped connection, a device that went offline."""
-
-
 def with_retries(action: Callable[[], _T], retries: int, what: str, backoff_s: float = 0.5) -> _T:
     """Run ``action``; after a TransientDeviceError try again up to ``retries`` more times.
 
@@ -366,20 +360,6 @@ class DeviceUrl:
             raise DeviceError(f"device {self.text!r}: unknown options {unknown}; {self.scheme} takes {takes}")
 
 
-AdapterFactory = Callable[[DeviceUrl, BenchSettings], RuntimeAdapter]
-ADAPTER_FACTORIES: dict[str, AdapterFactory] = {}
-
-
-def register_adapter(scheme: str) -> Callable[[AdapterFactory], AdapterFactory]:
-    """Decorator: make ``open_adapter`` build ``scheme`` devices with the factory."""
-
-    def register(factory: AdapterFactory) -> AdapterFactory:
-        ADAPTER_FACTORIES[scheme] = factory
-        return factory
-
-    return register
-
-
 def parse_device_url(device: str) -> DeviceUrl:
     """Split a device URL; bare words (``local``, ``gpu``) are schemes of their own.
 
@@ -411,108 +391,3 @@ def _query_options(query: str, text: str) -> dict[str, str]:
     if repeated:
         raise DeviceError(f"device {text!r}: query keys given twice: {', '.join(repeated)}")
     return {key: values[0] for key, values in options.items()}
-
-
-def _load_builtin_adapters() -> None:
-    # Imported here, not at module top: the adapter modules import this one.
-    from edgeprune.runtimes import adb, gpu, local, ssh  # noqa: F401
-
-
-def open_adapter(device: str, settings: BenchSettings | None = None) -> RuntimeAdapter:
-    """The adapter for a device URL; ``settings`` bound the preparation (timeouts, retries).
-
-    Raises:
-        DeviceError: unknown scheme or a malformed URL (nothing is contacted yet).
-    """
-    _load_builtin_adapters()
-    url = parse_device_url(device)
-    factory = ADAPTER_FACTORIES.get(url.scheme)
-    if factory is None:
-        known = ", ".join(sorted(ADAPTER_FACTORIES))
-        raise DeviceError(f"unknown device {device!r}: use one of {known} (e.g. ssh://pi@host, adb://SERIAL)")
-    return factory(url, settings or BenchSettings())
-
-
-# ---------------------------------------------------------------- running
-
-
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-_DEVICE_LOCKS_GUARD = threading.Lock()
-
-
-def device_lock(device: str) -> threading.Lock:
-    """The process-wide lock of one device: a device benchmarks one artefact at a time."""
-    with _DEVICE_LOCKS_GUARD:
-        return _DEVICE_LOCKS.setdefault(device.strip(), threading.Lock())
-
-
-def benchmark(artifact: Path, device: str = "local", settings: BenchSettings = BenchSettings()) -> BenchResult:
-    """Benchmark ``artifact`` (.onnx/.tflite) on ``device``; cleans up the device afterwards.
-
-    Raises:
-        DeviceError: the device is unknown, unreachable after ``settings.retries``, lacks
-            a runtime, or the runner failed on the artefact.
-    """
-    adapter = open_adapter(device, settings)
-    with device_lock(device):
-        try:
-            adapter.prepare(Path(artifact))
-            return adapter.run(Path(artifact), settings)
-        finally:
-            adapter.cleanup()
-
-
-def benchmark_pair(
-    baseline: Path, artifact: Path, device: str = "local", settings: BenchSettings = BenchSettings()
-) -> list[tuple[float, float]] | None:
-    """(baseline p50, artifact p50) from each of ``settings.repeats`` processes that time both in alternation,
-    or None where the device's adapter cannot time two artefacts in one process (only ``local`` can).
-
-    Raises DeviceError like ``benchmark``.
-    """
-    adapter = open_adapter(device, settings)
-    if not hasattr(adapter, "compare"):
-        return None
-    with device_lock(device):
-        try:
-            return adapter.compare(Path(baseline), Path(artifact), settings)
-        finally:
-            adapter.cleanup()
-
-
-def paired_speedup(pairs: Sequence[tuple[float, float]]) -> float:
-    """The median of the per-pair speed-ups (baseline / artifact)."""
-    return statistics.median(baseline / p50 for baseline, p50 in pairs)
-
-
-def benchmark_many(
-    artifact_device_pairs: Iterable[tuple[Path, str]],
-    settings: BenchSettings = BenchSettings(),
-    max_parallel: int = 4,
-) -> list[BenchResult | DeviceError]:
-    """Benchmark several (artefact, device) pairs; results come back in input order.
-
-    Different devices run in parallel (at most ``max_parallel`` at once); runs on the
-    same device wait for each other. A device that fails yields its DeviceError in
-    place of a result and does not stop the others.
-    """
-    pairs = [(Path(artifact), device.strip()) for artifact, device in artifact_device_pairs]
-    results: list[BenchResult | DeviceError | None] = [None] * len(pairs)
-    queues: dict[str, list[int]] = {}
-    for index, (_, device) in enumerate(pairs):
-        queues.setdefault(device, []).append(index)
-
-    def drain(indices: list[int]) -> None:
-        # One worker per device runs its pairs in turn, so a busy device never holds
-        # a pool slot that another device could use.
-        for index in indices:
-            artifact, device = pairs[index]
-            try:
-                results[index] = benchmark(artifact, device, settings)
-            except DeviceError as error:
-                results[index] = error
-
-    with ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
-        for future in [pool.submit(drain, indices) for indices in queues.values()]:
-            future.result()  # re-raises bugs (non-DeviceError) in the caller
-    return [result for result in results if result is not None]

@@ -18,11 +18,11 @@ from edgeprune.runtimes.base import (
     BenchResult,
     BenchSettings,
     DeviceUrl,
-    register_adapter,
     run_repeats,
     with_retries,
 )
 from edgeprune.runtimes.commands import parse_runner_stdout, run_command
+from edgeprune.runtimes.registry import register_adapter
 
 
 def check_artifact(artifact: Path) -> None:

@@ -12,9 +12,9 @@ from edgeprune.artifacts import sha256_of
 from edgeprune.config import BuildConfig
 from edgeprune.errors import InputError
 from edgeprune.modelio import create_model, load_weights
-from edgeprune.pipeline import StageContext, StageOutput
-from edgeprune.stages.common import count_macs_params, example_input, write_model
-from edgeprune.training import TrainSettings, evaluate, train
+from edgeprune.stages.base import StageContext, StageOutput
+from edgeprune.stages.common import example_input, write_model
+from edgeprune.training import TrainSettings, count_macs_params, evaluate, train
 
 
 class Baseline:

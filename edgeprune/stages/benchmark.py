@@ -15,7 +15,8 @@ from typing import Any
 
 from edgeprune.config import BuildConfig
 from edgeprune.errors import DeviceError
-from edgeprune.pipeline import StageContext, StageOutput
+from edgeprune.runtimes import BenchSettings, benchmark, benchmark_pair, paired_speedup
+from edgeprune.stages.base import StageContext, StageOutput
 
 EXPORTED = (
     "onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp32", "tflite_int8", "tflite_fp32_dense",
@@ -28,13 +29,12 @@ class Benchmark:
     version = "5"  # 5: the measuring process's own peak memory, threads within the host's cores, repeats until steady
     sections = ("benchmark",)
     consumes = EXPORTED
+    trains = False
 
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
         return {}
 
     def run(self, context: StageContext) -> StageOutput:
-        from edgeprune.runtimes.base import BenchSettings, benchmark
-
         config = context.config.benchmark
         settings = BenchSettings(
             threads=config.threads,
@@ -62,11 +62,9 @@ class Benchmark:
         return StageOutput([], metrics)
 
 
-def paired_speedups(context: StageContext, settings, present: list[str]) -> dict[str, float]:
+def paired_speedups(context: StageContext, settings: BenchSettings, present: list[str]) -> dict[str, float]:
     """Each artefact's speed-up over its format's dense export, timed in alternation in one process per repeat
     (empty where the adapter cannot, or a comparison fails and the benchmark is not required)."""
-    from edgeprune.runtimes.base import benchmark_pair, paired_speedup
-
     config = context.config.benchmark
     ratios = {}
     for name in present:

@@ -1,4 +1,4 @@
-"""Small helpers the stages share: reading and writing the torch model artefact, counting MACs."""
+"""Small helpers the stages share: reading and writing the torch model artefact, the example input, the dense reference."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeprune.artifact_facts import count_macs_params  # noqa: F401 (the stages count MACs through here)
 from edgeprune.artifacts import Artifact
 from edgeprune.modelio import load_model, save_model
-from edgeprune.pipeline import StageContext
+from edgeprune.stages.base import StageContext
+from edgeprune.training import example_batch
 
 MODEL_FILE = "model.pt"
 
@@ -28,4 +28,14 @@ def write_model(context: StageContext, model: nn.Module, names: tuple[str, ...] 
 
 
 def example_input(context: StageContext, batch: int = 1) -> torch.Tensor:
-    return torch.from_numpy(context.dataset.x_test[:batch].copy())
+    """The first ``batch`` test images as a torch batch."""
+    return example_batch(context.dataset, batch)
+
+
+def reference_pairs(context: StageContext, name: str) -> list[tuple[str, str]]:
+    """(model artefact, output name): the build's model, plus the dense baseline when a
+    benchmark needs it as the speed-up reference."""
+    pairs = [("model", name)]
+    if context.config.prune.mode != "none" and context.config.benchmark.enabled:
+        pairs.append(("baseline_model", f"{name}_dense"))
+    return pairs

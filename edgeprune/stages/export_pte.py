@@ -1,4 +1,4 @@
-"""Export an ExecuTorch .pte lowered to XNNPACK (``edgeprune.export_pte``), checked against PyTorch on real test inputs.
+"""Export an ExecuTorch .pte lowered to XNNPACK (``edgeprune.export.executorch``), checked against PyTorch on real test inputs.
 
 Each artefact's meta says how much of the model XNNPACK took (``delegated_share``,
 ``portable_kernels``: the operators left to ExecuTorch's slower portable kernels).
@@ -11,11 +11,11 @@ from typing import Any
 
 from edgeprune.artifacts import Artifact
 from edgeprune.config import BuildConfig
-from edgeprune.export_pte import check_scheme, export_pte, require_executorch
+from edgeprune.export.executorch import check_scheme, export_pte
 from edgeprune.parity import verify_artifact
-from edgeprune.pipeline import StageContext, StageOutput
-from edgeprune.stages.common import example_input, read_model
-from edgeprune.stages.export_onnx import reference_pairs
+from edgeprune.pte_runtime import require_executorch
+from edgeprune.stages.base import StageContext, StageOutput
+from edgeprune.stages.common import example_input, read_model, reference_pairs
 from edgeprune.training import predict_logits
 
 
@@ -24,6 +24,7 @@ class ExportPte:
     version = "1"
     sections = ("export", "parity", "prune", "benchmark")
     consumes = ("model", "baseline_model")
+    trains = False
 
     @classmethod
     def checked(cls, config: BuildConfig) -> ExportPte:

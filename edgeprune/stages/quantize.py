@@ -3,7 +3,7 @@
 ONNX: onnxruntime's recommended pre-processing, then static quantization in QDQ
 format (per-channel weights, int8 or uint8 activations, MinMax/Entropy/Percentile
 calibration), dynamic quantization, or weight-only int8 (``activation_type = "float"``,
-``edgeprune.onnx_weights``); file in → file out. TFLite: litert-torch's
+``edgeprune.onnx_compaction``); file in → file out. TFLite: litert-torch's
 PT2E quantizer — full-integer int8 calibrated on real images (int8 model I/O, or
 float I/O through a Quantize and a Dequantize op at the ends), or dynamic range.
 
@@ -35,9 +35,11 @@ from torch import nn
 from edgeprune.artifacts import Artifact
 from edgeprune.config import BuildConfig, QuantizeConfig
 from edgeprune.errors import ConfigError, StageError
-from edgeprune.onnx_weights import float16_constants, minify_names, quantize_weights
+from edgeprune.export.executorch import PteQuantizer
+from edgeprune.export.onnx import INPUT_NAME
+from edgeprune.export.tflite import convert_tflite
+from edgeprune.onnx_compaction import float16_constants, minify_names, quantize_weights
 from edgeprune.parity import artifact_logits, check_parity, parity_report, tflite_interpreter
-from edgeprune.pipeline import StageContext, StageOutput
 from edgeprune.quant_sensitivity import (
     TensorNoise,
     export_for_calibration,
@@ -49,9 +51,8 @@ from edgeprune.quant_sensitivity import (
     onnx_tensor_noise,
     pt2e_tensor_noise,
 )
+from edgeprune.stages.base import StageContext, StageOutput
 from edgeprune.stages.common import example_input, read_model
-from edgeprune.stages.export_onnx import INPUT_NAME
-from edgeprune.stages.export_tflite import convert_tflite
 from edgeprune.training import predict_logits, top1_accuracy
 
 SENSITIVITY_SAMPLES = 64  # calibration images on which each tensor's effect on the logits is measured
@@ -62,6 +63,7 @@ class Quantize:
     version = "3"
     sections = ("quantize", "parity", "export")
     consumes = ("model", "onnx_fp32", "tflite_fp32", "pte_fp32")
+    trains = False
 
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
         if config.quantize.scheme == "fp16" and "tflite" in config.export.formats:
@@ -265,8 +267,6 @@ def make_quantizer(fmt: str, model: nn.Module, fp32: Artifact, context: StageCon
     if fmt == "onnx":
         return OnnxQuantizer(fp32.path, calibration, context.config.quantize, context.workdir)
     if fmt == "pte":  # ExecuTorch: PT2E with the XNNPACK quantizer, the same budget and float fallback
-        from edgeprune.export_pte import PteQuantizer
-
         return PteQuantizer(model, example_input(context), calibration, context.config.quantize)
     channels_last = fp32.meta.get("input_layout") == "NHWC"
     return TfliteQuantizer(model, example_input(context), calibration, context.config.quantize, channels_last)

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from edgeprune.errors import ConfigError, DeviceError, InputError
+from edgeprune.errors import ConfigError, DeviceError, InputError, TransientDeviceError
 from edgeprune.runtimes import BenchResult, BenchSettings, benchmark
-from edgeprune.runtimes.base import TransientDeviceError, with_retries
+from edgeprune.runtimes.base import with_retries
 
 QUICK = BenchSettings(threads=1, warmup=3, iterations=30, repeats=3, timeout_s=120.0)
 

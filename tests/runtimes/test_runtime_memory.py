@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeprune.runtimes.base import BenchSettings, benchmark
+from edgeprune.runtimes import BenchSettings, benchmark
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -12,14 +12,13 @@ portable kernels (by name: silent fallback to slow kernels is what hurts on a ph
 the delegated share. Output bookkeeping (``getitem``) is not counted.
 
 executorch is an optional extra (``pip install "edgeprune[executorch]"``); without it
-``require_executorch`` raises one ConfigError line naming the extra.
+``require_executorch`` (``edgeprune.pte_runtime``) raises one ConfigError line naming the extra.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,23 +29,13 @@ import torch
 from torch import nn
 
 from edgeprune.config import QuantizeConfig
-from edgeprune.errors import ConfigError, ExportError, ParityError
+from edgeprune.errors import ConfigError, ExportError
+from edgeprune.pte_runtime import require_executorch
 from edgeprune.quant_sensitivity import TensorNoise, export_for_calibration, module_path, pt2e_tensor_noise
 
-INSTALL_HINT = 'ExecuTorch (.pte) needs the executorch extra: pip install "edgeprune[executorch]"'
 DELEGATE = "XnnpackBackend"
 BOOKKEEPING = frozenset({"getitem"})  # picks a delegate's outputs apart; not an operator that computes
 SENSITIVITY_SAMPLES = 64  # calibration images on which each tensor's effect on the logits is measured
-
-
-def require_executorch() -> None:
-    """ConfigError (one line, naming the extra) when executorch is not installed (looked up, not imported: that takes seconds)."""
-    try:
-        found = importlib.util.find_spec("executorch") is not None
-    except ValueError:  # a module entry of None: its import is blocked
-        found = False
-    if not found:
-        raise ConfigError(INSTALL_HINT)
 
 
 def check_scheme(config: QuantizeConfig) -> None:
@@ -176,42 +165,6 @@ class PteQuantizer:
 
     def close(self) -> None:
         self.prepared = None
-
-
-# --------------------------------------------------------------------------- running in this process
-
-
-def pte_logits(path: Path, images: np.ndarray, threads: int = 2) -> np.ndarray:
-    """Float logits of a .pte file for NCHW float32 ``images``, one image per call (the file's fixed batch)."""
-    require_executorch()
-    from executorch.runtime import Runtime
-
-    method = Runtime.get().load_program(Path(path)).load_method("forward")
-    shape = list(method.metadata.input_tensor_meta(0).sizes())
-    if len(shape) != images.ndim or shape[1:] != list(images.shape[1:]):
-        wanted = list(images.shape[1:])
-        raise ParityError(f"{Path(path).name}: input shape {shape} does not take test images of shape {wanted} (check data.*)")
-    batch = shape[0]
-    outputs = []
-    with xnnpack_threads(threads):
-        for start in range(0, len(images), batch):
-            chunk = images[start : start + batch]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)]) if len(chunk) < batch else chunk
-            outputs.append(method.execute([torch.from_numpy(np.ascontiguousarray(padded))])[0].numpy()[: len(chunk)].copy())
-    return np.concatenate(outputs).astype(np.float32)
-
-
-@contextlib.contextmanager
-def xnnpack_threads(threads: int) -> Iterator[None]:
-    """ExecuTorch's process-wide XNNPACK thread pool at ``threads``, restored to its size afterwards."""
-    from executorch.extension.pybindings import portable_lib
-
-    previous = portable_lib._threadpool_get_thread_count()
-    portable_lib._unsafe_reset_threadpool(threads)
-    try:
-        yield
-    finally:
-        portable_lib._unsafe_reset_threadpool(previous)
 
 
 @contextlib.contextmanager
