@@ -333,6 +333,8 @@ def _build_dict(result) -> dict[str, Any]:
 
 
 def _print_violations(result) -> None:
+    for line in (result.manifest or {}).get("budgets", {}).get("unchecked", []):
+        print(f"edgeprune: {result.target}: {line}", file=sys.stderr)
     for violation in result.violations:
         print(f"edgeprune: {result.target}: budget violated ({violation.kind}): {violation.message}", file=sys.stderr)
 

@@ -51,6 +51,29 @@ def benchmark_pair(
             adapter.cleanup()
 
 
+def device_computes_outputs(device: str) -> bool:
+    """Whether ``device``'s adapter runs artefacts on samples and returns their outputs (a remote device does;
+    this machine's parity runs in process). Raises DeviceError for an unknown or malformed device."""
+    return hasattr(open_adapter(device), "outputs")
+
+
+def device_outputs(artifact: Path, samples: Path, device: str, local_dir: Path, settings: BenchSettings = BenchSettings()) -> dict | None:
+    """The artefact's first outputs on each of ``samples`` (.npy) computed on ``device``: the runner's JSON with
+    ``outputs_path``, a ``.npy`` in ``local_dir``; None where the device is this machine (parity already ran here)
+    or its adapter cannot return outputs. The device's temporary files are removed whatever happens.
+
+    Raises DeviceError like ``benchmark``.
+    """
+    adapter = open_adapter(device, settings)
+    if not hasattr(adapter, "outputs"):
+        return None
+    with device_lock(device):
+        try:
+            return adapter.outputs(Path(artifact), Path(samples), Path(local_dir), settings)
+        finally:
+            adapter.cleanup()
+
+
 def paired_speedup(pairs: Sequence[tuple[float, float]]) -> float:
     """The median of the per-pair speed-ups (baseline / artifact)."""
     return statistics.median(baseline / p50 for baseline, p50 in pairs)

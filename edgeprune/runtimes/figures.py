@@ -23,8 +23,11 @@ def memory_text(bench: dict[str, Any]) -> str:
 
 
 def caveats(bench: dict[str, Any]) -> list[str]:
-    """What a reader should know before trusting the figures: fewer threads than asked, a spread that stayed high."""
+    """What a reader should know before trusting the figures: an emulated device, fewer threads than asked, a spread
+    that stayed high."""
     notes = []
+    if bench.get("emulated"):
+        notes.append(f"EMULATED ({bench['emulated']}): these timings say nothing about the real device's speed")
     if bench.get("threads_requested"):
         ran = bench.get("threads")
         notes.append(f"ran {ran} threads, not the {bench['threads_requested']} asked: the host has {ran} cores")
