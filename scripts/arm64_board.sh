@@ -14,6 +14,8 @@
 # The root filesystem is cached in $EDGEPRUNE_BOARD_DIR (default ~/.cache/edgeprune/arm64-board): the first
 # start builds it (about 7-9 minutes, ~500 MB), later starts take seconds. Needs root (chroot, mounts,
 # binfmt_misc); installs qemu-user-static, debootstrap and binfmt-support with apt-get when they are missing.
+# Exit status: 0 started / running, 1 failed, 3 (status) not running, 4 this machine cannot run a board (no root,
+# no binfmt_misc): the message says which.
 #
 # The emulated CPU is a Cortex-A76 (a Raspberry Pi 5; EDGEPRUNE_BOARD_CPU=cortex-a72 for a Pi 4). qemu's default
 # CPU ("max") advertises SVE and i8mm, on which XNNPACK's int8 kernels give wrong outputs under qemu 7.2, so
@@ -42,12 +44,17 @@ die() {
   say "$*"
   exit 1
 }
+# This machine cannot run a board at all (exit 4: .ci/run then skips the board's tests with this reason).
+unsupported() {
+  say "this machine cannot run the board: $*"
+  exit 4
+}
 
 device_url() { echo "ssh://root@127.0.0.1:$PORT?key=$KEY&known_hosts=$KNOWN_HOSTS"; }
 
 # ------------------------------------------------------------------------------------------------ host setup
 
-need_root() { [ "$(id -u)" -eq 0 ] || die "needs root (chroot, mounts and binfmt_misc): run it with sudo"; }
+need_root() { [ "$(id -u)" -eq 0 ] || unsupported "needs root (chroot, mounts and binfmt_misc): run it with sudo"; }
 
 host_tools() {
   if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null; then
@@ -62,13 +69,13 @@ host_tools() {
 binfmt_ready() {
   local entry=/proc/sys/fs/binfmt_misc/qemu-aarch64
   if [ ! -e /proc/sys/fs/binfmt_misc/status ]; then
-    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc ||
-      die "cannot mount binfmt_misc (a container without it cannot run the board)"
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null ||
+      unsupported "cannot mount binfmt_misc at /proc/sys/fs/binfmt_misc (a container without it cannot run arm64 programs)"
   fi
   if [ ! -e "$entry" ]; then
     update-binfmts --enable qemu-aarch64 >&2 || true
   fi
-  grep -q '^enabled' "$entry" 2>/dev/null || die "qemu-aarch64 is not registered with binfmt_misc (update-binfmts --enable qemu-aarch64)"
+  grep -q '^enabled' "$entry" 2>/dev/null || unsupported "qemu-aarch64 is not registered with binfmt_misc (update-binfmts --enable qemu-aarch64)"
   grep -q '^flags:.*F' "$entry" || die "qemu-aarch64's binfmt_misc entry lacks the F flag; reinstall qemu-user-static"
 }
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +183,30 @@ def test_prune_speedup_refuses_an_emulated_device(monkeypatch, tmp_path):
     probe = speedup_search.LatencyProbe("tflite", "ssh://pi", QUICK, context=None)
     with pytest.raises(ConfigError, match=r"prune.speedup measures speed on ssh://pi, which is emulated \(user-mode emulation\)"):
         probe.p50_ms(tmp_path / "m.tflite")
+
+
+@pytest.mark.slow
+def test_a_device_lost_mid_build_fails_in_one_line_and_writes_no_manifest(start_sshd, workdir, user_checkpoint, capsys):
+    from edgeprune.cli import main
+    from tests.conftest import FAST, USER_MODEL
+
+    server = start_sshd()
+
+    def pull_the_plug() -> None:
+        deadline = time.monotonic() + 600
+        while not server.runner_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.kill()
+
+    killer = threading.Thread(target=pull_the_plug)
+    killer.start()
+    args = ["build", "--target", "cpu-x86", "--model", USER_MODEL, "--weights", str(user_checkpoint), "--out", "dist/board"]
+    for override in (*FAST, "export.formats=['onnx']", f"benchmark.device={server.device(sys.executable)}", "benchmark.iterations=200000"):
+        args += ["--set", override]
+    code = main(args)
+    killer.join(timeout=60)
+
+    assert code == 4
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("edgeprune: error:")]
+    assert len(errors) == 1 and f"127.0.0.1:{server.port}" in errors[0] and "failed after" in errors[0]
+    assert not (workdir / "dist" / "board" / "manifest.json").exists()
