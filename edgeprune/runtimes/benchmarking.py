@@ -10,6 +10,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from edgeprune.errors import DeviceError
 from edgeprune.runtimes.base import BenchResult, BenchSettings
@@ -41,12 +42,18 @@ def benchmark_pair(
 
     Raises DeviceError like ``benchmark``.
     """
+    return _on_device(device, settings, "compare", Path(baseline), Path(artifact), settings)
+
+
+def _on_device(device: str, settings: BenchSettings, method: str, *args: object) -> Any:
+    """The adapter's ``method(*args)`` under the device's lock, the device cleaned up after; None where the adapter
+    has no such method."""
     adapter = open_adapter(device, settings)
-    if not hasattr(adapter, "compare"):
+    if not hasattr(adapter, method):
         return None
     with device_lock(device):
         try:
-            return adapter.compare(Path(baseline), Path(artifact), settings)
+            return getattr(adapter, method)(*args)
         finally:
             adapter.cleanup()
 
@@ -64,14 +71,7 @@ def device_outputs(artifact: Path, samples: Path, device: str, local_dir: Path, 
 
     Raises DeviceError like ``benchmark``.
     """
-    adapter = open_adapter(device, settings)
-    if not hasattr(adapter, "outputs"):
-        return None
-    with device_lock(device):
-        try:
-            return adapter.outputs(Path(artifact), Path(samples), Path(local_dir), settings)
-        finally:
-            adapter.cleanup()
+    return _on_device(device, settings, "outputs", Path(artifact), Path(samples), Path(local_dir), settings)
 
 
 def paired_speedup(pairs: Sequence[tuple[float, float]]) -> float:

@@ -46,6 +46,13 @@ def latency_text(bench: dict[str, Any]) -> str:
     return ", ".join(f"{name} {value:.3f} ms" for name, value in values if value is not None)
 
 
+def device_text(bench: dict[str, Any]) -> str:
+    """``aarch64, Cortex-A76, Python 3.11.2, ai-edge-litert 2.3.0``: what ran the artefact, as the device reported it."""
+    parts = [bench.get("machine"), bench.get("cpu_model"), bench.get("python_version") and f"Python {bench['python_version']}"]
+    parts.append(f"{bench.get('runtime')} {bench.get('runtime_version')}")
+    return ", ".join(str(part) for part in parts if part)
+
+
 def bench_line(bench: dict[str, Any]) -> str:
     """Latency, memory and caveats of one result on one line."""
     return "; ".join([f"{latency_text(bench)}, {memory_text(bench)}", *caveats(bench)])

@@ -733,7 +733,8 @@ def in_layout(samples: np.ndarray, shape: list[int]) -> tuple[np.ndarray, str]:
         return samples, "as given"
     if samples.ndim == 4 and [samples.shape[2], samples.shape[3], samples.shape[1]] == list(shape):
         return samples.transpose(0, 2, 3, 1), "NCHW samples fed channels-last"
-    raise RunnerError(f"samples of shape {list(samples.shape[1:])} fit neither the model's input {list(shape)} nor their channels-last order")
+    given = list(samples.shape[1:])
+    raise RunnerError(f"samples of shape {given} fit neither the model's input {list(shape)} nor their channels-last order")
 
 
 def predictions(args: argparse.Namespace) -> dict:

@@ -114,12 +114,25 @@ def test_parity_of_both_int8_artefacts_is_measured_on_the_board(board, board_bui
     assert "## Parity on the device" in report
 
 
-def test_a_missing_runtime_wheel_on_the_board_is_one_line(board, tiny_artifacts):
+def board_temp_folders(board: str) -> list[str]:
+    """The ``mktemp -d`` folders in the board's /tmp."""
+    url = parse_device_url(board)
+    ssh = ["ssh", "-o", "BatchMode=yes", "-i", url.options["key"], "-o", f"UserKnownHostsFile={url.options['known_hosts']}"]
+    listing = subprocess.run(
+        [*ssh, "-p", str(url.port), "root@127.0.0.1", "ls -d /tmp/tmp.* 2>/dev/null || true"], capture_output=True, text=True
+    )
+    assert listing.returncode == 0, listing.stderr
+    return listing.stdout.split()
+
+
+def test_a_missing_runtime_wheel_on_the_board_is_one_line_and_leaves_nothing(board, tiny_artifacts):
+    before = board_temp_folders(board)
     with pytest.raises(DeviceError) as caught:
         benchmark(tiny_artifacts["onnx"], with_python(board, TFLITE_RUNTIME_PYTHON), QUICK)
     message = str(caught.value)
     assert "\n" not in message and "127.0.0.1" in message
     assert "no ONNX runtime: pip install onnxruntime" in message
+    assert board_temp_folders(board) == before
 
 
 def test_a_wrong_host_key_is_one_line_naming_the_fix(board, tiny_artifacts, tmp_path):
