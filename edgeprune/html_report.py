@@ -19,11 +19,13 @@ from edgeprune.plots import Plot
 from edgeprune.report import (
     DELEGATION_HEADER,
     QUANTIZATION_HEADER,
+    SPEED_SEARCH_HEADER,
     benchmark_caveats,
     checkpoint_lines,
     delegation_rows,
     left_unpruned_rows,
     quantization_rows,
+    speed_search_rows,
 )
 
 NUMBER = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?( %)?$")
@@ -62,6 +64,7 @@ def html_report(manifest: dict[str, Any], plots: list[Plot]) -> str:
         *_delegation(manifest),
         *_quantization(manifest),
         *_loaded(manifest),
+        *_speed_search(manifest),
     ]
     body += [*_budgets(manifest), *_reproduce(manifest)]
     return "\n".join(
@@ -156,6 +159,11 @@ def _loaded(manifest: dict[str, Any]) -> list[str]:
     adapted = [f"<li>{_e(item)}</li>" for item in lines[1:]]
     html = ["<h2>Checkpoint</h2>", f"<p>{_e(lines[0])}</p>", "<ul>", *adapted, "</ul>"] if lines else []
     return html + (["<h2>Layer groups not pruned</h2>", _table(["layer group", "why"], rows)] if rows else [])
+
+
+def _speed_search(manifest: dict[str, Any]) -> list[str]:
+    verdict, rows = speed_search_rows(manifest)
+    return ["<h2>Speed-up search</h2>", f"<p>{_e(verdict)}</p>", _table(SPEED_SEARCH_HEADER, rows)] if rows else []
 
 
 def _delegation(manifest: dict[str, Any]) -> list[str]:
