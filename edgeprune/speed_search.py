@@ -188,6 +188,7 @@ def search_speedup(
         "moves": config.speedup_moves,
         "step": index,
         "measured_speedup": trajectory[index]["speedup"],
+        "accuracy_before": run.reference_accuracy,
         "accuracy_after_recovery": recovered,
         "accuracy_drop": run.reference_accuracy - recovered,
         "reached": trajectory[index]["speedup"] >= config.speedup and within(run, recovered, max_accuracy_drop),
@@ -299,7 +300,7 @@ def verdict(summary: dict[str, Any], probe: LatencyProbe, max_drop: float, stop:
     """One line: the target reached, or why not, with the fastest model within the budget and the moves not tried."""
     done = (
         f"{len(row.get('blocks_removed', []))} blocks removed, {row.get('channels_removed', 0)} channels removed, "
-        f"top-1 {-summary['accuracy_drop']:+.2f} points against the unpruned model after recovery"
+        f"top-1 {summary['accuracy_after_recovery'] - summary['accuracy_before']:+.2f} points against the unpruned model after recovery"
     )
     if summary["reached"]:
         return f"prune.speedup={summary['target']:g} reached: measured {summary['measured_speedup']:.2f}x on {probe.describe()} ({done})"
