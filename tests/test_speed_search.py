@@ -221,7 +221,7 @@ def test_a_target_out_of_reach_still_writes_the_fastest_model_with_a_verdict_and
     assert all(row["predicted_ms"] > 0 and row["latency_p50_ms"] > 0 for row in trajectory[1:])
     kinds = [violation.kind for violation in result.violations]
     assert kinds == ["speedup"] and exit_code(result.violations) == EXIT_CODES["speedup"] == 13
-    assert (workdir / "out" / "model.onnx").is_file() and (workdir / "out" / "manifest.json").is_file()
+    assert (workdir / "out" / "model_fp32.onnx").is_file() and (workdir / "out" / "model.pt").is_file()
     report = (workdir / "out" / "report.md").read_text()
     assert "## Speed-up search" in report and "prune.speedup=50 not reached" in report
     assert (workdir / "out" / "plots" / "speed_search.png").read_bytes().startswith(b"\x89PNG")
