@@ -113,6 +113,27 @@ class GreedySearch:
         gain, loss = self.stale[key]
         return gain / max(loss, LOSS_FLOOR) if gain > 0 else float("-inf")
 
+    def take_moves(self, trajectory: list[dict[str, Any]], models: list[nn.Module], max_drop: float, widths: dict[str, int]) -> str:
+        """Take the best move, measure it, and again, until the measured speed-up reaches the target; appends each
+        accepted step's row and model, and returns why the search stopped short ("" when it reached the target)."""
+        run, start_accuracy = self.scorer.run, self.accuracy
+        reporter, name = self.probe.context.reporter, self.probe.context.config.name
+        while trajectory[-1]["speedup"] < self.target:
+            if max_drop > 0 and start_accuracy - self.accuracy > max_drop + PROXY_SLACK_POINTS:
+                return f"held-out top-1 before recovery fell more than {max_drop + PROXY_SLACK_POINTS:g} points"
+            scored = self.choose()
+            if scored is None:
+                return "no move left that the table predicts to save latency"
+            run.model, self.accuracy = scored.model, scored.held_out_accuracy
+            row = {**self.measure(len(trajectory), scored), **describe_model(run, widths)}
+            trajectory.append(row)
+            models.append(run.model)
+            reporter.info(
+                f"[{name}] prune_structured  search step {row['step']}: {row['move']}: predicted {row['predicted_ms']:.3f} ms, "
+                f"measured {row['latency_p50_ms']:.3f} ms ({row['speedup']:.2f}x), held-out top-1 {row['held_out_accuracy']:.2f} %"
+            )
+        return ""
+
     def measure(self, step: int, scored: Scored | None) -> dict[str, Any]:
         """Export the current model, measure it beside the dense export (confirmed when it reaches the target),
         profile it into the table, and return its trajectory row with the prediction made before measuring."""
@@ -149,7 +170,7 @@ def search_speedup(
     ``not_tried`` names moves the caller already knows are out (groups the rounding or the dependency analysis
     keeps whole). Leaves the chosen model in ``run.model``, recovered. Raises what export and benchmark raise.
     """
-    started, reporter, name = time.perf_counter(), probe.context.reporter, probe.context.config.name
+    started = time.perf_counter()
     kinds = ("depth", "width") if config.speedup_moves == "search" else (config.speedup_moves,)
     dense_widths = {group: root_channels(run.model, group) for group in run.plan.widths}
     with tempfile.TemporaryDirectory(prefix="edgeprune-search-") as scratch:
@@ -159,30 +180,13 @@ def search_speedup(
         predictor = LatencyPredictor(table, example_batch(run.dataset), [name for name, _ in run.model.named_modules() if name])
         scorer = MoveScorer(run, predictor, kinds)
         search = GreedySearch(scorer, probe, dense_path, folder, config.speedup, table, accuracy=scorer.accuracy(run.model))
-        trajectory, models, stop, start_accuracy = [search.measure(0, None)], [run.model], "", search.accuracy
-        while trajectory[-1]["speedup"] < config.speedup:
-            if max_accuracy_drop > 0 and start_accuracy - search.accuracy > max_accuracy_drop + PROXY_SLACK_POINTS:
-                stop = f"held-out top-1 before recovery fell more than {max_accuracy_drop + PROXY_SLACK_POINTS:g} points"
-                break
-            scored = search.choose()
-            if scored is None:
-                stop = "no move left that the table predicts to save latency"
-                break
-            run.model, search.accuracy = scored.model, scored.held_out_accuracy
-            row = search.measure(len(trajectory), scored)
-            trajectory.append({**row, **describe_model(run, dense_widths)})
-            models.append(run.model)
-            reporter.info(
-                f"[{name}] prune_structured  search step {row['step']}: {row['move']}: predicted {row['predicted_ms']:.3f} ms, "
-                f"measured {row['latency_p50_ms']:.3f} ms ({row['speedup']:.2f}x), held-out top-1 {row['held_out_accuracy']:.2f} %"
-            )
+        trajectory, models = [search.measure(0, None)], [run.model]
+        stop = search.take_moves(trajectory, models, max_accuracy_drop, dense_widths)
         if table is not None:
             store_table(cache_root, table)
     search_seconds = time.perf_counter() - started
     index, recovered, budget_note = settle(run, models, trajectory, max_accuracy_drop)
-    stop = budget_note or stop
     kept = kept_whole_blocks(run.model, removable_blocks(run))
-    untried = list(not_tried) + untried_moves(run, kinds, kept, scorer)
     summary = {
         "target": config.speedup,
         "moves": config.speedup_moves,
@@ -196,9 +200,9 @@ def search_speedup(
         "predictor": predictor_kind,
         "prediction_error_pct": prediction_error(trajectory),
         "blocks_kept_whole": kept,
-        "moves_not_tried": untried,
+        "moves_not_tried": list(not_tried) + untried_moves(run, kinds, kept),
     }
-    summary["verdict"] = verdict(summary, probe, max_accuracy_drop, stop, trajectory[index])
+    summary["verdict"] = verdict(summary, probe, max_accuracy_drop, budget_note or stop, trajectory[index])
     return SearchOutcome(trajectory, summary)
 
 
@@ -283,7 +287,7 @@ def prediction_error(trajectory: list[dict[str, Any]]) -> dict[str, float | None
     return {"mean_abs": sum(errors) / len(errors) if errors else None, "max_abs": max(errors, default=None), "steps": len(errors)}
 
 
-def untried_moves(run: PruningRun, kinds: tuple[str, ...], kept: list[dict[str, str]], scorer: MoveScorer) -> list[str]:
+def untried_moves(run: PruningRun, kinds: tuple[str, ...], kept: list[dict[str, str]]) -> list[str]:
     """The moves the search could not or did not consider, each with why."""
     found = [f"removing block {item['block']} ({item['reason']})" for item in kept]
     found += [f"narrowing {item.layer} ({item.reason})" for item in run.untracked]
