@@ -112,14 +112,16 @@ def read_trace(events: list[dict[str, Any]], skip: int = 0, torch_layers: list[s
     totals = totals[skip:] or totals
     convs: list[tuple[str, float]] = []
     others: dict[str, float] = {}
-    for name, durations in times.items():
+    scope = ""
+    for name, durations in times.items():  # in execution order: the first run's
         op, shapes = nodes[name]
         median = statistics.median(durations)
         dims = [next(iter(shape.values())) for shape in shapes if isinstance(shape, dict) and shape]
         if op in CONV_OPS and len(dims) >= 3:
             convs.append((layer_signature(CONV_OPS[op], dims), median))
-        else:
-            others[name] = median
+        else:  # a node the runtime added (a layout reorder) has no scope: it goes with the node it follows
+            others[name if "/" in name or not scope else f"{scope}/{name}"] = median
+        scope = name.rpartition("/")[0] if "/" in name else scope
     keys = [sig for sig, _ in convs]
     if torch_layers and len(torch_layers) == len(keys) and all(map(same_layer, torch_layers, keys)):
         keys = list(torch_layers)
