@@ -184,9 +184,9 @@ def next_width(original: int, current: int, round_to: int) -> int:
     return max(narrower, default=0)
 
 
-def removable_blocks(run: PruningRun) -> list[str]:
-    """The residual blocks of ``run.model`` that can be removed whole now (``depth_pruning.residual_blocks``)."""
-    return residual_blocks(run.model, example_batch(run.dataset, batch=4), run.protected)
+def removable_blocks(run: PruningRun, model: nn.Module | None = None) -> list[str]:
+    """The residual blocks of ``model`` (default ``run.model``) that can be removed whole (``depth_pruning.residual_blocks``)."""
+    return residual_blocks(run.model if model is None else model, example_batch(run.dataset, batch=4), run.protected)
 
 
 def kept_whole_blocks(model: nn.Module, removable: list[str]) -> list[dict[str, str]]:

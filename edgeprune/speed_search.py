@@ -186,7 +186,7 @@ def search_speedup(
             store_table(cache_root, table)
     search_seconds = time.perf_counter() - started
     index, recovered, budget_note = settle(run, models, trajectory, max_accuracy_drop)
-    kept = kept_whole_blocks(run.model, removable_blocks(run))
+    kept = kept_whole_blocks(run.dense, removable_blocks(run, run.dense))  # the unpruned model: all its blocks still there
     summary = {
         "target": config.speedup,
         "moves": config.speedup_moves,
