@@ -69,7 +69,18 @@ def check_budgets(budgets: BudgetConfig, manifest: dict[str, Any]) -> list[Viola
             relation = "exceeds" if bound is max else "is below"
             message = f"{what} of {primary} = {value:.3f} {unit} {relation} the budget {limit} {unit}"
             violations.append(Violation(kind, message, key, limit, value))
-    return violations
+    return violations + search_violations(manifest)
+
+
+def search_violations(manifest: dict[str, Any]) -> list[Violation]:
+    """A speed-up search that did not reach ``prune.speedup`` within the accuracy budget (it still wrote its fastest
+    model within the budget): a speed-up violation carrying the search's verdict."""
+    found = []
+    for stage in manifest.get("stages", []):
+        search = stage.get("metrics", {}).get("speed_search")
+        if search and not search.get("reached", True):
+            found.append(Violation("speedup", search["verdict"], "prune.speedup", search["target"], search["measured_speedup"]))
+    return found
 
 
 def unchecked_budgets(budgets: BudgetConfig, manifest: dict[str, Any]) -> list[str]:

@@ -79,7 +79,10 @@ class PruneConfig:
     ``speedup`` > 0, pruning instead goes on in steps of ``speedup_step`` until the
     speed-up measured on the target's runtime reaches it (``budgets.max_accuracy_drop``
     checked after each step's recovery) or every group is at its cap (with ``ratios_from``
-    the levels go on until the held-back groups reach theirs too). ``prune_num_heads`` removes whole attention
+    the levels go on until the held-back groups reach theirs too) with ``speedup_moves = "uniform"``; by default
+    (``"search"``) one greedy search weighs removing a residual block against narrowing one group by one rounding
+    step, by latency saved per point of held-out top-1 lost, latency predicted from a per-device table
+    (``edgeprune.speed_search``); ``"depth"`` and ``"width"`` restrict it to one kind of move. ``prune_num_heads`` removes whole attention
     heads instead of narrowing every head. ``recalibrate_batchnorm`` re-estimates BatchNorm statistics on
     training images after every structured step (the dense model's are stale once channels are gone), before
     the step's top-1 is measured and finetuning starts. ``round_to = "auto"`` (for a target benchmarked on this
@@ -108,6 +111,7 @@ class PruneConfig:
     ratios_from: str = ""
     speedup: float = field(default=0.0, metadata=_range(0.0, 100.0))
     speedup_step: float = field(default=0.1, metadata=_range(0.01, 0.5))
+    speedup_moves: Literal["search", "depth", "width", "uniform"] = "search"
     prune_num_heads: bool = False
     recalibrate_batchnorm: bool = True
     drop_blocks: tuple[str, ...] = ()

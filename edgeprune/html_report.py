@@ -20,6 +20,7 @@ from edgeprune.report import (
     DELEGATION_HEADER,
     DEVICE_PARITY_HEADER,
     QUANTIZATION_HEADER,
+    SPEED_SEARCH_HEADER,
     benchmark_caveats,
     checkpoint_lines,
     delegation_rows,
@@ -27,6 +28,7 @@ from edgeprune.report import (
     emulation_line,
     left_unpruned_rows,
     quantization_rows,
+    speed_search_rows,
 )
 
 NUMBER = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?( %)?$")
@@ -66,6 +68,7 @@ def html_report(manifest: dict[str, Any], plots: list[Plot]) -> str:
         *_delegation(manifest),
         *_quantization(manifest),
         *_loaded(manifest),
+        *_speed_search(manifest),
     ]
     body += [*_budgets(manifest), *_reproduce(manifest)]
     return "\n".join(
@@ -167,6 +170,11 @@ def _loaded(manifest: dict[str, Any]) -> list[str]:
 def _device_parity(manifest: dict[str, Any]) -> list[str]:
     rows = device_parity_rows(manifest)
     return ["<h2>Parity on the device</h2>", _table(DEVICE_PARITY_HEADER, rows)] if rows else []
+
+
+def _speed_search(manifest: dict[str, Any]) -> list[str]:
+    verdict, rows = speed_search_rows(manifest)
+    return ["<h2>Speed-up search</h2>", f"<p>{_e(verdict)}</p>", _table(SPEED_SEARCH_HEADER, rows)] if rows else []
 
 
 def _delegation(manifest: dict[str, Any]) -> list[str]:

@@ -120,7 +120,7 @@ def _run_stage(stage, config, dataset, artifacts, cache, reporter, force, scope)
         reason = _why_it_runs(stage, key, components, cache, force, scope)
         reporter.info(f"[{config.name}] {stage.name:<18} run    ({reason})")
         with cache.new_entry(stage.name, key) as workdir:
-            output = _run_in(stage, StageContext(config, dataset, dict(artifacts), workdir, reporter, key))
+            output = _run_in(stage, StageContext(config, dataset, dict(artifacts), workdir, reporter, key, cache.root))
             stored_artifacts = [artifact.to_dict(relative_to=workdir) for artifact in output.artifacts]
             cache.publish_result(workdir, {"artifacts": stored_artifacts, "metrics": output.metrics, "key": components})
         entry = cache.entry(stage.name, key)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 DPI = 96
-VERSION = "1"  # bump when a plot changes, so reused PNGs are redrawn
+VERSION = "2"  # bump when a plot changes, so reused PNGs are redrawn
 INDEX = "plots.json"
 STAGE_ORDER = ("baseline", "prune_structured", "prune_unstructured", "finetune")
 
@@ -193,9 +193,37 @@ def _layers(figure, manifest: dict[str, Any]) -> bool:
     return True
 
 
+def _speed_search(figure, manifest: dict[str, Any]) -> bool:
+    """The speed-up search's accepted steps: predicted and measured latency, and held-out top-1 before recovery."""
+    stage = next((stage["metrics"] for stage in manifest["stages"] if stage["name"] == "prune_structured"), {})
+    if "speed_search" not in stage:
+        return False
+    rows = stage["trajectory"]
+    steps = [row["step"] for row in rows]
+    latency_axes, accuracy_axes = figure.subplots(1, 2)
+    latency_axes.plot(steps, [row["latency_p50_ms"] for row in rows], "o-", label="measured p50")
+    predicted = [(row["step"], row["predicted_ms"]) for row in rows if row.get("predicted_ms") is not None]
+    latency_axes.plot([step for step, _ in predicted], [ms for _, ms in predicted], "x--", label="predicted by the table")
+    latency_axes.set_xlabel("search step")
+    latency_axes.set_ylabel("latency (ms)")
+    latency_axes.legend(fontsize=8)
+    latency_axes.set_title("Latency per accepted move", fontsize=10)
+    for kind, marker in (("depth", "s"), ("width", "o"), (None, "D")):
+        chosen = [row for row in rows if row.get("kind") == kind]
+        label = {"depth": "block removed", "width": "group narrowed", None: "start"}[kind]
+        accuracy_axes.scatter([row["speedup"] for row in chosen], [row["held_out_accuracy"] for row in chosen], marker=marker, label=label)
+    accuracy_axes.axvline(stage["speed_search"]["target"], color="grey", lw=0.8, ls="--")
+    accuracy_axes.set_xlabel("measured speed-up (×)")
+    accuracy_axes.set_ylabel("held-out top-1 before recovery (%)")
+    accuracy_axes.legend(fontsize=8)
+    accuracy_axes.set_title("Accuracy spent per move", fontsize=10)
+    return True
+
+
 PLOTS: tuple[tuple[str, str, Callable[..., bool]], ...] = (
     ("accuracy", "Accuracy after each stage", _accuracy_by_stage),
     ("latency_size", "Latency and size per artefact", _latency_and_size),
     ("accuracy_compression", "Accuracy vs compression and speed-up", _accuracy_vs_compression),
+    ("speed_search", "Speed-up search: latency and accuracy per move", _speed_search),
     ("layers", "Per-layer channels and sparsity", _layers),
 )

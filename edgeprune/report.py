@@ -19,7 +19,7 @@ def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] =
     lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
     lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _device_parity(manifest)
     lines += _delegation(manifest) + _quantization(manifest)
-    lines += _loaded(manifest) + _left_unpruned(manifest) + _channels(manifest) + _budgets(manifest)
+    lines += _loaded(manifest) + _left_unpruned(manifest) + _speed_search(manifest) + _channels(manifest) + _budgets(manifest)
     lines += [
         "## Preprocessing (a device app must repeat it)",
         "",
@@ -238,6 +238,31 @@ def _left_unpruned(manifest: dict[str, Any]) -> list[str]:
         return []
     lines = ["## Layer groups not pruned", "", "| layer group | why |", "|---|---|"]
     return lines + [f"| `{_escape(layer)}` | {_escape(reason)} |" for layer, reason in rows] + [""]
+
+
+SPEED_SEARCH_HEADER = ["step", "move", "predicted ms", "measured ms", "speed-up", "held-out top-1"]
+
+
+def speed_search_rows(manifest: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    """The speed-up search's verdict and one row per accepted move ("" and no rows without a search)."""
+    stage = next((stage["metrics"] for stage in manifest["stages"] if stage["name"] == "prune_structured"), {})
+    if "speed_search" not in stage:
+        return "", []
+    rows = [
+        [str(row["step"]), row.get("move", "start"), _num(row.get("predicted_ms")), _num(row["latency_p50_ms"])]
+        + [f"{row['speedup']:.2f}x", f"{row['held_out_accuracy']:.2f} %"]
+        for row in stage["trajectory"]
+    ]
+    error = stage["speed_search"]["prediction_error_pct"]["mean_abs"]
+    note = "" if error is None else f" The latency table's mean prediction error on the accepted steps: {error:.1f} %."
+    return stage["speed_search"]["verdict"] + "." + note, rows
+
+
+def _speed_search(manifest: dict[str, Any]) -> list[str]:
+    verdict, rows = speed_search_rows(manifest)
+    if not rows:
+        return []
+    return ["## Speed-up search", "", _escape(verdict), ""] + _section("", SPEED_SEARCH_HEADER, "|---:|---|---:|---:|---:|---:|", rows)[2:]
 
 
 def _channels(manifest: dict[str, Any]) -> list[str]:

@@ -113,7 +113,7 @@ class PruningRun:
     def row(self, step: int, level: float) -> dict[str, Any]:
         """One trajectory row: the level, the fraction of prunable channels removed, MACs and top-1 now."""
         dataset, total = self.dataset, sum(self.plan.widths.values())
-        kept = sum(root_channels(self.model, name) for name in self.plan.widths)
+        kept = sum(kept_channels(self.model, name) for name in self.plan.widths)
         macs, dense_macs = self.macs(), self.dense_macs
         return {
             "step": step,
@@ -134,3 +134,11 @@ class PruningRun:
                 self.recover(step)
             trajectory.append(self.row(step, amount * step / steps))
         return trajectory
+
+
+def kept_channels(model: nn.Module, name: str) -> int:
+    """Output channels of group root ``name``; 0 once depth pruning removed the block holding it."""
+    try:
+        return root_channels(model, name)
+    except AttributeError:
+        return 0

@@ -268,6 +268,7 @@ def speedup_rows(name: str, args: argparse.Namespace, round_to: int, analysis: P
         "export.formats=['onnx']",
         f"prune.speedup={args.speedup}",
         f"prune.speedup_step={args.speedup_step}",
+        "prune.speedup_moves='uniform'",  # the level loop whose per-group plans this table compares
         "prune.recover_epochs=0",  # the same finetune budget for both: finetune.epochs after the last step
     )
     rows = []

@@ -30,6 +30,7 @@ class StageContext:
     workdir: Path
     reporter: Reporter
     key: str = ""  # the stage's cache key (manifest.json's ``cache_key``); empty for a stage run outside the pipeline
+    cache_root: Path | None = None  # the build's cache folder, for data reused across builds (latency tables)
 
 
 @dataclass

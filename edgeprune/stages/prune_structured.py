@@ -4,8 +4,10 @@ Torch-Pruning's dependency graph (DepGraph) finds the layers coupled through res
 adds, concatenations, splits, depthwise convolutions and attention heads, so they are
 pruned together (see ``edgeprune.pruning``). Each group's target width comes from
 ``prune.amount``, scaled per group by a sensitivity analysis (``prune.ratios_from``) or
-fixed (``prune.layer_ratios``); ``prune.speedup`` instead prunes until the speed-up
-measured on the target's runtime is reached (``edgeprune.speedup_search``). Before any channel
+fixed (``prune.layer_ratios``); ``prune.speedup`` instead searches blocks to remove and groups
+to narrow until the speed-up measured on the target's runtime is reached (``edgeprune.speed_search``;
+``prune.speedup_moves = "uniform"``: the level loop of ``edgeprune.speedup_search``); metrics key
+``speed_search`` has its verdict. Before any channel
 goes, ``prune.drop_blocks``/``prune.drop_block_count`` remove whole residual blocks
 (``edgeprune.depth_pruning``); metrics key ``depth`` lists them.
 
@@ -33,21 +35,20 @@ from edgeprune.dependency import DependencyAnalysis
 from edgeprune.depth_pruning import depth_prune
 from edgeprune.errors import InputError, StageError
 from edgeprune.modelio import load_model
-from edgeprune.pruning import layer_groups, protected_layers, root_channels
+from edgeprune.pruning import layer_groups, protected_layers
 from edgeprune.pruning_plan import GroupPlan
 from edgeprune.rounding import kept_whole_by_rounding, rounding_warning
+from edgeprune.speed_search import search_speedup
 from edgeprune.speedup_search import LatencyProbe, prune_to_speedup
 from edgeprune.stages.base import StageContext, StageOutput
 from edgeprune.stages.common import example_input, read_model, write_model
-from edgeprune.structured_pruning import PruningRun
+from edgeprune.structured_pruning import PruningRun, kept_channels
 from edgeprune.training import count_macs_params
 
 
 class PruneStructured:
     name = "prune_structured"
-    version = (
-        "10"  # 8: BatchNorm statistics re-estimated after each step; 9: depth pruning; 10: bounded analysis, groups round_to keeps whole
-    )
+    version = "11"  # 8: BatchNorm re-estimated after each step; 9: depth pruning; 10: bounded analysis, round_to; 11: the speed-up search
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)
@@ -80,10 +81,7 @@ class PruneStructured:
         movable = [group for group in groups if group.name not in {item.layer for item in narrow}]
         plan = GroupPlan.from_config(movable, config.prune)
         run = PruningRun(model, copy.deepcopy(dense), config, context.dataset, context.reporter, protected, groups, plan)
-        if config.prune.speedup > 0:
-            trajectory = prune_to_speedup(run, LatencyProbe.for_target(context), config.prune, config.budgets.max_accuracy_drop)
-        else:
-            trajectory = run.prune_by_ratio()
+        trajectory, search = prune_run(context, run, [*narrow, *analysis.kept_whole])
         model = run.model
         artifacts = write_model(context, model)
         check_reloads(artifacts[0].path, model, sample)
@@ -95,16 +93,32 @@ class PruneStructured:
             "params_after": after["params"],
             "mac_reduction": before["macs"] / max(after["macs"], 1),
             "accuracy_before": run.reference_accuracy,
-            "accuracy": trajectory[-1]["accuracy"],
+            "accuracy": search.get("accuracy_after_recovery", trajectory[-1]["accuracy"]),
             "layers": layer_report(widths_before, layer_widths(model)),
-            "group_ratios": {name: round(1 - root_channels(model, name) / width, 4) for name, width in run.plan.widths.items()},
+            "group_ratios": {name: round(1 - kept_channels(model, name) / width, 4) for name, width in run.plan.widths.items()},
             "untracked_coupling": [{"layer": item.layer, "reason": item.reason} for item in run.untracked],
             "dependency_analysis": {"seconds": round(analysis.seconds, 3), "groups": len(groups), "kept_whole": analysis.report()},
             "kept_whole_by_rounding": [item.to_dict() for item in narrow],
             "depth": depth,
             "trajectory": trajectory,
+            **({"speed_search": search} if search else {}),
         }
         return StageOutput(artifacts, metrics)
+
+
+def prune_run(context: StageContext, run: PruningRun, kept_whole: list[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Prune ``run`` as the profile asks: the speed-up search, the uniform speed-up loop, or ``prune.amount`` in steps.
+    Returns the trajectory and the search's summary (empty without a search)."""
+    config = context.config
+    if config.prune.speedup <= 0:
+        return run.prune_by_ratio(), {}
+    probe, max_drop = LatencyProbe.for_target(context), config.budgets.max_accuracy_drop
+    if config.prune.speedup_moves == "uniform":
+        return prune_to_speedup(run, probe, config.prune, max_drop), {}
+    not_tried = tuple(f"narrowing {item.layer} ({item.reason})" for item in kept_whole)
+    outcome = search_speedup(run, probe, config.prune, max_drop, context.cache_root, not_tried)
+    (context.reporter.info if outcome.summary["reached"] else context.reporter.warn)(f"prune_structured: {outcome.summary['verdict']}")
+    return outcome.trajectory, outcome.summary
 
 
 def analyse_dependencies(context: StageContext, model: nn.Module, protected: set[str]) -> DependencyAnalysis:

@@ -1,0 +1,318 @@
+"""The speed-up search: one greedy search over removing residual blocks and narrowing layer groups.
+
+``prune.speedup`` with ``prune.speedup_moves = "search"`` (the default; ``"depth"`` or ``"width"`` restrict
+it to one kind of move, ``"uniform"`` is the level-by-level loop of ``edgeprune.speedup_search``). At each
+step every move the model allows is scored (``edgeprune.speed_moves``: the candidate built, its BatchNorm
+statistics re-estimated, its top-1 measured on held-out training images, its latency predicted from the
+device's latency table) and the move with the most predicted latency saved per point of held-out top-1
+lost is taken. Scores are reused across steps and only the leading ones re-scored on the current model
+(lazy greedy: a move's accuracy cost changes little when another part of the network moves), so a step
+costs a few candidates, not all of them.
+
+Each accepted step is exported and measured on the device beside the unpruned model (paired, as the
+uniform loop measures); on the local onnxruntime device it is also profiled, which refreshes the
+predictor and grows the cached table. The row records the predicted and the measured latency. The search
+stops once the measured speed-up reaches the target (confirmed by as many pairs again).
+
+Accuracy is judged where it counts: the model the search stopped at is recovered (``prune.recover_epochs``
+of distilled finetuning) and its top-1 checked against ``budgets.max_accuracy_drop``. When that breaks the
+budget, earlier accepted steps are recovered (a bisection over the trajectory) until the fastest within
+the budget is found. When the target is not reached within the budget the stage still finishes with that
+model; the ``speed_search`` summary says so (``reached`` false, a one-line ``verdict`` naming the moves not
+tried) and the build's budget check turns it into exit code 13.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnxruntime
+from torch import nn
+
+from edgeprune.cache import cache_key
+from edgeprune.config import PruneConfig
+from edgeprune.latency_table import LatencyTable, cached_table, layer_signatures, profile_onnx, store_table
+from edgeprune.pruning import guarded_prune, root_channels
+from edgeprune.runtimes import paired_speedup
+from edgeprune.runtimes.runner import cpu_model
+from edgeprune.speed_moves import (
+    LOSS_FLOOR,
+    LatencyPredictor,
+    Move,
+    MoveScorer,
+    Scored,
+    describe_model,
+    kept_whole_blocks,
+    next_width,
+    pruning_guard,
+    removable_blocks,
+)
+from edgeprune.speedup_search import LatencyProbe, measure_pairs, pairs_summary
+from edgeprune.structured_pruning import PruningRun
+from edgeprune.training import evaluate, example_batch
+
+REFRESHES = 6  # at most this many stale scores are re-scored on the current model per step
+PROXY_SLACK_POINTS = 15.0  # held-out top-1 (before recovery) may fall this far past the budget before the search gives up
+MAX_RECOVERIES = 3  # recoveries the search may spend finding the fastest step within the budget
+WIDTH_RUNS = 2  # uniform narrowings by 1..WIDTH_RUNS rounding steps profiled into the table, besides the model itself
+
+
+@dataclass
+class SearchOutcome:
+    """The search's trajectory (one row per accepted move, row 0 the model it started from) and its summary."""
+
+    trajectory: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GreedySearch:
+    """The state of one search: scorer, probe, the dense export, stale scores and the accepted models."""
+
+    scorer: MoveScorer
+    probe: LatencyProbe
+    dense_path: Path
+    folder: Path
+    target: float
+    table: LatencyTable | None
+    stale: dict[str, tuple[float, float]] = field(default_factory=dict)  # move key -> (µs saved, points lost) when scored
+    accuracy: float = 0.0  # held-out top-1 of the current model
+
+    def choose(self) -> Scored | None:
+        """The move with the most predicted latency saved per held-out point lost (lazy greedy), or None."""
+        run, scorer = self.scorer.run, self.scorer
+        current_us = scorer.predictor.predict_us(run.model)
+        moves = {move.key: move for move in scorer.moves()}
+        self.stale = {key: value for key, value in self.stale.items() if key in moves}
+        fresh: dict[str, Scored] = {}
+        for key, move in moves.items():
+            if key not in self.stale:
+                self.rescore(move, fresh, current_us)
+        for _ in range(REFRESHES):
+            ranked = sorted(self.stale, key=self.stale_value, reverse=True)
+            if not ranked or ranked[0] in fresh:
+                break
+            self.rescore(moves[ranked[0]], fresh, current_us)
+        best = max(fresh.values(), key=lambda scored: scored.value(self.accuracy, current_us), default=None)
+        return best if best is not None and best.value(self.accuracy, current_us) > float("-inf") else None
+
+    def rescore(self, move: Move, fresh: dict[str, Scored], current_us: float) -> None:
+        scored = self.scorer.score(move)
+        if scored is None:
+            self.stale.pop(move.key, None)
+            return
+        fresh[move.key] = scored
+        self.stale[move.key] = (current_us - scored.predicted_us, self.accuracy - scored.held_out_accuracy)
+
+    def stale_value(self, key: str) -> float:
+        gain, loss = self.stale[key]
+        return gain / max(loss, LOSS_FLOOR) if gain > 0 else float("-inf")
+
+    def take_moves(self, trajectory: list[dict[str, Any]], models: list[nn.Module], max_drop: float, widths: dict[str, int]) -> str:
+        """Take the best move, measure it, and again, until the measured speed-up reaches the target; appends each
+        accepted step's row and model, and returns why the search stopped short ("" when it reached the target)."""
+        run, start_accuracy = self.scorer.run, self.accuracy
+        reporter, name = self.probe.context.reporter, self.probe.context.config.name
+        while trajectory[-1]["speedup"] < self.target:
+            if max_drop > 0 and start_accuracy - self.accuracy > max_drop + PROXY_SLACK_POINTS:
+                return f"held-out top-1 before recovery fell more than {max_drop + PROXY_SLACK_POINTS:g} points"
+            scored = self.choose()
+            if scored is None:
+                return "no move left that the table predicts to save latency"
+            run.model, self.accuracy = scored.model, scored.held_out_accuracy
+            row = {**self.measure(len(trajectory), scored), **describe_model(run, widths)}
+            trajectory.append(row)
+            models.append(run.model)
+            reporter.info(
+                f"[{name}] prune_structured  search step {row['step']}: {row['move']}: predicted {row['predicted_ms']:.3f} ms, "
+                f"measured {row['latency_p50_ms']:.3f} ms ({row['speedup']:.2f}x), held-out top-1 {row['held_out_accuracy']:.2f} %"
+            )
+        return ""
+
+    def measure(self, step: int, scored: Scored | None) -> dict[str, Any]:
+        """Export the current model, measure it beside the dense export (confirmed when it reaches the target),
+        profile it into the table, and return its trajectory row with the prediction made before measuring."""
+        run, predictor = self.scorer.run, self.scorer.predictor
+        predicted = predictor.predict_ms(run.model) if scored is not None else None
+        path = self.probe.export(run.model, self.folder / f"step{step}")
+        pairs = measure_pairs(self.probe, self.dense_path, path)
+        if paired_speedup(pairs) >= self.target:
+            pairs += measure_pairs(self.probe, self.dense_path, path)
+        timing = pairs_summary(pairs)
+        if self.table is not None:
+            profiled = profile_onnx(path, self.probe.settings.threads, list(layer_signatures(run.model, predictor.example).values()))
+            self.table.add(profiled)
+            predictor.refresh(profiled)
+        predictor.calibrate(run.model, timing["latency_p50_ms"])
+        row = {key: value for key, value in run.row(step, 0.0).items() if key != "level"}
+        row.update(timing, held_out_accuracy=self.accuracy, predicted_ms=predicted)
+        row["prediction_error_pct"] = None if predicted is None else 100 * (predicted - timing["latency_p50_ms"]) / timing["latency_p50_ms"]
+        if scored is not None:
+            row.update(move=scored.move.describe(), kind=scored.move.kind)
+        return row
+
+
+def search_speedup(
+    run: PruningRun,
+    probe: LatencyProbe,
+    config: PruneConfig,
+    max_accuracy_drop: float,
+    cache_root: Path | None = None,
+    not_tried: tuple[str, ...] = (),
+) -> SearchOutcome:
+    """Search moves until the measured speed-up reaches ``config.speedup``, then recover and check the budget.
+
+    ``not_tried`` names moves the caller already knows are out (groups the rounding or the dependency analysis
+    keeps whole). Leaves the chosen model in ``run.model``, recovered. Raises what export and benchmark raise.
+    """
+    started = time.perf_counter()
+    kinds = ("depth", "width") if config.speedup_moves == "search" else (config.speedup_moves,)
+    dense_widths = {group: root_channels(run.model, group) for group in run.plan.widths}
+    with tempfile.TemporaryDirectory(prefix="edgeprune-search-") as scratch:
+        folder = Path(scratch)
+        dense_path = probe.export(run.dense, folder / "dense")
+        table, predictor_kind = open_table(run, probe, cache_root, folder)
+        predictor = LatencyPredictor(table, example_batch(run.dataset), [name for name, _ in run.model.named_modules() if name])
+        scorer = MoveScorer(run, predictor, kinds)
+        search = GreedySearch(scorer, probe, dense_path, folder, config.speedup, table, accuracy=scorer.accuracy(run.model))
+        trajectory, models = [search.measure(0, None)], [run.model]
+        stop = search.take_moves(trajectory, models, max_accuracy_drop, dense_widths)
+        if table is not None:
+            store_table(cache_root, table)
+    search_seconds = time.perf_counter() - started
+    index, recovered, budget_note = settle(run, models, trajectory, max_accuracy_drop)
+    kept = kept_whole_blocks(run.dense, removable_blocks(run, run.dense))  # the unpruned model: all its blocks still there
+    summary = {
+        "target": config.speedup,
+        "moves": config.speedup_moves,
+        "step": index,
+        "measured_speedup": trajectory[index]["speedup"],
+        "accuracy_before": run.reference_accuracy,
+        "accuracy_after_recovery": recovered,
+        "accuracy_drop": run.reference_accuracy - recovered,
+        "reached": trajectory[index]["speedup"] >= config.speedup and within(run, recovered, max_accuracy_drop),
+        "search_seconds": round(search_seconds, 1),
+        "predictor": predictor_kind,
+        "prediction_error_pct": prediction_error(trajectory),
+        "blocks_kept_whole": kept,
+        "moves_not_tried": list(not_tried) + untried_moves(run, kinds, kept),
+    }
+    summary["verdict"] = verdict(summary, probe, max_accuracy_drop, budget_note or stop, trajectory[index])
+    return SearchOutcome(trajectory, summary)
+
+
+def open_table(run: PruningRun, probe: LatencyProbe, cache_root: Path | None, folder: Path) -> tuple[LatencyTable | None, str]:
+    """The latency table of the probe's device (cached per device, runtime and threads), with the uniform narrowings of
+    the model profiled into it unless an earlier build did; None where onnxruntime's profiler cannot run (remote
+    devices, TFLite): latency is then predicted from MACs."""
+    if probe.fmt != "onnx" or probe.device != "local":
+        return None, f"MACs (no per-node profiler for {probe.describe()}); every accepted step measured"
+    key = {"device": f"local: {cpu_model()}", "runtime": f"onnxruntime {onnxruntime.__version__}", "threads": probe.settings.threads}
+    table = cached_table(cache_root, key)
+    example, round_to = example_batch(run.dataset), run.config.prune.round_to
+    model_id = cache_key(sorted(layer_signatures(run.model, example).values()))
+    for steps in range(0, WIDTH_RUNS + 1):
+        fingerprint = f"{model_id}:round_to={round_to}:narrowed={steps}"
+        if fingerprint in table.profiled:
+            continue
+        narrowed = uniformly_narrowed(run, steps)
+        path = probe.export(narrowed, folder / f"table-{steps}")
+        table.add(profile_onnx(path, probe.settings.threads, list(layer_signatures(narrowed, example).values())), fingerprint)
+    return table, f"latency table ({len(table.entries)} layer signatures, {len(table.profiled)} profiled models)"
+
+
+def uniformly_narrowed(run: PruningRun, steps: int) -> nn.Module:
+    """``run.model`` with every group the plan can narrow ``steps`` rounding steps narrower (latency only: weights
+    are not re-estimated); groups that would break the model stay whole."""
+    widths: dict[str, int] = {}
+    for group, original in run.plan.widths.items():
+        width = root_channels(run.model, group)
+        for _ in range(steps):
+            width = next_width(original, width, run.config.prune.round_to) or width
+        widths[group] = width
+    if steps == 0 or not widths:
+        return run.model
+    flagged = {item.layer for item in run.untracked}
+    return guarded_prune(run.model, run.config.prune, run.protected | flagged, run.groups, widths, pruning_guard(run)).model
+
+
+def settle(run: PruningRun, models: list[nn.Module], trajectory: list[dict[str, Any]], max_drop: float) -> tuple[int, float, str]:
+    """Recover the last accepted model; when it breaks the budget, step back to the fastest model that keeps it.
+
+    Each recovery calibrates a proxy: the test top-1 a step had before recovery plus what recovery added to the last
+    step recovered. The next step tried is the fastest the proxy keeps within the budget, recovered to confirm, at
+    most ``MAX_RECOVERIES`` times; then the search's starting model. Returns the chosen step, its top-1 after recovery,
+    and (when the last step broke the budget) why the search's end was not kept. ``run.model`` is left as the
+    recovered chosen model.
+    """
+    last = len(models) - 1
+    accuracy = recovered_accuracy(run, models[last], last)
+    if within(run, accuracy, max_drop) or last == 0:
+        return last, accuracy, ""
+    note = f"step {last} fell {run.reference_accuracy - accuracy:.2f} points after recovery, over budgets.max_accuracy_drop={max_drop:g}"
+    high, gain = last, accuracy - trajectory[last]["accuracy"]
+    for _ in range(MAX_RECOVERIES - 1):
+        step = max((i for i in range(1, high) if within(run, trajectory[i]["accuracy"] + gain, max_drop)), default=0)
+        if step == 0:
+            break
+        accuracy = recovered_accuracy(run, models[step], step)
+        if within(run, accuracy, max_drop):
+            return step, accuracy, note
+        high, gain = step, accuracy - trajectory[step]["accuracy"]
+    if trajectory[0]["macs"] == run.dense_macs:  # the search started from the unpruned model: nothing to recover
+        run.model = copy.deepcopy(models[0])
+        return 0, run.reference_accuracy, note
+    return 0, recovered_accuracy(run, models[0], 0), note
+
+
+def recovered_accuracy(run: PruningRun, model: nn.Module, step: int) -> float:
+    """Test top-1 of a copy of ``model`` after ``prune.recover_epochs`` (the copy is left in ``run.model``)."""
+    run.model = copy.deepcopy(model)
+    run.recover(step)
+    return evaluate(run.model, run.dataset.x_test, run.dataset.y_test)
+
+
+def within(run: PruningRun, accuracy: float, max_drop: float) -> bool:
+    return max_drop <= 0 or run.reference_accuracy - accuracy <= max_drop
+
+
+def prediction_error(trajectory: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean and largest absolute error (%) of the table's prediction over the accepted steps."""
+    errors = [abs(row["prediction_error_pct"]) for row in trajectory if row.get("prediction_error_pct") is not None]
+    return {"mean_abs": sum(errors) / len(errors) if errors else None, "max_abs": max(errors, default=None), "steps": len(errors)}
+
+
+def untried_moves(run: PruningRun, kinds: tuple[str, ...], kept: list[dict[str, str]]) -> list[str]:
+    """The moves the search could not or did not consider, each with why."""
+    found = [f"removing block {item['block']} ({item['reason']})" for item in kept]
+    found += [f"narrowing {item.layer} ({item.reason})" for item in run.untracked]
+    if "depth" not in kinds:
+        found.append("removing residual blocks (prune.speedup_moves = 'width')")
+    if "width" not in kinds:
+        found.append("narrowing layer groups (prune.speedup_moves = 'depth')")
+    if run.config.prune.prune_num_heads or any(hasattr(module, "num_heads") for module in run.model.modules()):
+        found.append("dropping attention heads (not a move of this search)")
+    return found
+
+
+def verdict(summary: dict[str, Any], probe: LatencyProbe, max_drop: float, stop: str, row: dict[str, Any]) -> str:
+    """One line: the target reached, or why not, with the fastest model within the budget and the moves not tried."""
+    done = (
+        f"{len(row.get('blocks_removed', []))} blocks removed, {row.get('channels_removed', 0)} channels removed, "
+        f"top-1 {summary['accuracy_after_recovery'] - summary['accuracy_before']:+.2f} points against the unpruned model after recovery"
+    )
+    if summary["reached"]:
+        return f"prune.speedup={summary['target']:g} reached: measured {summary['measured_speedup']:.2f}x on {probe.describe()} ({done})"
+    untried = "; ".join(summary["moves_not_tried"][:6]) or "none"
+    more = len(summary["moves_not_tried"]) - 6
+    return (
+        f"prune.speedup={summary['target']:g} not reached on {probe.describe()}: the fastest model within budgets.max_accuracy_drop="
+        f"{max_drop:g} measures {summary['measured_speedup']:.2f}x (step {summary['step']}: {done}); "
+        f"stopped because {stop or 'no move was left'}; "
+        f"moves not tried: {untried}{f' and {more} more' if more > 0 else ''}"
+    )

@@ -1,0 +1,227 @@
+"""The speed-up search over depth and width moves: the latency table, its prediction, its cache, the choice of
+move, the verdict when the target is out of reach, and models with pad shortcuts never broken."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeprune import api
+from edgeprune.budgets import EXIT_CODES, exit_code
+from edgeprune.config import BuildConfig, ExportConfig, PruneConfig
+from edgeprune.data import Dataset
+from edgeprune.depth_pruning import drop_blocks
+from edgeprune.export.onnx import export_onnx
+from edgeprune.latency_table import LatencyTable, ProfiledRun, cached_table, fitted_cost, layer_signatures, profile_onnx, signature
+from edgeprune.progress import Reporter
+from edgeprune.pruning import layer_groups, protected_layers
+from edgeprune.pruning_plan import GroupPlan
+from edgeprune.speed_moves import LatencyPredictor, MoveScorer, next_width
+from edgeprune.speed_search import GreedySearch, open_table
+from edgeprune.structured_pruning import PruningRun
+from tests.conftest import USER_MODEL
+from tests.zoo.resnets import resnet20_a
+
+QUIET = Reporter(verbosity=0)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class TwoBlockNet(nn.Module):
+    """A stem, two residual blocks, a head whose bias makes every prediction class 0 (so no move costs top-1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(Block(16), Block(16))
+        self.head = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.head.bias[0] = 1e4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+def dataset(images: int = 64, size: int = 8) -> Dataset:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((images, 1, size, size)).astype(np.float32)
+    y = np.zeros(images, dtype=np.int64)
+    return Dataset(x, y, x[:16].copy(), y[:16].copy(), "synthetic")
+
+
+def pruning_run(model: nn.Module, data: Dataset, round_to: int = 8) -> PruningRun:
+    config = BuildConfig(prune=PruneConfig(round_to=round_to, recover_epochs=0))
+    example = torch.from_numpy(data.x_test[:1])
+    protected = protected_layers(model, (), 10)
+    analysis = layer_groups(model, example, config.prune, protected)
+    plan = GroupPlan.from_config(analysis.groups, config.prune)
+    return PruningRun(model, copy.deepcopy(model), config, data, QUIET, analysis.protected(protected), analysis.groups, plan)
+
+
+def search_over(model: nn.Module, table: LatencyTable) -> GreedySearch:
+    run = pruning_run(model, dataset())
+    predictor = LatencyPredictor(table, torch.from_numpy(run.dataset.x_test[:1]), ["blocks.0", "blocks.1"])
+    scorer = MoveScorer(run, predictor, ("depth", "width"))
+    return GreedySearch(scorer, probe=None, dense_path=Path("-"), folder=Path("-"), target=2.0, table=table, accuracy=100.0)  # type: ignore[arg-type]
+
+
+def conv(in_ch: int, out_ch: int, size: int = 8) -> str:
+    return signature("conv", (1, in_ch, size, size), (out_ch, in_ch, 3, 3))
+
+
+# --------------------------------------------------------------------------- the latency table
+
+
+def test_the_tables_prediction_is_the_sum_of_its_layers_the_blocks_other_nodes_and_the_overhead() -> None:
+    model = TwoBlockNet().eval()
+    example = torch.zeros(1, 1, 8, 8)
+    table = LatencyTable({"device": "test"}, {conv(1, 16): [30.0], conv(16, 16): [100.0, 120.0, 110.0], "gemm:1x16:10x16": [4.0]})
+    predictor = LatencyPredictor(table, example, [name for name, _ in model.named_modules() if name])
+    run = ProfiledRun({}, {"/blocks/blocks.0/Add": 5.0, "/blocks/blocks.1/Relu": 7.0, "ReorderOutput_token_1": 3.0}, total_us=700.0)
+    predictor.refresh(run)
+    assert predictor.overhead_us == pytest.approx(700.0 - 15.0)
+    # stem 30 + four 16x16 convs at their median 110 + the head 4 + other nodes 5 + 7 + 3 + the overhead 685
+    assert predictor.predict_us(model) == pytest.approx(30 + 4 * 110 + 4 + 15 + 685)
+    # without blocks.1 its two convs and its other node (7 µs) are gone
+    assert predictor.predict_us(drop_blocks(model, ["blocks.1"])) == pytest.approx(30 + 2 * 110 + 4 + 8 + 685)
+    predictor.calibrate(model, measured_ms=2.348)
+    assert predictor.predict_ms(model) == pytest.approx(2.348)
+
+
+def test_an_unseen_signature_costs_the_fixed_plus_per_mac_line_fitted_to_its_class() -> None:
+    table = LatencyTable({}, {conv(16, 16): [100.0], conv(32, 32): [340.0]})
+    # 16x16 and 32x32 3x3 convs on 8x8: weight sizes 2304 and 9216 (x64 pixels); the line through both
+    macs16, macs32, macs24 = 2304 * 64, 9216 * 64, 24 * 24 * 9 * 64
+    slope = (340 - 100) / (macs32 - macs16)
+    assert table.layer_us(conv(24, 24)) == pytest.approx(100 + slope * (macs24 - macs16))
+    assert table.layer_us(conv(16, 16)) == 100.0  # measured: read, not fitted
+    assert fitted_cost([(1000, 10.0)], 500) == pytest.approx(5.0)  # one point: proportional
+    assert next_width(64, 64, 16) == 48 and next_width(64, 16, 16) == 0 and next_width(16, 16, 16) == 0 and next_width(20, 8, 4) == 4
+
+
+def test_a_profiled_onnxruntime_run_is_keyed_by_the_same_signatures_the_torch_layers_have(tmp_path: Path) -> None:
+    model, example = TwoBlockNet().eval(), torch.zeros(1, 1, 8, 8)
+    export_onnx(model, example, tmp_path / "model.onnx", ExportConfig())
+    torch_layers = list(layer_signatures(model, example).values())
+    profiled = profile_onnx(tmp_path / "model.onnx", threads=1, torch_layers=torch_layers, runs=5, warmup=1)
+    assert set(profiled.layers) == set(torch_layers)  # every conv and the linear layer found, under the same key
+    assert all(time > 0 for times in profiled.layers.values() for time in times)
+    assert len(profiled.layers[conv(16, 16)]) == 4  # the four block convs
+    assert profiled.total_us > 0 and profiled.overhead_us() >= 0
+    # a narrowed model: onnxruntime may pad 8-channel convs to its vector width, its times still land on the torch layers
+    narrow = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(512, 10)).eval()
+    export_onnx(narrow, example, tmp_path / "narrow.onnx", ExportConfig())
+    narrow_layers = list(layer_signatures(narrow, example).values())
+    assert set(profile_onnx(tmp_path / "narrow.onnx", 1, narrow_layers, runs=3, warmup=1).layers) == set(narrow_layers)
+
+
+def test_the_table_is_cached_per_device_and_reused_by_the_next_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeprune.speed_search as speed_search
+
+    run = pruning_run(TwoBlockNet(), dataset())
+    probe = SimpleNamespace(
+        fmt="onnx",
+        device="local",
+        settings=SimpleNamespace(threads=1),
+        export=lambda model, stem: (
+            export_onnx(model, torch.zeros(1, 1, 8, 8), stem.with_suffix(".onnx"), ExportConfig())
+            and stem.with_suffix(".onnx")
+            or stem.with_suffix(".onnx")
+        ),
+        describe=lambda: "local",
+    )
+    profiled: list[Path] = []
+    real_profile = speed_search.profile_onnx
+    monkeypatch.setattr(
+        speed_search, "profile_onnx", lambda path, threads, layers: profiled.append(path) or real_profile(path, threads, layers, 3, 1)
+    )
+    first, _ = open_table(run, probe, tmp_path / "cache", tmp_path)  # type: ignore[arg-type]
+    assert len(profiled) == 3  # the model and its narrowings by one and two rounding steps
+    speed_search.store_table(tmp_path / "cache", first)
+    again, note = open_table(run, probe, tmp_path / "cache", tmp_path)  # type: ignore[arg-type]
+    assert len(profiled) == 3 and again.entries == first.entries and again.profiled == first.profiled  # read back, nothing profiled
+    assert conv(8, 8) in again.entries and "gemm:1x8:10x8" in again.entries  # the narrowed model was profiled
+    assert "3 profiled models" in note
+    assert cached_table(tmp_path / "cache", {**first.key, "threads": 2}).entries == {}  # another thread count: another table
+
+
+# --------------------------------------------------------------------------- the choice of move
+
+
+def test_the_search_removes_a_block_when_the_table_says_depth_is_cheaper() -> None:
+    # a block's 16x16 convs cost 1000 µs, narrowed ones 990: removing a block saves 2000, narrowing at most ~40
+    table = LatencyTable({}, {conv(1, 16): [10.0], conv(1, 8): [10.0], conv(16, 16): [1000.0], conv(16, 8): [990.0], conv(8, 16): [990.0]})
+    table.entries.update({conv(8, 8): [980.0], "gemm:1x16:10x16": [1.0], "gemm:1x8:10x8": [1.0]})
+    chosen = search_over(TwoBlockNet(), table).choose()
+    assert chosen is not None and chosen.move.kind == "depth" and chosen.move.target == "blocks.0"
+
+
+def test_the_search_narrows_a_group_when_the_table_says_width_is_cheaper() -> None:
+    # 16x16 convs cost 100 µs and narrowed ones 1: removing a block saves 200, narrowing the residual stream saves 4 x 99
+    table = LatencyTable({}, {conv(1, 16): [10.0], conv(1, 8): [10.0], conv(16, 16): [100.0], conv(16, 8): [1.0], conv(8, 16): [1.0]})
+    table.entries.update({conv(8, 8): [1.0], "gemm:1x16:10x16": [1.0], "gemm:1x8:10x8": [1.0]})
+    search = search_over(TwoBlockNet(), table)
+    chosen = search.choose()
+    assert chosen is not None and chosen.move.kind == "width" and chosen.move.width == 8
+    assert chosen.model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_a_model_with_pad_shortcuts_is_never_broken_its_shape_changing_blocks_are_kept_whole() -> None:
+    torch.manual_seed(0)
+    model, data = resnet20_a().eval(), dataset(images=48, size=28)
+    run = pruning_run(model, data, round_to=16)
+    table = LatencyTable({}, {})
+    scorer = MoveScorer(run, LatencyPredictor(table, torch.from_numpy(data.x_test[:1]), []), ("depth", "width"))
+    moves = scorer.moves()
+    blocks = {move.target for move in moves if move.kind == "depth"}
+    assert "layer2.0" not in blocks and "layer3.0" not in blocks and {"layer1.0", "layer2.1", "layer3.2"} <= blocks
+    for move in moves:
+        scored = scorer.score(move)
+        if scored is None:  # a group coupled through the pad shortcut: found by the guard, kept whole, never proposed again
+            assert move.key in scorer.rejected and move not in scorer.moves()
+            continue
+        assert scored.model(torch.from_numpy(data.x_test[:4])).shape == (4, 10)
+    assert all(move.kind == "width" for move in moves if move.key in scorer.rejected)
+
+
+# --------------------------------------------------------------------------- the build
+
+
+@pytest.mark.slow
+def test_a_target_out_of_reach_still_writes_the_fastest_model_with_a_verdict_and_exit_code_13(workdir: Path, user_checkpoint: Path) -> None:
+    overrides = ("data.train_samples=1000", "data.eval_samples=300", "finetune.epochs=1", "quantize.scheme='none'")
+    overrides += ("benchmark.repeats=1", "benchmark.iterations=20", "benchmark.warmup=2", "export.formats=['onnx']")
+    overrides += ("prune.speedup=50", "prune.recover_epochs=0", "prune.round_to=8", "budgets.max_accuracy_drop=0")
+    result = api.build("cpu-x86", model=USER_MODEL, weights=str(user_checkpoint), overrides=overrides, out=workdir / "out")
+    stage = next(stage for stage in result.manifest["stages"] if stage["name"] == "prune_structured")
+    search, trajectory = stage["metrics"]["speed_search"], stage["metrics"]["trajectory"]
+    assert search["reached"] is False and search["target"] == 50
+    assert search["verdict"].startswith("prune.speedup=50 not reached") and "moves not tried:" in search["verdict"]
+    assert "removing residual blocks" not in search["verdict"]  # the search tried depth; the model just has no block
+    assert len(trajectory) >= 2 and all(row["kind"] == "width" for row in trajectory[1:])
+    # no accuracy budget: the fastest model is where the moves ran out, every group at its narrowest width
+    assert search["step"] == len(trajectory) - 1 and "no move left" in search["verdict"]
+    assert search["measured_speedup"] == trajectory[-1]["speedup"] and trajectory[-1]["mac_reduction"] > 3
+    assert all(row["predicted_ms"] > 0 and row["latency_p50_ms"] > 0 for row in trajectory[1:])
+    kinds = [violation.kind for violation in result.violations]
+    assert kinds == ["speedup"] and exit_code(result.violations) == EXIT_CODES["speedup"] == 13
+    assert (workdir / "out" / "model_fp32.onnx").is_file() and (workdir / "out" / "model.pt").is_file()
+    report = (workdir / "out" / "report.md").read_text()
+    assert "## Speed-up search" in report and "prune.speedup=50 not reached" in report
+    assert (workdir / "out" / "plots" / "speed_search.png").read_bytes().startswith(b"\x89PNG")
