@@ -67,6 +67,18 @@ def check_budgets(budgets: BudgetConfig, manifest: dict[str, Any]) -> list[Viola
             relation = "exceeds" if bound is max else "is below"
             message = f"{what} of {primary} = {value:.3f} {unit} {relation} the budget {limit} {unit}"
             violations.append(Violation(kind, message, key, limit, value))
+    return violations + quantization_violations(manifest)
+
+
+def quantization_violations(manifest: dict[str, Any]) -> list[Violation]:
+    """An accuracy violation per quantized artefact whose quantization budget was missed (its verdict says why)."""
+    violations = []
+    for name, artifact in manifest["artifacts"].items():
+        budget = artifact.get("budget")
+        if budget and not budget.get("passed", True):
+            message = f"{name}: quantization {budget.get('verdict', 'missed its budget')}"
+            limit, value = budget["max_accuracy_drop"], budget["accuracy_drop"]
+            violations.append(Violation("accuracy", message, "quantize.max_accuracy_drop", limit, value))
     return violations
 
 

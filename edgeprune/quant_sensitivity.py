@@ -151,7 +151,7 @@ def onnx_tensor_noise(float_path: Path, rounded: dict[str, np.ndarray], images: 
     from onnx import numpy_helper
 
     model = onnx.load(str(float_path))
-    graph, layers = model.graph, _onnx_layers_by_tensor(model.graph)
+    graph, layers = model.graph, onnx_layers_by_tensor(model.graph)
     output = graph.output[0].name
     reference = _run_onnx(model, images)[output]
     weights = {item.name for item in graph.initializer}
@@ -196,7 +196,7 @@ def _fed_from_outside(model, tensor: str):
     return variant
 
 
-def _onnx_layers_by_tensor(graph) -> dict[str, tuple[str, ...]]:
+def onnx_layers_by_tensor(graph) -> dict[str, tuple[str, ...]]:
     touching: dict[str, list[str]] = defaultdict(list)
     for node in graph.node:
         for tensor in [*node.output, *node.input]:
@@ -245,8 +245,8 @@ def _run_rounding(converted: torch.fx.GraphModule, images: np.ndarray, batch: in
 class _OnlyTheseRound(torch.fx.Interpreter):
     """Runs a converted graph with every quantize op outside ``rounding`` (and its dequantize ops) as the identity."""
 
-    def __init__(self, module: torch.fx.GraphModule, rounding: frozenset) -> None:
-        super().__init__(module)
+    def __init__(self, module: torch.fx.GraphModule, rounding: frozenset, keep_values: bool = False) -> None:
+        super().__init__(module, garbage_collect_values=not keep_values)
         self.rounding = rounding
 
     def run_node(self, node: torch.fx.Node):
@@ -284,3 +284,54 @@ def _pt2e_layers(quantize_nodes: list[torch.fx.Node]) -> tuple[str, ...]:
     readers = [reader for node in quantize_nodes for dequantize in node.users for reader in dequantize.users]
     paths = [module_path(node) for node in [producer, *readers] if node.op == "call_function"]
     return tuple(dict.fromkeys(path for path in paths if path))
+
+
+def pt2e_tensor_errors(
+    converted: torch.fx.GraphModule, images: np.ndarray, batch: int = 1
+) -> list[tuple[str, float, float, float, tuple[str, ...]]]:
+    """Two runs of a converted PT2E graph — every tensor rounding, then none — each rounded tensor matched across them.
+
+    Returns (tensor, local SQNR dB: before vs after its own rounding in the quantized run, model SQNR dB
+    and cosine: the quantized run's rounded tensor vs the float run's, layers), worst local SQNR first.
+    """
+    tensors: dict[str, list[torch.fx.Node]] = defaultdict(list)
+    for node in converted.graph.nodes:
+        if _is_quantize(node):
+            tensors[_tensor_name(node.args[0])].append(node)
+    firsts = {name: nodes[0] for name, nodes in tensors.items()}
+    rounding = frozenset(node for nodes in tensors.values() for node in nodes)
+    quantized = _capture(converted, images, batch, rounding, firsts)
+    floating = _capture(converted, images, batch, frozenset(), firsts)
+    rows = []
+    for name, nodes in tensors.items():
+        before, after = quantized[name]
+        rows.append(
+            (name, sqnr_db(before, after), sqnr_db(floating[name][0], after), _cosine(floating[name][0], after), _pt2e_layers(nodes))
+        )
+    return sorted(rows, key=lambda row: (row[1], row[0]))
+
+
+def _capture(converted, images, batch, rounding: frozenset, firsts: dict[str, torch.fx.Node]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each named quantize node: the tensor it reads and its dequantized copy, over ``images``."""
+    interpreter = _OnlyTheseRound(converted, rounding, keep_values=True)
+    seen: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            interpreter.run(torch.from_numpy(images[start : start + batch]))
+            for name, node in firsts.items():
+                dequantized = next(iter(node.users), None)
+                after = interpreter.env.get(dequantized, interpreter.env[node]) if dequantized is not None else interpreter.env[node]
+                seen[name].append((_numpy(interpreter.env[node.args[0]]), _numpy(after)))
+    return {
+        name: (np.concatenate([a.ravel() for a, _ in pairs]), np.concatenate([b.ravel() for _, b in pairs])) for name, pairs in seen.items()
+    }
+
+
+def _numpy(value) -> np.ndarray:
+    return value.detach().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
+
+
+def _cosine(reference: np.ndarray, value: np.ndarray) -> float:
+    a, b = np.asarray(reference, np.float64).ravel(), np.asarray(value, np.float64).ravel()
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return 1.0 if norm == 0 else float(a @ b / norm)

@@ -8,52 +8,42 @@ PT2E quantizer — full-integer int8 calibrated on real images (int8 model I/O, 
 float I/O through a Quantize and a Dequantize op at the ends), or dynamic range.
 
 The accuracy budget: every int8/dynamic artefact is run on the whole test split
-and compared with its fp32 sibling. When it loses more than
-``quantize.max_accuracy_drop`` top-1 points or agrees on fewer than
-``quantize.min_top1_agreement`` of the predictions, the layers around the tensor
-whose rounding alone hurts the logits most (``edgeprune.quant_sensitivity``) are
-kept in float and the model is quantized again, until the budget holds; the layers kept
-float and their cost in bytes are recorded in the artefact's meta (their latency
-cost is what the benchmark stage measures). No more than ``max_float_layers``: past
-that the stage fails (StageError, exit 3).
+and judged against its fp32 sibling (``edgeprune.accuracy_gate``: the top-1 drop, allowed
+over ``quantize.max_accuracy_drop`` only while McNemar's paired test calls it noise; top-1
+agreement gated when ``quantize.min_top1_agreement`` > 0). When it misses, ``edgeprune.quant_search``
+ranks the tensors from one float and one quantized run and climbs a ladder on the worst ones —
+percentile calibration, 16-bit activations (ONNX), float layers — within
+``quantize.max_search_seconds``. The chosen per-tensor mix, its size and MAC cost, each round
+and the verdict go into the artefact's meta. A missed budget does not stop the build: the best
+candidate is written and verified, and the build's budget check exits 10.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from edgeprune.accuracy_gate import GateResult, judge_logits
 from edgeprune.artifacts import Artifact
 from edgeprune.config import BuildConfig, QuantizeConfig
-from edgeprune.errors import ConfigError, StageError
-from edgeprune.onnx_weights import float16_constants, minify_names, quantize_weights
+from edgeprune.errors import ConfigError
+from edgeprune.onnx_weights import minify_names
 from edgeprune.parity import artifact_logits, check_parity, parity_report, tflite_interpreter
 from edgeprune.pipeline import StageContext, StageOutput
-from edgeprune.quant_sensitivity import (
-    TensorNoise,
-    fake_quantize,
-    module_path,
-    onnx_activations,
-    onnx_rounded_tensors,
-    onnx_rounded_weights,
-    onnx_tensor_noise,
-    pt2e_tensor_noise,
-)
+from edgeprune.progress import SILENT, Reporter
+from edgeprune.quant_onnx import RANKING_SAMPLES, SENSITIVITY_SAMPLES, CalibrationReader, OnnxQuantizer  # noqa: F401 - re-exported
+from edgeprune.quant_search import Mix, MixQuantizer, SearchLimits, SearchOutcome, TensorError, search
+from edgeprune.quant_sensitivity import fake_quantize, module_path, pt2e_tensor_errors, pt2e_tensor_noise
 from edgeprune.stages.common import example_input, read_model
-from edgeprune.stages.export_onnx import INPUT_NAME
 from edgeprune.stages.export_tflite import convert_tflite
 from edgeprune.training import predict_logits, top1_accuracy
 
-SENSITIVITY_SAMPLES = 64  # calibration images on which each tensor's effect on the logits is measured
 CALIBRATION_BATCH = 32  # images per PT2E calibration call
 
 
@@ -95,7 +85,7 @@ class Quantize:
 
 
 def quantize_artifact(fmt: str, fp32: Artifact, model: nn.Module, parent_logits: np.ndarray, context: StageContext) -> Artifact:
-    """``<fmt>_<scheme>`` from the fp32 artefact, within the accuracy budget and verified."""
+    """``<fmt>_<scheme>`` from the fp32 artefact, the best mix the budget search found, verified."""
     config, dataset, precision = context.config, context.dataset, context.config.quantize.scheme
     name = f"{fmt}_{precision}"
     path = context.workdir / f"{name}.{fmt}"
@@ -107,7 +97,7 @@ def quantize_artifact(fmt: str, fp32: Artifact, model: nn.Module, parent_logits:
         quantizer = make_quantizer(fmt, model, fp32, context)
         try:
             logits, extra = quantize_within_budget(
-                name, fp32.name, quantizer, path, fp32_logits, dataset.x_test, dataset.y_test, config.quantize
+                name, fp32.name, quantizer, path, fp32_logits, dataset.x_test, dataset.y_test, config.quantize, context.reporter
             )
         finally:
             quantizer.close()
@@ -115,244 +105,125 @@ def quantize_artifact(fmt: str, fp32: Artifact, model: nn.Module, parent_logits:
             logits = artifact_logits(path, dataset.x_test)  # the shipped bytes are what parity checks
             extra["names_minified"] = True
     tolerance = "fp16" if precision == "fp16" else "int8"  # dynamic-range int8 is held to the int8 tolerance
-    meta = verified(name, fp32.name, tolerance, logits, parent_logits, fp32_logits, dataset.y_test, config)
+    enforce = extra.get("budget", {}).get("passed", True)  # a missed budget is the verdict; parity is reported beside it
+    meta = verified(name, fp32.name, tolerance, logits, parent_logits, fp32_logits, dataset.y_test, config, enforce)
     return Artifact.from_file(name, fmt, path, format=fmt, precision=precision, parent=fp32.name, **meta, **extra)
 
 
-def verified(name, fp32_name, tolerance, logits, parent_logits, fp32_logits, labels, config: BuildConfig) -> dict[str, Any]:
-    """Accuracy, and parity against the torch parent and the fp32 sibling (ParityError when broken)."""
+def verified(
+    name, fp32_name, tolerance, logits, parent_logits, fp32_logits, labels, config: BuildConfig, enforce: bool = True
+) -> dict[str, Any]:
+    """Accuracy, and parity against the torch parent and the fp32 sibling (ParityError when broken and ``enforce``)."""
     count = min(config.parity.samples, len(labels))
     parity = parity_report(parent_logits[:count], logits[:count], labels[:count])
-    check_parity(name, tolerance, parity, config.parity)
     versus_fp32 = parity_report(fp32_logits[:count], logits[:count], labels[:count])
-    check_parity(name, tolerance, versus_fp32, config.parity, against=fp32_name)
+    if enforce or parity["nonfinite"] or versus_fp32["nonfinite"]:
+        check_parity(name, tolerance, parity, config.parity)
+        check_parity(name, tolerance, versus_fp32, config.parity, against=fp32_name)
     return {"accuracy": top1_accuracy(logits, labels), "parity": parity, "versus_fp32": versus_fp32}
 
 
 # --------------------------------------------------------------------------- the accuracy budget
 
 
-class LayerQuantizer(Protocol):
-    """Quantizes one artefact with some layers kept float, and says which tensors are noisy."""
-
-    layout: str | None  # the artefact's input layout for ``artifact_logits`` (None: detect)
-
-    def quantize(self, path: Path, keep_float: tuple[str, ...]) -> None: ...
-
-    def tensor_noise(self) -> list[TensorNoise]:
-        """Rounding noise of the last ``quantize`` call's tensors, worst first."""
-        ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    def output_grid(self) -> tuple[float, int] | None:
-        """(scale, zero-point) of an int8 model output of the last ``quantize`` call; None for a float output."""
-        ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class BudgetCheck:
-    accuracy_drop: float  # top-1 points lost against the fp32 artefact (negative: gained)
-    top1_agreement: float  # fraction of test images where both predict the same class
-    passed: bool
-
-
-def check_budget(fp32_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, config: QuantizeConfig) -> BudgetCheck:
-    drop = top1_accuracy(fp32_logits, labels) - top1_accuracy(logits, labels)
-    agreement = float((fp32_logits.argmax(1) == logits.argmax(1)).mean())
-    return BudgetCheck(round(drop, 4), agreement, drop <= config.max_accuracy_drop + 1e-9 and agreement >= config.min_top1_agreement)
-
-
 def quantize_within_budget(
     name: str,
     fp32_name: str,
-    quantizer: LayerQuantizer,
+    quantizer: MixQuantizer,
     path: Path,
     fp32_logits: np.ndarray,
     images: np.ndarray,
     labels: np.ndarray,
     config: QuantizeConfig,
+    reporter: Reporter = SILENT,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Quantize into ``path``, keeping the noisiest layers float until the budget holds.
+    """Quantize into ``path`` the best per-tensor mix the budget search finds (``edgeprune.quant_search``).
 
     ``fp32_logits`` are the fp32 sibling's logits for the test split (``images``, ``labels``).
-    Returns the artefact's test-split logits and its meta: ``budget``, ``float_layers``,
-    ``float_layers_size_bytes`` and, when the fallback kicked in, ``fallback`` (the first
-    attempt, each round, the noisiest tensors). Raises StageError when even
-    ``config.max_float_layers`` float layers do not meet the budget.
+    Returns the artefact's test-split logits and its meta: ``budget`` (the limits, the gate's
+    figures, ``passed`` and ``verdict``), ``quant_mix`` ({tensor: rung}), ``float_layers``,
+    ``macs_off_int8``, ``float_layers_size_bytes`` (bytes over plain int8) and, when the search
+    ran, ``search`` (each round, the ranking's worst tensors, why it stopped, seconds). A missed
+    budget is a verdict in the meta, never an exception.
     """
-    keep_float: tuple[str, ...] = ()
-    quantizer.quantize(path, keep_float)
-    logits = artifact_logits(path, images, layout=quantizer.layout)
-    check = check_budget(fp32_logits, logits, labels, config)
-    first, first_size, rounds, noisiest = check, path.stat().st_size, [], []
-    if not check.passed:
-        check_output_ceiling(name, fp32_name, quantizer.output_grid(), fp32_logits, labels, config)
-    while not check.passed:
-        noise = quantizer.tensor_noise()
-        noisiest = noisiest or [item.to_dict() for item in noise[:5]]
-        layers = next_float_layers(noise, keep_float)[: max(0, config.max_float_layers - len(keep_float))]
-        if not layers:
-            raise StageError(budget_message(name, fp32_name, check, keep_float, noise, config))
-        keep_float = (*keep_float, *layers)
-        quantizer.quantize(path, keep_float)
-        logits = artifact_logits(path, images, layout=quantizer.layout)
-        check = check_budget(fp32_logits, logits, labels, config)
-        rounds.append({"kept_float": list(layers), **asdict(check)})
+
+    def judge(candidate: Path) -> tuple[np.ndarray, GateResult]:
+        logits = artifact_logits(candidate, images, layout=quantizer.layout)
+        return logits, judge_logits(fp32_logits, logits, labels, config.max_accuracy_drop, config.min_top1_agreement, config.significance)
+
+    limits = SearchLimits(config.max_search_seconds, config.max_float_layers, refine_candidates=config.refine_candidates)
+    reporter.info(f"  {name}: quantizing against {fp32_name} (budget: drop <= {config.max_accuracy_drop:g} points)")
+    outcome = search(
+        quantizer,
+        path,
+        judge,
+        limits,
+        reporter,
+        name,
+        lambda: output_ceiling(fp32_name, quantizer.output_grid(), fp32_logits, labels, config),
+    )
+    best = outcome.best
+    verdict = "within budget" if best.gate.passed else f"missed budget ({outcome.stopped}): {best.gate.reason}"
+    if not best.gate.passed:
+        reporter.warn(f"{name}: {verdict}")
+    limits_meta = {
+        "max_accuracy_drop": config.max_accuracy_drop,
+        "min_top1_agreement": config.min_top1_agreement,
+        "significance": config.significance,
+    }
     meta: dict[str, Any] = {
         **quantizer.describe(),
-        "budget": {"max_accuracy_drop": config.max_accuracy_drop, "min_top1_agreement": config.min_top1_agreement, **asdict(check)},
-        "float_layers": list(keep_float),
-        "float_layers_size_bytes": path.stat().st_size - first_size,
+        "budget": {**limits_meta, **best.gate.to_dict(), "verdict": verdict},
+        "quant_mix": dict(best.mix),
+        **quantizer.mix_cost(best.mix),
+        "float_layers_size_bytes": best.size_bytes - outcome.plain.size_bytes,
+        "plain_int8": {"size_bytes": outcome.plain.size_bytes, **outcome.plain.gate.to_dict()},
     }
-    if rounds:
-        meta["fallback"] = {"first_attempt": asdict(first), "rounds": rounds, "noisiest_tensors": noisiest}
-    return logits, meta
+    if outcome.rounds[1:] or outcome.ranking:
+        meta["search"] = search_record(outcome)
+    return best.logits, meta
 
 
-def check_output_ceiling(
-    name: str, fp32_name: str, grid: tuple[float, int] | None, fp32_logits: np.ndarray, labels: np.ndarray, config: QuantizeConfig
-) -> None:
-    """StageError when an int8 model output alone (its ``grid``: scale, zero-point) breaks the budget.
+def search_record(outcome: SearchOutcome) -> dict[str, Any]:
+    return {
+        "stopped": outcome.stopped,
+        "seconds": outcome.elapsed_s,
+        "rounds": outcome.rounds,
+        "worst_tensors": [item.to_dict() for item in outcome.ranking[:5]],
+    }
+
+
+def output_ceiling(
+    fp32_name: str, grid: tuple[float, int] | None, fp32_logits: np.ndarray, labels: np.ndarray, config: QuantizeConfig
+) -> str | None:
+    """Why no mix can pass when an int8 model output alone (its grid: scale, zero-point) breaks the budget; None otherwise.
 
     Rounding the fp32 logits to that grid shows what no float layer can win back: the
     logits' margins are finer than one int8 step, so close calls become ties.
     """
     if grid is None:
-        return
+        return None
     rounded = fake_quantize(fp32_logits, np.float32(grid[0]), np.int8(grid[1]))
-    ceiling = check_budget(fp32_logits, rounded, labels, config)
-    if not ceiling.passed:
-        raise StageError(
-            f"{name}: its int8 output (scale {grid[0]:.4g}) alone agrees with {fp32_name} on {ceiling.top1_agreement:.4f} of the test "
-            f"split and loses {ceiling.accuracy_drop:.2f} top-1 points, below quantize.min_top1_agreement = {config.min_top1_agreement} / "
-            f"quantize.max_accuracy_drop = {config.max_accuracy_drop}: no float layer can fix that. Use quantize.tflite_io = 'float', "
-            "or loosen the budget"
-        )
-
-
-def next_float_layers(noise: list[TensorNoise], keep_float: tuple[str, ...]) -> tuple[str, ...]:
-    """The not-yet-float layers around the noisiest tensor that has any."""
-    for item in noise:
-        layers = tuple(layer for layer in item.layers if layer not in keep_float)
-        if layers:
-            return layers
-    return ()
-
-
-def budget_message(name, fp32_name, check: BudgetCheck, keep_float, noise: list[TensorNoise], config: QuantizeConfig) -> str:
-    if config.max_float_layers == 0:
-        tried = "and the float fallback is off (quantize.max_float_layers = 0)"
-    else:
-        tried = f"even with {len(keep_float)} layer(s) kept float ({', '.join(keep_float) or 'none left to keep'})"
-    worst = ", ".join(f"{item.tensor} {item.sqnr_db:.1f} dB" for item in noise[:3]) or "unknown"
+    ceiling = judge_logits(fp32_logits, rounded, labels, config.max_accuracy_drop, config.min_top1_agreement, config.significance)
+    if ceiling.passed:
+        return None
     return (
-        f"{name}: quantization loses {check.accuracy_drop:.2f} top-1 points (agreement {check.top1_agreement:.4f}) against "
-        f"{fp32_name} on the test split, over quantize.max_accuracy_drop = {config.max_accuracy_drop} / "
-        f"quantize.min_top1_agreement = {config.min_top1_agreement}, {tried}; noisiest tensors: {worst}. "
-        "Raise quantize.max_float_layers, try quantize.calibration = 'percentile' or 'entropy', or loosen the budget"
+        f"its int8 output (scale {grid[0]:.4g}) alone agrees with {fp32_name} on {ceiling.top1_agreement:.4f} of the test split "
+        f"and loses {ceiling.accuracy_drop:.2f} top-1 points ({ceiling.reason}): no float layer can fix that. "
+        "Use quantize.tflite_io = 'float', or loosen the budget"
     )
 
 
 # --------------------------------------------------------------------------- quantizers
 
 
-def make_quantizer(fmt: str, model: nn.Module, fp32: Artifact, context: StageContext) -> LayerQuantizer:
+def make_quantizer(fmt: str, model: nn.Module, fp32: Artifact, context: StageContext) -> MixQuantizer:
     """The quantizer for ``fp32``'s format; TFLite keeps the fp32 file's input layout."""
     calibration = context.dataset.calibration_batches(context.config.data.calibration_samples, context.config.seed)
     if fmt == "onnx":
         return OnnxQuantizer(fp32.path, calibration, context.config.quantize, context.workdir)
     channels_last = fp32.meta.get("input_layout") == "NHWC"
     return TfliteQuantizer(model, example_input(context), calibration, context.config.quantize, channels_last)
-
-
-class CalibrationReader:
-    """onnxruntime's one-method calibration interface over preprocessed images."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        self._samples = iter(images[i : i + 1] for i in range(len(images)))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        sample = next(self._samples, None)
-        return None if sample is None else {INPUT_NAME: sample}
-
-
-class OnnxQuantizer:
-    """onnxruntime: the recommended pre-processing once, then static QDQ or dynamic quantization.
-
-    Layers are node names of the pre-processed model (``nodes_to_exclude``).
-    """
-
-    def __init__(self, fp32_path: Path, calibration: np.ndarray, config: QuantizeConfig, scratch: Path) -> None:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        self.calibration, self.config, self.scratch = calibration, config, scratch
-        self.layout = None
-        self.prepared = scratch / "preprocessed.onnx"
-        quant_pre_process(str(fp32_path), str(self.prepared))
-        self.path: Path | None = None
-        self._activations: dict[str, np.ndarray] | None = None
-
-    def quantize(self, path: Path, keep_float: tuple[str, ...]) -> None:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-        self.path, config = path, self.config
-        if config.activation_type == "float":
-            quantize_weights(self.prepared, path, config.per_channel, keep_float)
-            if config.float_constants == "float16":
-                float16_constants(path, path)
-            return
-        if config.scheme == "dynamic":
-            quantize_dynamic(
-                str(self.prepared),
-                str(path),
-                per_channel=config.per_channel,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=list(keep_float),
-            )
-            return
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-        activation = QuantType.QInt8 if config.activation_type == "int8" else QuantType.QUInt8
-        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress to stdout
-            quantize_static(
-                str(self.prepared),
-                str(path),
-                CalibrationReader(self.calibration),
-                quant_format=QuantFormat.QDQ,
-                per_channel=config.per_channel,
-                activation_type=activation,
-                weight_type=QuantType.QInt8,
-                calibrate_method=method[config.calibration],
-                nodes_to_exclude=list(keep_float),
-            )
-
-    def tensor_noise(self) -> list[TensorNoise]:
-        images = self.calibration[:SENSITIVITY_SAMPLES]
-        weight_only = self.config.activation_type == "float"
-        if self.config.scheme == "dynamic" or weight_only:  # no activation grid here: rank the weights
-            rounded = onnx_rounded_weights(self.prepared, self.config.per_channel, stored_axes=weight_only)
-            return onnx_tensor_noise(self.prepared, rounded, images)
-        if self._activations is None:
-            self._activations = onnx_activations(self.prepared, images)
-        return onnx_tensor_noise(self.prepared, onnx_rounded_tensors(self.prepared, self.path, self._activations), images)
-
-    def output_grid(self) -> tuple[float, int] | None:
-        return None  # QDQ models keep float32 I/O
-
-    def describe(self) -> dict[str, Any]:
-        if self.config.activation_type == "float":
-            weights = "int8 per-channel" if self.config.per_channel else "int8 per-tensor"
-            return {"activations": "float", "weights": weights, "float_constants": self.config.float_constants}
-        if self.config.scheme == "dynamic":
-            return {}
-        return {"calibration": self.config.calibration, "calibration_samples": len(self.calibration)}
-
-    def close(self) -> None:
-        self.prepared.unlink(missing_ok=True)
-        for leftover in self.scratch.glob("*.onnx.data"):
-            leftover.unlink()
 
 
 class TfliteQuantizer:
@@ -366,8 +237,13 @@ class TfliteQuantizer:
         self.converted: torch.fx.GraphModule | None = None
         self.batch = 1
         self.path: Path | None = None
+        self.rungs: tuple[str, ...] = ("float",)  # litert-torch 0.10's PT2E quantizer has no int16x8 or per-tensor observer choice
+        self._layers: dict[str, tuple[str, ...]] = {}
 
-    def quantize(self, path: Path, keep_float: tuple[str, ...]) -> None:
+    def quantize(self, path: Path, mix: Mix) -> None:
+        keep_float = tuple(
+            dict.fromkeys(layer for tensor, rung in mix.items() if rung == "float" for layer in self._layers.get(tensor, ()))
+        )
         from litert_torch.quantize import pt2e_quantizer
         from litert_torch.quantize.quant_config import QuantConfig
         from torchao.quantization.pt2e import move_exported_model_to_eval, quantize_pt2e
@@ -396,8 +272,23 @@ class TfliteQuantizer:
             batches = [torch.from_numpy(self.calibration[i : i + self.batch]) for i in range(0, len(self.calibration), self.batch)]
             return int8_qparams(torch.cat([self.converted(batch) for batch in batches]).numpy())
 
-    def tensor_noise(self) -> list[TensorNoise]:
-        return pt2e_tensor_noise(self.converted, self.calibration[:SENSITIVITY_SAMPLES], self.batch)
+    def tensor_errors(self) -> list[TensorError]:
+        """Two runs of the last converted graph (all tensors rounding, none), each rounded tensor matched."""
+        rows = pt2e_tensor_errors(self.converted, self.calibration[:RANKING_SAMPLES], self.batch)
+        self._layers.update({row[0]: row[4] for row in rows})
+        return [TensorError(*row) for row in rows]
+
+    def refine(self, candidates: list[TensorError]) -> list[TensorError]:
+        alone = {
+            item.tensor: item.sqnr_db for item in pt2e_tensor_noise(self.converted, self.calibration[:SENSITIVITY_SAMPLES], self.batch)
+        }
+        return sorted(candidates, key=lambda item: (alone.get(item.tensor, item.sqnr_db), item.tensor))
+
+    def mix_cost(self, mix: Mix) -> dict[str, Any]:
+        keep_float = [layer for layer in dict.fromkeys(layer for tensor in mix for layer in self._layers.get(tensor, ()))]
+        macs = module_macs(self.model, self.example)
+        share = sum(macs.get(layer, 0) for layer in keep_float) / max(sum(macs.values()), 1)
+        return {"float_layers": keep_float, "macs_off_int8": {"float": round(share, 4)}}
 
     def output_grid(self) -> tuple[float, int] | None:
         output = tflite_io_quantization(self.path)["output"] if self.path is not None else None
@@ -450,6 +341,28 @@ def _keep_float_quantizer_class() -> type:
             return self._annotate_all_dynamic_patterns(model, self.global_config, self._quantizes)
 
     return KeepFloatQuantizer
+
+
+def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per image of each Conv2d and Linear module, by module path (one forward pass)."""
+    macs: dict[str, int] = {}
+
+    def hook(name: str, module: nn.Module, output: torch.Tensor) -> None:
+        per_output = module.weight[0].numel()  # Conv2d: in/groups x kh x kw; Linear: in_features
+        macs[name] = macs.get(name, 0) + int(output[0].numel() * per_output)
+
+    handles = [
+        module.register_forward_hook(lambda m, _inputs, out, name=name: hook(name, m, out))
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs
 
 
 def convert_onnx_fp16(source: Path, target: Path) -> None:
