@@ -38,7 +38,8 @@ from edgeprune.stages.export_onnx import INPUT_NAME
 
 RANKING_SAMPLES = 16  # calibration images of the two ranking runs (every activation of each is held in memory)
 SENSITIVITY_SAMPLES = 64  # calibration images on which each tensor's effect alone on the logits is measured
-PERCENTILES = (0.01, 99.99)  # the percentile rung's range
+PERCENTILES = (0.01, 99.99)
+CLEAN_INPUT_DB = 20.0  # a layer's added noise is measured only where its inputs are at least this clean  # the percentile rung's range
 
 
 class CalibrationReader:
@@ -242,7 +243,7 @@ def _added_sqnr(output_db: float | None, input_dbs: list[float | None]) -> float
     its activations' own rounding may still look harmless.
     """
     known = [value for value in input_dbs if value is not None]
-    if output_db is None or not known:
+    if output_db is None or not known or min(known) < CLEAN_INPUT_DB:  # noise on noise does not add up: unmeasurable
         return 200.0
     incoming = sum(10 ** (-value / 10) for value in known)
     added = 10 ** (-output_db / 10) - incoming

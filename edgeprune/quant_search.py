@@ -202,21 +202,27 @@ class _Search:
     def climb(self, limits: SearchLimits) -> tuple[str, list[TensorError]]:
         """Steps up the ladder until a candidate passes, the tensors run out, or time does."""
         first_ranking: list[TensorError] = []
+        base: dict[str, str] = {}
         for size in chunk_sizes(limits.max_tensors):
-            if self.elapsed() > limits.max_search_seconds:
+            if time.monotonic() - self.start >= limits.max_search_seconds:
                 return "time limit", first_ranking
-            if self.built != self.best.mix:
-                self.quantizer.quantize(self.path, self.best.mix)  # rank the best candidate's own model
-                self.built = self.best.mix
-            ranking = [item for item in rank(self.quantizer, limits) if item.tensor not in self.best.mix]
+            if self.built != base:
+                self.quantizer.quantize(self.path, base)  # rank the model the step builds on
+                self.built = base
+            ranking = [item for item in rank(self.quantizer, limits) if item.tensor not in base]
             first_ranking = first_ranking or ranking
             if not ranking:
                 return "ladder exhausted", first_ranking
-            for mix in step_mixes(self.best.mix, ranking[:size], self.quantizer.rungs, limits):
-                if self.elapsed() > limits.max_search_seconds:
+            step_best: Candidate | None = None
+            for mix in step_mixes(base, ranking[:size], self.quantizer.rungs, limits):
+                if time.monotonic() - self.start >= limits.max_search_seconds:
                     return "time limit", first_ranking
-                if self.attempt(mix).gate.passed:
+                candidate = self.attempt(mix)
+                if candidate.gate.passed:
                     return "budget met", first_ranking
+                if step_best is None or candidate.gate.accuracy_drop <= step_best.gate.accuracy_drop:
+                    step_best = candidate  # a tie goes to the higher rung: the cheaper ones did not help
+            base = step_best.mix if step_best is not None else base
         return "ladder exhausted", first_ranking
 
     def restore_best(self) -> None:

@@ -1,4 +1,4 @@
-"""Quantization within an accuracy budget: noise ranking, the float fallback, float TFLite I/O, dynamic range."""
+"""Quantization within an accuracy budget: two-run ranking, the ladder, the McNemar gate, float TFLite I/O, dynamic range."""
 
 import gzip
 from pathlib import Path
@@ -9,10 +9,10 @@ import torch
 
 from edgeprune import api
 from edgeprune.config import ExportConfig, QuantizeConfig
-from edgeprune.errors import StageError
 from edgeprune.onnx_weights import minify_names
 from edgeprune.parity import artifact_logits, tflite_interpreter
-from edgeprune.quant_sensitivity import TensorNoise, pt2e_tensor_noise, sqnr_db
+from edgeprune.quant_search import TensorError
+from edgeprune.quant_sensitivity import pt2e_tensor_noise, sqnr_db
 from edgeprune.stages import quantize
 from edgeprune.stages.export_onnx import export_onnx
 from edgeprune.stages.quantize import OnnxQuantizer, TfliteQuantizer, quantize_within_budget, retype_tflite_io
@@ -90,19 +90,33 @@ def test_rounding_one_tensor_at_a_time_finds_the_rescaled_channel_and_keeping_it
 
 
 class ScriptedQuantizer:
-    """A LayerQuantizer whose artefact is good once ``fixing`` layers are all float."""
+    """A MixQuantizer whose artefact is good once each tensor of ``fixing`` is at one of its rungs."""
 
     layout = None
+    rungs = ("percentile", "int16", "float")
+    grid = None  # float output
 
-    def __init__(self, fixing: set[str]) -> None:
+    def __init__(self, fixing: dict[str, set[str]]) -> None:
         self.fixing, self.calls = fixing, []
 
-    def quantize(self, path: Path, keep_float: tuple[str, ...]) -> None:
-        self.calls.append(keep_float)
-        path.write_bytes(b"q" * (100 + 10 * len(keep_float)))  # float layers cost bytes
+    def quantize(self, path: Path, mix) -> None:
+        self.calls.append(dict(mix))
+        path.write_bytes(b"q" * (100 + sum({"percentile": 0, "int16": 5, "float": 10}[rung] for rung in mix.values())))
 
-    def tensor_noise(self) -> list[TensorNoise]:
-        return [TensorNoise("act_b", 0.5, ("relu_b", "conv_c")), TensorNoise("act_a", 1.0, ("conv_a",)), TensorNoise("w", 40.0, ("gemm",))]
+    def good(self) -> bool:
+        return all(self.calls[-1].get(tensor) in rungs for tensor, rungs in self.fixing.items())
+
+    def tensor_errors(self) -> list[TensorError]:
+        ranking = [TensorError("act_b", 0.5, layers=("relu_b", "conv_c")), TensorError("act_a", 1.0, layers=("conv_a",)),
+                   TensorError("w", 40.0, layers=("gemm",))]  # fmt: skip
+        return [item for item in ranking if item.tensor not in self.calls[-1]]
+
+    def refine(self, candidates):
+        return candidates
+
+    def mix_cost(self, mix) -> dict:
+        layers = [f"{tensor}_layer" for tensor, rung in mix.items() if rung == "float"]
+        return {"float_layers": layers, "macs_off_int8": {"int16": 0.01 * sum(r == "int16" for r in mix.values())}}
 
     def describe(self) -> dict:
         return {"calibration": "scripted"}
@@ -112,49 +126,95 @@ class ScriptedQuantizer:
 
     def close(self) -> None: ...
 
-    grid = None  # float output
-
 
 @pytest.fixture
 def scripted_logits(monkeypatch):
-    """artifact_logits of the scripted artefact: right when the fixing layers are float, else every label shifted."""
+    """artifact_logits of the scripted artefact: right when the fixing tensors are at a fixing rung, else every label shifted."""
     labels = np.arange(200) % 10
     fp32 = np.eye(10, dtype=np.float32)[labels]
 
     def fake_logits(path, images, layout=None):
-        quantizer = fake_logits.quantizer
-        good = quantizer.fixing <= set(quantizer.calls[-1])
-        return fp32 if good else np.roll(fp32, 1, axis=1)
+        return fp32 if fake_logits.quantizer.good() else np.roll(fp32, 1, axis=1)
 
     monkeypatch.setattr(quantize, "artifact_logits", fake_logits)
     return fake_logits, fp32, labels
 
 
-def test_the_fallback_keeps_the_noisiest_layers_float_until_the_budget_holds(tmp_path, scripted_logits):
+def test_the_ladder_picks_16_bit_activations_before_float_where_they_suffice(tmp_path, scripted_logits):
     fake_logits, fp32, labels = scripted_logits
-    fake_logits.quantizer = quantizer = ScriptedQuantizer({"relu_b", "conv_c"})
+    fake_logits.quantizer = quantizer = ScriptedQuantizer({"act_b": {"int16", "float"}})
     logits, meta = quantize_within_budget("onnx_int8", "onnx_fp32", quantizer, tmp_path / "q.onnx", fp32, fp32, labels, QuantizeConfig())
-    assert quantizer.calls == [(), ("relu_b", "conv_c")]
-    assert meta["float_layers"] == ["relu_b", "conv_c"] and meta["float_layers_size_bytes"] == 20
-    assert meta["budget"] == {"max_accuracy_drop": 0.5, "min_top1_agreement": 0.99, "accuracy_drop": 0.0, "top1_agreement": 1.0,
-                              "passed": True}  # fmt: skip
-    assert meta["fallback"]["first_attempt"] == {"accuracy_drop": 100.0, "top1_agreement": 0.0, "passed": False}
-    assert meta["fallback"]["noisiest_tensors"][0] == {"tensor": "act_b", "sqnr_db": 0.5, "layers": ["relu_b", "conv_c"]}
-    assert np.array_equal(logits, fp32) and meta["calibration"] == "scripted"
+    assert quantizer.calls == [{}, {"act_b": "percentile"}, {"act_b": "int16"}]  # cheapest rung first, float never needed
+    assert meta["quant_mix"] == {"act_b": "int16"} and meta["float_layers_size_bytes"] == 5
+    assert meta["budget"]["passed"] and meta["budget"]["verdict"] == "within budget" and meta["budget"]["accuracy_drop"] == 0.0
+    assert meta["plain_int8"]["accuracy_drop"] == 100.0 and not meta["plain_int8"]["passed"]
+    assert meta["search"]["stopped"] == "budget met" and [r["mix"] for r in meta["search"]["rounds"]] == [
+        "plain int8", "percentile on 1", "int16 on 1"]  # fmt: skip
+    assert meta["search"]["worst_tensors"][0]["tensor"] == "act_b"
+    assert np.array_equal(logits, fp32) and (tmp_path / "q.onnx").stat().st_size == 105  # the passing candidate's bytes
+    # Where only float fixes it, the ladder climbs to float, and grows to the next tensor when one is not enough.
+    fake_logits.quantizer = quantizer = ScriptedQuantizer({"act_b": {"float"}, "act_a": {"float", "int16"}})
+    _, meta = quantize_within_budget("onnx_int8", "onnx_fp32", quantizer, tmp_path / "q.onnx", fp32, fp32, labels, QuantizeConfig())
+    assert meta["quant_mix"] == {"act_b": "float", "act_a": "int16"} and meta["budget"]["passed"]
 
 
-def test_the_budget_fails_the_stage_when_the_fallback_is_off_or_exhausted(tmp_path, scripted_logits):
+def test_a_missed_budget_is_a_verdict_with_the_best_candidate_and_the_time_limit_is_honoured(tmp_path, scripted_logits):
     fake_logits, fp32, labels = scripted_logits
-    fake_logits.quantizer = ScriptedQuantizer({"gemm"})
-    with pytest.raises(StageError, match=r"onnx_int8: quantization loses 100.00 top-1 points \(agreement 0.0000\) against onnx_fp32.*"
-                       r"fallback is off \(quantize.max_float_layers = 0\); noisiest tensors: act_b 0.5 dB"):  # fmt: skip
-        quantize_within_budget("onnx_int8", "onnx_fp32", fake_logits.quantizer, tmp_path / "q.onnx", fp32, fp32, labels,
-                               QuantizeConfig(max_float_layers=0))  # fmt: skip
-    fake_logits.quantizer = quantizer = ScriptedQuantizer({"gemm"})
-    with pytest.raises(StageError, match=r"even with 3 layer\(s\) kept float \(relu_b, conv_c, conv_a\)"):
-        quantize_within_budget("onnx_int8", "onnx_fp32", quantizer, tmp_path / "q.onnx", fp32, fp32, labels,
-                               QuantizeConfig(max_float_layers=3))  # fmt: skip
-    assert quantizer.calls[-1] == ("relu_b", "conv_c", "conv_a")  # never more than max_float_layers
+    fake_logits.quantizer = quantizer = ScriptedQuantizer({"gemm_out": {"float"}})  # nothing the ranking offers fixes it
+    _, meta = quantize_within_budget("onnx_int8", "onnx_fp32", quantizer, tmp_path / "q.onnx", fp32, fp32, labels, QuantizeConfig())
+    assert not meta["budget"]["passed"] and meta["search"]["stopped"] == "ladder exhausted"
+    assert meta["budget"]["verdict"].startswith("missed budget (ladder exhausted): drop 100.00 > 0.5 points, a real loss")
+    assert (tmp_path / "q.onnx").exists() and not (tmp_path / "q.best.onnx").exists()
+    fake_logits.quantizer = quantizer = ScriptedQuantizer({"act_b": {"int16"}})
+    config = QuantizeConfig(max_search_seconds=0.0)
+    _, meta = quantize_within_budget("onnx_int8", "onnx_fp32", quantizer, tmp_path / "q.onnx", fp32, fp32, labels, config)
+    assert quantizer.calls == [{}] and meta["search"]["stopped"] == "time limit"  # out of time before the ladder: no candidate built
+    assert meta["quant_mix"] == {} and meta["budget"]["verdict"].startswith("missed budget (time limit)")
+    assert (tmp_path / "q.onnx").stat().st_size == 100  # the best so far (plain int8) is what is left
+
+
+def test_mcnemar_gate_passes_a_drop_within_noise_and_fails_a_real_loss():
+    from edgeprune.accuracy_gate import judge, mcnemar_p_value
+
+    assert mcnemar_p_value(0, 0) == 1.0 and mcnemar_p_value(5, 0) == pytest.approx(1 / 32)
+    assert mcnemar_p_value(10, 10) == pytest.approx(0.5881, abs=1e-4) and mcnemar_p_value(3000, 2900) < 0.1
+    fp32 = np.ones(2000, bool)
+    fp32[:200] = False  # 90 % right
+    noisy = fp32.copy()
+    noisy[200:220], noisy[:8] = False, True  # 20 lost, 8 gained: 0.6 points, p = 0.018
+    # 12 lost / 8 gained would be 0.2 points; 14 lost / 6 gained: 0.4 points; make 0.6 points within noise:
+    within = fp32.copy()
+    within[200:230], within[:18] = False, True  # 30 lost, 18 gained: 0.6 points, p = 0.055
+    gate = judge(fp32, within, 0.976, max_accuracy_drop=0.5)
+    assert (gate.lost, gate.gained, gate.accuracy_drop) == (30, 18, 0.6) and gate.p_value == pytest.approx(0.0553, abs=1e-3)
+    assert gate.passed and "within noise" in gate.reason
+    real = judge(fp32, noisy, 0.986, max_accuracy_drop=0.5)
+    assert not real.passed and real.p_value == pytest.approx(0.0178, abs=1e-3) and "a real loss" in real.reason
+    assert not judge(fp32, within, 0.976, max_accuracy_drop=0.5, significance=0.0).passed  # the allowance off: a plain threshold
+    assert judge(fp32, fp32, 1.0, max_accuracy_drop=0.0).passed
+    agreement_gated = judge(fp32, within, 0.976, max_accuracy_drop=0.5, min_top1_agreement=0.99)
+    assert not agreement_gated.passed and agreement_gated.reason == "top-1 agreement 0.9760 < 0.99"
+
+
+def test_two_runs_rank_the_deliberately_broken_activation_first(tmp_path):
+    """TwoConvs exported to ONNX: the ReLU whose channel 3 is 1000x the others tops the two-run ranking."""
+    images = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(TwoConvs().eval(), torch.from_numpy(images[:1]), fp32, ExportConfig())
+    quantizer = OnnxQuantizer(fp32, images, QuantizeConfig(), tmp_path)
+    try:
+        quantizer.quantize(tmp_path / "int8.onnx", {})
+        errors = quantizer.tensor_errors()
+        cost = quantizer.mix_cost({"/1/Relu_output_0": "int16"})
+    finally:
+        quantizer.close()
+    by_tensor, top_two = {item.tensor: item for item in errors}, {item.tensor for item in errors[:2]}
+    # The 1000x ReLU's own rounding (6 dB), and conv 2's output (its 1000x weaker weight column rounds to 0) ...
+    assert top_two == {"/1/Relu_output_0", "/3/Relu_output_0"} and max(item.sqnr_db for item in errors[:2]) < 10
+    assert min(item.sqnr_db for item in errors[2:]) > 40  # ... stand out from the rest, which rounds harmlessly
+    assert by_tensor["/1/Relu_output_0"].layers == ("/1/Relu", "/2/Conv") and by_tensor["/1/Relu_output_0"].model_sqnr_db > 30
+    assert by_tensor["/3/Relu_output_0"].cosine < 0.9  # against the float run: the damage is real
+    assert 0 < cost["macs_off_int8"]["int16"] < 1 and cost["macs_off_int8"]["float"] == 0 and cost["float_layers"] == []
 
 
 # --------------------------------------------------------------------------- real models
@@ -167,12 +227,20 @@ def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_laye
     def build(*extra):
         return api.build("cpu-x86", model=USER_MODEL, weights=str(broken_checkpoint), overrides=overrides + extra)
 
-    with pytest.raises(StageError, match=r"onnx_int8: quantization loses [1-9]\d\.\d\d top-1 points .*fallback is off"):
-        build("quantize.max_float_layers=0")
+    missed = build("quantize.max_search_seconds=0")  # no time to search: plain int8 is what ships, with its verdict
+    from edgeprune.budgets import exit_code
+
+    assert missed.violations and missed.violations[0].kind == "accuracy"
+    assert exit_code(missed.violations) == 10 and "quantization missed budget (time limit)" in missed.violations[0].message
+    shipped = __import__("json").loads((workdir / "dist/cpu-x86/manifest.json").read_text())["artifacts"]["onnx_int8"]
+    assert (
+        not shipped["budget"]["passed"] and shipped["budget"]["accuracy_drop"] > 20 and (workdir / "dist/cpu-x86/model_int8.onnx").exists()
+    )
+    assert "MISSED" in (workdir / "dist/cpu-x86/report.md").read_text()
     int8 = build().manifest["artifacts"]["onnx_int8"]
-    assert int8["fallback"]["first_attempt"]["accuracy_drop"] > 20  # the collapse is real
-    worst = int8["fallback"]["noisiest_tensors"][0]
-    assert worst["sqnr_db"] < 3 and worst["tensor"].startswith("/features/features.")
+    assert int8["plain_int8"]["accuracy_drop"] > 20  # the collapse is real
+    worst = int8["search"]["worst_tensors"][0]
+    assert worst["sqnr_db"] < 10 and worst["tensor"].startswith("/features/features.")
     assert int8["budget"]["passed"] and int8["budget"]["accuracy_drop"] <= 0.5 and int8["budget"]["top1_agreement"] >= 0.99
     assert "/features/features.4/Conv" in int8["float_layers"]  # the conv reading the broken channel
     assert 0 < len(int8["float_layers"]) <= 8 and int8["float_layers_size_bytes"] > 0
@@ -197,7 +265,7 @@ def test_tflite_fallback_and_float_io(workdir, broken_checkpoint):
     overrides = (*FAST, "prune.mode='none'", "benchmark.enabled=false", "quantize.tflite_io='float'")
     result = api.build("android", model=USER_MODEL, weights=str(broken_checkpoint), overrides=overrides)
     int8 = result.manifest["artifacts"]["tflite_int8"]
-    assert int8["fallback"]["first_attempt"]["accuracy_drop"] > 20
+    assert int8["plain_int8"]["accuracy_drop"] > 20
     assert int8["budget"]["passed"] and int8["versus_fp32"]["top1_agreement"] >= 0.99
     assert "features.4" in int8["float_layers"]  # torch module paths for TFLite
     assert int8["io"]["input"]["dtype"] == "float32" and int8["io"]["output"]["dtype"] == "float32"
@@ -213,7 +281,7 @@ def test_tflite_fallback_and_float_io(workdir, broken_checkpoint):
 def test_float_io_wraps_the_same_integer_graph(tmp_path, user_checkpoint, example_data):
     model, images = trained_tiny_cnn(user_checkpoint), example_data.x_test[:300]
     quantizer = TfliteQuantizer(model, torch.from_numpy(images[:1].copy()), example_data.x_train[:64], QuantizeConfig())
-    quantizer.quantize(tmp_path / "int8_io.tflite", ())
+    quantizer.quantize(tmp_path / "int8_io.tflite", {})
     unused = lambda is_input: pytest.fail("no int8 tensor to create")  # noqa: E731
     (tmp_path / "float_io.tflite").write_bytes(retype_tflite_io((tmp_path / "int8_io.tflite").read_bytes(), "float", unused))
     assert quantizer.describe()["io"]["input"]["dtype"] == "int8"
@@ -300,20 +368,19 @@ def test_weight_only_int8_refuses_dynamic_and_tflite_in_one_line(overrides, mess
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_an_int8_output_too_coarse_for_the_logits_fails_at_once_with_the_remedy(tmp_path, monkeypatch):
+def test_an_int8_output_too_coarse_for_the_logits_stops_the_search_at_once_with_the_remedy(tmp_path, monkeypatch):
     """Logits 0.1 apart on an int8 grid of step 0.5: every close call is a tie no float layer can break."""
     labels = np.arange(200) % 10
     fp32 = np.full((200, 10), 1.0, np.float32)
     fp32[np.arange(200), labels] += 0.1 * (labels > 0)  # class 0 images are a tie already; the others win by 0.1
-    quantizer = ScriptedQuantizer(fixing=set())
+    quantizer = ScriptedQuantizer(fixing={})
     quantizer.grid = (0.5, 0)
     monkeypatch.setattr(quantize, "artifact_logits", lambda path, images, layout=None: np.roll(fp32, 1, axis=1))
-    with pytest.raises(StageError) as raised:
-        quantize.quantize_within_budget("tflite_int8", "tflite_fp32", quantizer, tmp_path / "q", fp32, None, labels, QuantizeConfig())
-    message = str(raised.value)
-    assert message.startswith("tflite_int8: its int8 output (scale 0.5) alone agrees with tflite_fp32 on 0.1000 of the test split")
-    assert "quantize.tflite_io = 'float'" in message and "\n" not in message
-    assert quantizer.calls == [()]  # no pointless float rounds
+    _, meta = quantize.quantize_within_budget("tflite_int8", "tflite_fp32", quantizer, tmp_path / "q", fp32, None, labels, QuantizeConfig())
+    verdict = meta["budget"]["verdict"]
+    assert verdict.startswith("missed budget (its int8 output (scale 0.5) alone agrees with tflite_fp32 on 0.1000 of the test split")
+    assert "quantize.tflite_io = 'float'" in verdict and "\n" not in verdict
+    assert quantizer.calls == [{}]  # no pointless rounds
 
 
 def test_the_report_lists_each_quantized_artefacts_budget_float_layers_and_their_cost():
@@ -328,13 +395,32 @@ def test_the_report_lists_each_quantized_artefacts_budget_float_layers_and_their
                 "parent": "onnx_fp32",
                 "budget": budget,
                 "float_layers": ["/stem/Conv", "<b>head</b>"],
+                "quant_mix": {"/stem/Relu_output_0": "float", "/head/Gemm_output_0": "float", "/b3/Relu_output_0": "int16"},
+                "macs_off_int8": {"int16": 0.012, "float": 0.034},
                 "float_layers_size_bytes": 3072,
                 "benchmark": {"latency_p50_ms": 0.11},
             },
-            "tflite_int8": {"file": "model_int8.tflite", "parent": "tflite_fp32", "budget": budget, "float_layers": []},
+            "tflite_int8": {
+                "file": "model_int8.tflite",
+                "parent": "tflite_fp32",
+                "budget": {**budget, "passed": False},
+                "float_layers": [],
+            },
         }
     }
     assert quantization_rows(manifest) == [
-        ["model_int8.onnx", "model.onnx", "-0.20", "0.9935", "0.5 / 0.99", "/stem/Conv, <b>head</b>", "3.0", "0.11 (0.08)"],
-        ["model_int8.tflite", "tflite_fp32", "-0.20", "0.9935", "0.5 / 0.99", "none", "0.0", "- (-)"],
+        [
+            "model_int8.onnx",
+            "model.onnx",
+            "-0.20",
+            "0.9935",
+            "0.5 / 0.99",
+            "pass",
+            "2 float, 1 int16",
+            "/stem/Conv, <b>head</b>",
+            "int16 1.2 / float 3.4",
+            "3.0",
+            "0.11 (0.08)",
+        ],
+        ["model_int8.tflite", "tflite_fp32", "-0.20", "0.9935", "0.5 / 0.99", "MISSED", "none", "none", "-", "0.0", "- (-)"],
     ]

@@ -179,7 +179,7 @@ def quantize_within_budget(
         "float_layers_size_bytes": best.size_bytes - outcome.plain.size_bytes,
         "plain_int8": {"size_bytes": outcome.plain.size_bytes, **outcome.plain.gate.to_dict()},
     }
-    if outcome.rounds[1:] or outcome.ranking:
+    if not outcome.plain.gate.passed:
         meta["search"] = search_record(outcome)
     return best.logits, meta
 
