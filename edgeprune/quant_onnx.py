@@ -214,7 +214,7 @@ def two_run_errors(
         modify_model_output_intermediate_tensors,
     )
 
-    producer_inputs = _producer_inputs(float_path)
+    producers = _producers(float_path)
     feeds = [{INPUT_NAME: images[i : i + 1]} for i in range(len(images))]
     runs = {}
     for role, path in (("float", float_path), ("qdq", qdq_path)):
@@ -228,10 +228,13 @@ def two_run_errors(
     model_after = {name: _finite(local[name].get("xmodel_err")) for name in matching}
     ranked = []
     for name, match in matching.items():
-        added = _added_sqnr(model_before.get(name), [model_after.get(source) for source in producer_inputs.get(name, ())])
+        chain, sources = _compute_chain(name, producers, set(matching))
+        added = _added_sqnr(model_before.get(name), [model_after.get(source) for source in sources])
         cosine = _cosine(match["float"], match["post_qdq"]) if "float" in match else None
-        score = min(float(local[name]["qdq_err"]), added)
-        ranked.append(TensorError(name, score, model_after[name], cosine, layers.get(name, ())))
+        own = float(local[name]["qdq_err"])
+        touching = layers.get(name, ()) if own <= added else tuple(dict.fromkeys([*chain, *layers.get(name, ())]))
+        cause = "rounding" if own <= added else "compute"
+        ranked.append(TensorError(name, min(own, added), model_after[name], cosine, touching, cause))
     ranges = {name: _percentile_range(values) for name, values in runs["float"].items() if name in matching}
     return sorted(ranked, key=lambda item: (item.sqnr_db, item.tensor)), ranges
 
@@ -254,11 +257,30 @@ def _sqnr(reference: list[np.ndarray], value: list[np.ndarray]) -> float | None:
     return _finite(sqnr_db(np.concatenate([np.ravel(v) for v in reference]), np.concatenate([np.ravel(v) for v in value])))
 
 
-def _producer_inputs(model_path: Path) -> dict[str, tuple[str, ...]]:
-    """Each tensor's producing node's inputs (initializers included; they have no activation error and are skipped)."""
+def _producers(model_path: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Each tensor's producing node: (node name, its inputs)."""
     import onnx
 
-    return {output: tuple(node.input) for node in onnx.load(str(model_path)).graph.node for output in node.output}
+    return {output: (node.name, tuple(node.input)) for node in onnx.load(str(model_path)).graph.node for output in node.output}
+
+
+def _compute_chain(tensor: str, producers: Mapping[str, tuple[str, tuple[str, ...]]], quantized: set[str]) -> tuple[list[str], list[str]]:
+    """The nodes computing ``tensor`` from the nearest quantized tensors (a Conv fused with its Relu: both), and those tensors.
+
+    The ``float`` rung of a tensor whose damage is added by its computation (int8 weights) leaves these nodes float.
+    """
+    chain, sources, frontier = [], [], [tensor]
+    while frontier:
+        current = frontier.pop()
+        if current != tensor and current in quantized:
+            sources.append(current)
+            continue
+        if current not in producers or producers[current][0] in chain:
+            continue
+        node, inputs = producers[current]
+        chain.append(node)
+        frontier += [item for item in inputs if item in producers or item in quantized]
+    return chain, sources
 
 
 def _percentile_range(values: list[np.ndarray]) -> tuple[float, float]:

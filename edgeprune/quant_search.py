@@ -51,13 +51,14 @@ class TensorError:
     model_sqnr_db: float | None = None
     cosine: float | None = None
     layers: tuple[str, ...] = ()
+    cause: str = "rounding"  # "rounding": its own grid; "compute": the layers computing it (int8 weights), which only float fixes
 
     def to_dict(self) -> dict[str, Any]:
         rounded = {
             key: None if value is None else round(value, 4)
             for key, value in (("model_sqnr_db", self.model_sqnr_db), ("cosine", self.cosine))
         }
-        return {"tensor": self.tensor, "sqnr_db": round(self.sqnr_db, 2), **rounded, "layers": list(self.layers)}
+        return {"tensor": self.tensor, "sqnr_db": round(self.sqnr_db, 2), **rounded, "layers": list(self.layers), "cause": self.cause}
 
 
 class MixQuantizer(Protocol):
@@ -134,13 +135,21 @@ def chunk_sizes(limit: int) -> list[int]:
     return sizes or ([limit] if limit > 0 else [])
 
 
-def step_mixes(base: Mapping[str, str], worst: list[TensorError], rungs: tuple[str, ...], limits: SearchLimits) -> list[dict[str, str]]:
-    """The candidates of one step: ``base`` plus the ``worst`` new tensors at each rung, cheapest first."""
-    mixes = []
+def step_mixes(
+    base: Mapping[str, str], worst: list[TensorError], rungs: tuple[str, ...], limits: SearchLimits, float_layers_of: tuple[str, ...] = ()
+) -> list[dict[str, str]]:
+    """The candidates of one step: ``base`` plus the ``worst`` new tensors at each rung, cheapest first.
+
+    A tensor damaged by its computation goes float at every rung; a candidate over ``max_float_layers`` is left out.
+    """
+    mixes: list[dict[str, str]] = []
+    previous_float = set(float_layers_of)
     for rung in rungs:
-        mix = {**base, **{item.tensor: rung for item in worst}}
-        float_tensors = [item for item in worst if rung == "float"] + [TensorError(t, 0.0) for t, r in base.items() if r == "float"]
-        if rung == "float" and len({layer for item in float_tensors for layer in item.layers}) > limits.max_float_layers:
+        mix = {**base, **{item.tensor: rung if item.cause == "rounding" else "float" for item in worst}}
+        if mix in mixes:
+            continue
+        float_layers = {layer for item in worst if mix[item.tensor] == "float" for layer in item.layers}
+        if float_layers and len(float_layers | previous_float) > limits.max_float_layers:
             continue
         mixes.append(mix)
     return mixes
@@ -214,7 +223,8 @@ class _Search:
             if not ranking:
                 return "ladder exhausted", first_ranking
             step_best: Candidate | None = None
-            for mix in step_mixes(base, ranking[:size], self.quantizer.rungs, limits):
+            base_float = tuple(self.quantizer.mix_cost(base)["float_layers"]) if base else ()
+            for mix in step_mixes(base, ranking[:size], self.quantizer.rungs, limits, base_float):
                 if time.monotonic() - self.start >= limits.max_search_seconds:
                     return "time limit", first_ranking
                 candidate = self.attempt(mix)

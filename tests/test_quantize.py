@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from edgeprune import api
+from edgeprune.budgets import exit_code
 from edgeprune.config import ExportConfig, QuantizeConfig
 from edgeprune.onnx_weights import minify_names
 from edgeprune.parity import artifact_logits, tflite_interpreter
@@ -228,10 +229,8 @@ def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_laye
         return api.build("cpu-x86", model=USER_MODEL, weights=str(broken_checkpoint), overrides=overrides + extra)
 
     missed = build("quantize.max_search_seconds=0")  # no time to search: plain int8 is what ships, with its verdict
-    from edgeprune.budgets import exit_code
-
-    assert missed.violations and missed.violations[0].kind == "accuracy"
-    assert exit_code(missed.violations) == 10 and "quantization missed budget (time limit)" in missed.violations[0].message
+    assert exit_code(missed.violations) == 10  # accuracy, however many accuracy budgets it breaks
+    assert any("onnx_int8: quantization missed budget (time limit)" in violation.message for violation in missed.violations)
     shipped = __import__("json").loads((workdir / "dist/cpu-x86/manifest.json").read_text())["artifacts"]["onnx_int8"]
     assert (
         not shipped["budget"]["passed"] and shipped["budget"]["accuracy_drop"] > 20 and (workdir / "dist/cpu-x86/model_int8.onnx").exists()
