@@ -32,7 +32,6 @@ from edgeprune.quant_sensitivity import (
     onnx_rounded_tensors,
     onnx_rounded_weights,
     onnx_tensor_noise,
-    sqnr_db,
 )
 from edgeprune.stages.export_onnx import INPUT_NAME
 
@@ -209,7 +208,6 @@ def two_run_errors(
     """Each QDQ activation's noise from one float and one QDQ run, worst first; and the float activations' percentile ranges."""
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
-        compute_activation_error,
         create_activation_matching,
         modify_model_output_intermediate_tensors,
     )
@@ -223,20 +221,58 @@ def two_run_errors(
         runs[role] = collect_activations(str(augmented), feeds)
         augmented.unlink()
     matching = create_activation_matching(runs["qdq"], runs["float"])
-    local = compute_activation_error(matching)
-    model_before = {name: _sqnr(match["float"], match["pre_qdq"]) for name, match in matching.items() if "float" in match}
-    model_after = {name: _finite(local[name].get("xmodel_err")) for name in matching}
+    # Not compute_activation_error: onnxruntime drops a Relu after a Conv and lets the int8 range clip, so a
+    # Relu output's "pre_qdq" is the Conv's, negatives included. Clipped to the grid's range it is the relu'd value.
+    channels = _channel_counts(float_path)
+    flat = {name: {role: _by_channel(values, channels.get(name, 1)) for role, values in match.items()} for name, match in matching.items()}
+    for values in flat.values():
+        values["pre_qdq"] = np.clip(values["pre_qdq"], values["post_qdq"].min(), values["post_qdq"].max())
+    model_before = {name: channel_sqnr_db(values["float"], values["pre_qdq"]) for name, values in flat.items() if "float" in values}
+    model_after = {name: channel_sqnr_db(values["float"], values["post_qdq"]) for name, values in flat.items() if "float" in values}
     ranked = []
-    for name, match in matching.items():
+    for name, values in flat.items():
         chain, sources = _compute_chain(name, producers, set(matching))
         added = _added_sqnr(model_before.get(name), [model_after.get(source) for source in sources])
-        cosine = _cosine(match["float"], match["post_qdq"]) if "float" in match else None
-        own = float(local[name]["qdq_err"])
+        cosine = _cosine(values["float"].ravel(), values["post_qdq"].ravel()) if "float" in values else None
+        own = channel_sqnr_db(values["pre_qdq"], values["post_qdq"])
         touching = layers.get(name, ()) if own <= added else tuple(dict.fromkeys([*chain, *layers.get(name, ())]))
         cause = "rounding" if own <= added else "compute"
-        ranked.append(TensorError(name, min(own, added), model_after[name], cosine, touching, cause))
+        ranked.append(TensorError(name, min(own, added), model_after.get(name), cosine, touching, cause))
     ranges = {name: _percentile_range(values) for name, values in runs["float"].items() if name in matching}
     return sorted(ranked, key=lambda item: (item.sqnr_db, item.tensor)), ranges
+
+
+def channel_sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
+    """The mean over channels (axis 0 of a (channels, values) array) of each channel's SQNR in dB, each held to [-20, 60].
+
+    One SQNR over the whole tensor is ruled by its loudest channel: a 1000x outlier channel
+    kept exact hides every other channel rounded to zero. Per channel, those count.
+    """
+    signal = np.sum(np.square(reference, dtype=np.float64), axis=1)
+    noise = np.sum(np.square(reference.astype(np.float64) - value), axis=1)
+    per_channel = 10 * np.log10(np.maximum(signal, 1e-30) / np.maximum(noise, 1e-30))
+    return float(np.mean(np.clip(np.where(noise > 0, per_channel, 60.0), -20.0, 60.0)))
+
+
+def _by_channel(values: list[np.ndarray], channels: int) -> np.ndarray:
+    """Per-image flattened activations (qdq_loss_debug's collector flattens them) as (channels, values) for NCHW-like tensors."""
+    per_image = [np.ravel(v) for v in values]
+    if channels > 1 and all(v.size % channels == 0 for v in per_image):
+        return np.concatenate([v.reshape(channels, -1) for v in per_image], axis=1)
+    return np.concatenate(per_image)[None, :]
+
+
+def _channel_counts(model_path: Path) -> dict[str, int]:
+    """Axis 1 of each rank >= 3 float tensor (a feature map's channels); others count as one channel."""
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    counts = {}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) >= 3 and dims[1].dim_value > 0:
+            counts[info.name] = dims[1].dim_value
+    return counts
 
 
 def _added_sqnr(output_db: float | None, input_dbs: list[float | None]) -> float:
@@ -251,10 +287,6 @@ def _added_sqnr(output_db: float | None, input_dbs: list[float | None]) -> float
     incoming = sum(10 ** (-value / 10) for value in known)
     added = 10 ** (-output_db / 10) - incoming
     return 200.0 if added <= 0 else min(200.0, -10 * float(np.log10(added)))
-
-
-def _sqnr(reference: list[np.ndarray], value: list[np.ndarray]) -> float | None:
-    return _finite(sqnr_db(np.concatenate([np.ravel(v) for v in reference]), np.concatenate([np.ravel(v) for v in value])))
 
 
 def _producers(model_path: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -288,9 +320,8 @@ def _percentile_range(values: list[np.ndarray]) -> tuple[float, float]:
     return min(float(low), 0.0), max(float(high), 0.0)
 
 
-def _cosine(reference: list[np.ndarray], value: list[np.ndarray]) -> float:
-    a = np.concatenate([np.ravel(v) for v in reference]).astype(np.float64)
-    b = np.concatenate([np.ravel(v) for v in value]).astype(np.float64)
+def _cosine(reference: np.ndarray, value: np.ndarray) -> float:
+    a, b = reference.astype(np.float64), value.astype(np.float64)
     norm = float(np.linalg.norm(a) * np.linalg.norm(b))
     return 1.0 if norm == 0 else float(a @ b / norm)
 

@@ -89,7 +89,12 @@ def p50_ms(paths: list[Path], image: np.ndarray, rounds: int = 5, iterations: in
 def measure(name: str, data, args, folder: Path) -> list[str]:
     torch.manual_seed(0)
     model = resnet56() if name == "resnet56" else create_model(name, 10, 1, 28)
-    train(model, data.x_train[: args.train_samples], data.y_train[: args.train_samples], TrainSettings(epochs=args.epochs, lr=1e-2, batch_size=128, seed=0))
+    train(
+        model,
+        data.x_train[: args.train_samples],
+        data.y_train[: args.train_samples],
+        TrainSettings(epochs=args.epochs, lr=1e-2, batch_size=128, seed=0),
+    )
     model.eval()
     if name == "resnet56":
         add_outliers(model, args.outlier)
@@ -144,7 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     data = load_dataset(DataConfig(), 10)
-    print(f"test images {len(data.x_test)}; budget {BUDGET.max_accuracy_drop} points (McNemar p < {BUDGET.significance}), agreement >= 0.99")
+    print(
+        f"test images {len(data.x_test)}; budget {BUDGET.max_accuracy_drop} points (McNemar p < {BUDGET.significance}), agreement >= 0.99"
+    )
     rows = []
     for name in args.models:
         with tempfile.TemporaryDirectory() as folder:

@@ -209,12 +209,11 @@ def test_two_runs_rank_the_deliberately_broken_activation_first(tmp_path):
         cost = quantizer.mix_cost({"/1/Relu_output_0": "int16"})
     finally:
         quantizer.close()
-    by_tensor, top_two = {item.tensor: item for item in errors}, {item.tensor for item in errors[:2]}
-    # The 1000x ReLU's own rounding (6 dB), and conv 2's output (its 1000x weaker weight column rounds to 0) ...
-    assert top_two == {"/1/Relu_output_0", "/3/Relu_output_0"} and max(item.sqnr_db for item in errors[:2]) < 10
-    assert min(item.sqnr_db for item in errors[2:]) > 40  # ... stand out from the rest, which rounds harmlessly
-    assert by_tensor["/1/Relu_output_0"].layers == ("/1/Relu", "/2/Conv") and by_tensor["/1/Relu_output_0"].model_sqnr_db > 30
-    assert by_tensor["/3/Relu_output_0"].cosine < 0.9  # against the float run: the damage is real
+    worst, rest = errors[0], errors[1:]
+    # One SQNR over the tensor would be ruled by the exact 1000x channel; per channel, the three rounded to 0 count.
+    assert worst.tensor == "/1/Relu_output_0" and worst.sqnr_db < 20 and min(item.sqnr_db for item in rest) > 40
+    assert worst.layers == ("/1/Relu", "/2/Conv") and worst.cause == "rounding"  # written by the ReLU, read by conv 2
+    assert worst.cosine > 0.99  # the loud channel is intact: a cosine alone would not have found it
     assert 0 < cost["macs_off_int8"]["int16"] < 1 and cost["macs_off_int8"]["float"] == 0 and cost["float_layers"] == []
 
 
