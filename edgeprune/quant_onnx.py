@@ -27,6 +27,7 @@ from edgeprune.onnx_weights import float16_constants, quantize_weights
 from edgeprune.quant_search import Mix, TensorError
 from edgeprune.quant_sensitivity import (
     TensorNoise,
+    channel_sqnr_db,
     onnx_activations,
     onnx_layers_by_tensor,
     onnx_rounded_tensors,
@@ -240,18 +241,6 @@ def two_run_errors(
         ranked.append(TensorError(name, min(own, added), model_after.get(name), cosine, touching, cause))
     ranges = {name: _percentile_range(values) for name, values in runs["float"].items() if name in matching}
     return sorted(ranked, key=lambda item: (item.sqnr_db, item.tensor)), ranges
-
-
-def channel_sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
-    """The mean over channels (axis 0 of a (channels, values) array) of each channel's SQNR in dB, each held to [-20, 60].
-
-    One SQNR over the whole tensor is ruled by its loudest channel: a 1000x outlier channel
-    kept exact hides every other channel rounded to zero. Per channel, those count.
-    """
-    signal = np.sum(np.square(reference, dtype=np.float64), axis=1)
-    noise = np.sum(np.square(reference.astype(np.float64) - value), axis=1)
-    per_channel = 10 * np.log10(np.maximum(signal, 1e-30) / np.maximum(noise, 1e-30))
-    return float(np.mean(np.clip(np.where(noise > 0, per_channel, 60.0), -20.0, 60.0)))
 
 
 def _by_channel(values: list[np.ndarray], channels: int) -> np.ndarray:
