@@ -4,9 +4,8 @@ Importing this package does not import torch or any converter; they load when a
 build needs them.
 """
 
-__version__ = "0.1.0"
-
-from edgeprune.api import BuildResult, bench, build, resolve, targets  # noqa: E402
-from edgeprune.errors import EdgepruneError  # noqa: E402
+from edgeprune.api import BuildResult, bench, build, resolve, targets
+from edgeprune.errors import EdgepruneError
+from edgeprune.versions import __version__
 
 __all__ = ["BuildResult", "EdgepruneError", "__version__", "bench", "build", "resolve", "targets"]

@@ -4,31 +4,64 @@
 swaps a complete output folder (artefacts, manifest.json, report.md,
 report.html, plots/) into place; a failed or interrupted build leaves the
 previous output untouched. ``build_matrix`` builds several targets in one call,
-sharing every stage they have in common through the cache. ``diff`` compares
-two builds' manifests.
+as one task each through an executor (this process, or Ray tasks), sharing every
+stage they have in common through the cache. ``analyze`` runs the sensitivity
+analysis (``edgeprune.analysis``); ``diff`` compares two builds' manifests;
+``bench`` measures one artefact.
+
+What a configuration is resolved from, besides the target, is one typed value,
+``BuildInputs``: every entry point takes its keys as keyword arguments.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
+from edgeprune import executors
 from edgeprune.artifacts import MANIFEST, Artifact, copy_into, staged_directory, write_bytes_atomic, write_json_atomic
 from edgeprune.budgets import Violation, check_budgets, exit_code
+from edgeprune.cache import Cache
 from edgeprune.config import BuildConfig
-from edgeprune.errors import ConfigError, EdgepruneError
+from edgeprune.data import Dataset, load_dataset
+from edgeprune.diff import ManifestDiff, Thresholds, diff_manifests
+from edgeprune.errors import ConfigError, EdgepruneError, InputError
+from edgeprune.html_report import html_report
+from edgeprune.library_output import build_log
+from edgeprune.manifest import SHIPPED, make_manifest, seal
+from edgeprune.plots import INDEX, plots_index, plots_key, render_plots, reuse_plots
 from edgeprune.progress import Reporter
+from edgeprune.report import PLOTS_DIR, markdown_report
+from edgeprune.runtimes import BenchSettings, benchmark
+from edgeprune.runtimes.device_locks import DeviceSerializedCache
+from edgeprune.stages.base import PipelineResult
 from edgeprune.targets import TargetInfo, list_targets, resolve_config
+from edgeprune.verify import Verification, check_output, verify_output
 
 if TYPE_CHECKING:
-    from edgeprune.data import Dataset
-    from edgeprune.diff import ManifestDiff, Thresholds
-    from edgeprune.sensitivity import SensitivityResult
+    from edgeprune.analysis import SensitivityResult
 
 DEFAULT_CACHE = ".edgeprune-cache"
+
+
+class BuildInputs(TypedDict, total=False):
+    """What a target's configuration is resolved from, besides the target itself (every key optional).
+
+    ``project_file``: a project TOML (default ``./edgeprune.toml`` when present); ``overrides``:
+    ``section.key=value`` settings, applied last; ``model``: ``package.module:factory`` or
+    ``example:NAME``; ``weights``: a checkpoint; ``data``: a ``.npz`` or ``module:function``;
+    ``trust_checkpoint``: allow a checkpoint holding pickled objects.
+    """
+
+    project_file: Path | None
+    overrides: tuple[str, ...]
+    model: str | None
+    weights: str | None
+    data: str | None
+    trust_checkpoint: bool
 
 
 @dataclass
@@ -63,66 +96,47 @@ def targets() -> list[TargetInfo]:
     return list_targets()
 
 
-def resolve(
-    target: str,
-    project_file: Path | None = None,
-    overrides: tuple[str, ...] = (),
-    model: str | None = None,
-    weights: str | None = None,
-    data: str | None = None,
-    trust_checkpoint: bool = False,
-) -> BuildConfig:
+def resolve(target: str, **inputs: Unpack[BuildInputs]) -> BuildConfig:
     """The validated configuration a build of ``target`` would use."""
     extra: dict[str, Any] = {}
-    if model:
-        extra.setdefault("model", {})["source"] = model
-    if weights:
-        extra.setdefault("model", {})["weights"] = weights
-    if trust_checkpoint:
+    if inputs.get("model"):
+        extra.setdefault("model", {})["source"] = inputs["model"]
+    if inputs.get("weights"):
+        extra.setdefault("model", {})["weights"] = inputs["weights"]
+    if inputs.get("trust_checkpoint"):
         extra.setdefault("model", {})["trust_checkpoint"] = True
-    if data:
-        extra.setdefault("data", {})["source"] = data
-    return resolve_config(target, project_file, overrides, extra)
+    if inputs.get("data"):
+        extra.setdefault("data", {})["source"] = inputs["data"]
+    return resolve_config(target, inputs.get("project_file"), tuple(inputs.get("overrides", ())), extra)
 
 
 def build(
     target: str,
     *,
-    project_file: Path | None = None,
-    overrides: tuple[str, ...] = (),
-    model: str | None = None,
-    weights: str | None = None,
-    data: str | None = None,
-    trust_checkpoint: bool = False,
     out: Path | None = None,
     cache_dir: Path | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
+    **inputs: Unpack[BuildInputs],
 ) -> BuildResult:
     """Build one target. Raises EdgepruneError subclasses for user-facing failures.
 
     Budget violations do not raise: they are in ``BuildResult.violations`` and
     in the manifest, and the caller decides (the CLI exits non-zero).
     """
-    config = resolve(target, project_file, overrides, model, weights, data, trust_checkpoint)
-    return build_config(config, out=out, cache_dir=cache_dir, force=force, reporter=reporter)
+    return build_config(resolve(target, **inputs), out=out, cache_dir=cache_dir, force=force, reporter=reporter)
 
 
 def build_matrix(
     targets: list[str],
     *,
-    project_file: Path | None = None,
-    overrides: tuple[str, ...] = (),
-    model: str | None = None,
-    weights: str | None = None,
-    data: str | None = None,
-    trust_checkpoint: bool = False,
     out: Path | None = None,
     cache_dir: Path | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    **inputs: Unpack[BuildInputs],
 ) -> MatrixResult:
     """Build several targets, in order, each into ``<out or dist>/<name>``.
 
@@ -133,7 +147,7 @@ def build_matrix(
     error is in ``MatrixResult.failures``. ``executor="ray"`` (optionally with
     ``ray_address``) runs the targets as Ray tasks sharing the cache folder.
     """
-    configs = [resolve(target, project_file, overrides, model, weights, data, trust_checkpoint) for target in targets]
+    configs = [resolve(target, **inputs) for target in targets]
     outs = [Path(out or "dist") / config.name for config in configs]
     for index, folder in enumerate(outs):
         if folder in outs[:index]:
@@ -141,36 +155,70 @@ def build_matrix(
                 f"targets '{targets[outs.index(folder)]}' and '{targets[index]}' are both named '{configs[index].name}' "
                 f"and would both write {folder}: give one profile another name"
             )
-    if executor != "local" or ray_address:
-        from edgeprune import executors
+    with executors.open_executor(executor, ray_address) as runner:
+        root, cache = Path(out or "dist"), Path(cache_dir or default_cache_dir())
+        return build_configs(configs, runner, root, cache, force=force, reporter=reporter)
 
-        with executors.open_executor(executor, ray_address) as runner:
-            root, cache = Path(out or "dist"), Path(cache_dir or default_cache_dir())
-            return executors.build_matrix(configs, runner, root, cache, force=force, reporter=reporter)
-    result, datasets = MatrixResult(), {}
-    for config, folder in zip(configs, outs, strict=True):
-        try:
-            key = _data_key(config)
-            if key not in datasets:
-                datasets[key] = _load_data(config)
-            result.builds.append(
-                build_config(config, out=folder, cache_dir=cache_dir, force=force, reporter=reporter, dataset=datasets[key])
-            )
-        except EdgepruneError as error:
-            result.failures[config.name] = error
-            (reporter or Reporter()).warn(f"[{config.name}] build failed: {error}")
-    return result
+
+@dataclass(frozen=True)
+class TargetBuild:
+    """One target of a matrix, as shipped to a task: plain, picklable data."""
+
+    config: BuildConfig
+    out: Path
+    cache_dir: Path
+    force: bool = False
+    verbosity: int = 1
+
+
+def build_configs(
+    configs: list[BuildConfig],
+    executor: executors.Executor,
+    out_root: Path,
+    cache_dir: Path,
+    *,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> MatrixResult:
+    """Build every config into ``out_root/<name>`` as one call of ``build_target`` each through ``executor``, sharing
+    ``cache_dir``: whose per-entry locks mean a stage the targets have in common is computed once and served from the
+    cache to the others, and whose per-device locks make benchmarks on one device take turns.
+
+    A target that fails does not stop the others: its error is in ``MatrixResult.failures`` under the target's name.
+    Configs are resolved and checked by the caller. In this process the targets share the caller's reporter and
+    each dataset is loaded once.
+    """
+    reporter = reporter or Reporter()
+    jobs = [TargetBuild(config, Path(out_root) / config.name, Path(cache_dir), force, reporter.verbosity) for config in configs]
+    in_process = executor.name == "local"
+    task = functools.partial(build_target, reporter=reporter, datasets={}) if in_process else build_target
+    matrix = MatrixResult()
+    for job, outcome in zip(jobs, executor.map(task, jobs), strict=True):
+        if isinstance(outcome, EdgepruneError):
+            matrix.failures[job.config.name] = outcome
+            reporter.warn(f"[{job.config.name}] build failed: {outcome}")
+        elif isinstance(outcome, Exception):
+            raise outcome  # a bug: its traceback matters more than the other targets
+        else:
+            matrix.builds.append(outcome)
+    return matrix
+
+
+def build_target(job: TargetBuild, reporter: Reporter | None = None, datasets: dict[str, Dataset] | None = None) -> BuildResult:
+    """Build one resolved target of a matrix, its benchmark under its device's lock (``datasets``: loaded ones, by data key)."""
+    config = job.config
+    key = repr((config.data, config.model.num_classes))
+    cache = DeviceSerializedCache(job.cache_dir, config.benchmark.device)
+    check_writable(job.out)
+    datasets = {} if datasets is None else datasets
+    if key not in datasets:
+        datasets[key] = load_dataset(config.data, config.model.num_classes)
+    return _build_into(config, job.out, cache, reporter or Reporter(verbosity=job.verbosity), datasets[key], job.force)
 
 
 def analyze(
     target: str,
     *,
-    project_file: Path | None = None,
-    overrides: tuple[str, ...] = (),
-    model: str | None = None,
-    weights: str | None = None,
-    data: str | None = None,
-    trust_checkpoint: bool = False,
     out: Path | None = None,
     cache_dir: Path | None = None,
     ratios: tuple[float, ...] | None = None,
@@ -178,16 +226,17 @@ def analyze(
     executor: str = "local",
     ray_address: str | None = None,
     force: bool = False,
+    **inputs: Unpack[BuildInputs],
 ) -> SensitivityResult:
     """Sensitivity analysis of ``target``'s model: each prunable layer group pruned alone at ``ratios``,
     top-1 and p50 measured on the target's runtime; writes sensitivity.json/.md/.png into
     ``out`` (default ``dist/<target>-analysis``). ``prune.ratios_from`` in a later build reads the JSON.
     ``executor="ray"`` runs the groups as Ray tasks sharing the cache folder.
     """
-    from edgeprune import executors
-    from edgeprune.sensitivity import DEFAULT_RATIOS, run_analysis
+    # Imported on use: the analysis imports torch, and importing edgeprune (the CLI's start-up) must not.
+    from edgeprune.analysis import DEFAULT_RATIOS, run_analysis
 
-    config = resolve(target, project_file, overrides, model, weights, data, trust_checkpoint)
+    config = resolve(target, **inputs)
     folder = Path(out) if out is not None else Path("dist") / f"{config.name}-analysis"
     check_writable(folder)
     with executors.open_executor(executor, ray_address) as runner:
@@ -202,14 +251,13 @@ def analyze(
         )
 
 
-def _data_key(config: BuildConfig) -> str:
-    return repr((config.data, config.model.num_classes))
+def inspect(config: BuildConfig, *, reporter: Reporter | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
+    """What ``edgeprune inspect`` reports for ``config``'s model and checkpoint (see ``edgeprune.inspection``)."""
+    # Imported on use: the inspection imports torch, and importing edgeprune (the CLI's start-up) must not.
+    from edgeprune.inspection import inspect_model
 
-
-def _load_data(config: BuildConfig) -> Dataset:
-    from edgeprune.data import load_dataset
-
-    return load_dataset(config.data, config.model.num_classes)
+    dataset = load_dataset(config.data, config.model.num_classes)
+    return inspect_model(config, dataset, reporter or Reporter(verbosity=0), timeout_s)
 
 
 def build_config(
@@ -219,27 +267,28 @@ def build_config(
     cache_dir: Path | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
-    dataset: Dataset | None = None,
 ) -> BuildResult:
-    """Build one resolved configuration (``dataset``: an already loaded one, for matrix builds)."""
-    from edgeprune.cache import Cache
-    from edgeprune.pipeline import run_pipeline
-
-    reporter = reporter or Reporter()
+    """Build one resolved configuration."""
     out = Path(out) if out is not None else Path("dist") / config.name
     check_writable(out)
     cache = Cache(cache_dir or default_cache_dir())
-    dataset = dataset if dataset is not None else _load_data(config)
-    with cache.lock(f"out:{out.resolve()}"):  # two builds into one folder are serialized
+    return _build_into(config, out, cache, reporter or Reporter(), load_dataset(config.data, config.model.num_classes), force)
+
+
+def _build_into(config: BuildConfig, out: Path, cache: Cache, reporter: Reporter, dataset: Dataset, force: bool) -> BuildResult:
+    """Run the pipeline and write the output folder, under the folder's lock (two builds into one folder are serialized),
+    other libraries' output going to the build log beside it."""
+    # Imported on use: the pipeline imports the stages and torch, and importing edgeprune (the CLI's start-up) must not.
+    from edgeprune.pipeline import run_pipeline
+
+    with cache.lock(f"out:{out.resolve()}"), build_log(out, reporter):
         result = run_pipeline(config, dataset, cache, reporter, force=force)
         manifest, violations = write_output(config, dataset, result, out)
     return BuildResult(config.name, out, manifest, violations)
 
 
-def write_output(config, dataset, result, out: Path) -> tuple[dict[str, Any], list[Violation]]:
+def write_output(config: BuildConfig, dataset: Dataset, result: PipelineResult, out: Path) -> tuple[dict[str, Any], list[Violation]]:
     """Copy the shipped artefacts, then write manifest.json, report.md, report.html and plots/, all swapped in at once."""
-    from edgeprune.manifest import SHIPPED, make_manifest, seal
-
     with staged_directory(out) as staging:
         shipped: dict[str, Artifact] = {}
         for name, filename in SHIPPED.items():
@@ -251,15 +300,12 @@ def write_output(config, dataset, result, out: Path) -> tuple[dict[str, Any], li
         manifest["budgets"] = {"limits": limits, "violations": [v.to_dict() for v in violations], "passed": not violations}
         write_json_atomic(staging / MANIFEST, seal(manifest))
         write_reports(manifest, staging, previous=out)
+        check_output(staging)  # never publish a manifest its files contradict
     return manifest, violations
 
 
 def write_reports(manifest: dict[str, Any], folder: Path, previous: Path | None = None) -> None:
     """report.md, report.html and plots/ into ``folder``; plots drawn from the same figures are reused from ``previous``."""
-    from edgeprune.html_report import html_report
-    from edgeprune.plots import INDEX, plots_index, plots_key, render_plots, reuse_plots
-    from edgeprune.report import PLOTS_DIR, markdown_report
-
     key = plots_key(manifest)
     plots = (reuse_plots(previous / PLOTS_DIR, key) if previous else None) or render_plots(manifest)
     (folder / PLOTS_DIR).mkdir(exist_ok=True)
@@ -281,28 +327,31 @@ def check_writable(out: Path) -> None:
         raise EdgepruneError(f"output path {out} exists and is not a folder")
 
 
-def clean_cache(cache_dir: Path | None = None) -> Path:
-    """Remove the stage cache folder."""
-    root = cache_dir or default_cache_dir()
-    shutil.rmtree(root, ignore_errors=True)
-    return root
-
-
 def diff(old: Path, new: Path, thresholds: Thresholds | None = None) -> ManifestDiff:
     """Compare two builds' manifests (files or output folders); see ``edgeprune.diff``."""
-    from edgeprune.diff import Thresholds, diff_manifests
-
     return diff_manifests(Path(old), Path(new), thresholds or Thresholds())
 
 
-def bench(
-    artifact: Path, device: str = "local", threads: int = 2, iterations: int = 50, repeats: int = 3, warmup: int = 10
-) -> dict[str, Any]:
-    """Benchmark one artefact on one device; returns the runner's figures."""
-    from edgeprune.errors import InputError
-    from edgeprune.runtimes.base import BenchSettings, benchmark
+def verify(folder: Path, *, parity: bool = False, data: Path | None = None) -> Verification:
+    """Derive every figure an output folder's manifest states about its files again and compare (``edgeprune.verify``)."""
+    return verify_output(Path(folder), parity=parity, data=Path(data) if data is not None else None)
 
+
+def bench(
+    artifact: Path,
+    device: str = "local",
+    threads: int = 2,
+    iterations: int = 50,
+    repeats: int = 3,
+    warmup: int = 10,
+    shapes: tuple[str, ...] = (),
+    max_spread_pct: float = 0.0,
+) -> dict[str, Any]:
+    """Benchmark one artefact on one device; returns the runner's figures. ``shapes`` (``INPUT=1,3,224,224``)
+    fix dynamic input dimensions; above ``max_spread_pct`` (0: never) more repeats are taken (see BenchSettings)."""
     if not Path(artifact).is_file():
         raise InputError(f"artefact not found: {artifact}")
-    settings = BenchSettings(threads=threads, warmup=warmup, iterations=iterations, repeats=repeats)
+    settings = BenchSettings(
+        threads=threads, warmup=warmup, iterations=iterations, repeats=repeats, input_shapes=shapes, max_spread_pct=max_spread_pct
+    )
     return benchmark(Path(artifact), device, settings).to_dict()

@@ -6,7 +6,8 @@ Exit codes: 0 success; 2 bad input or configuration; 3 a stage failed
 edgeprune.budgets); 130 interrupted. A matrix build exits with its worst
 outcome: a failed target's code, else the code of all its violations together.
 ``edgeprune diff`` exits 10/11/12/14 when it flags an accuracy/latency/size
-regression (several kinds: 14).
+regression (several kinds: 14). ``edgeprune verify`` exits 3 when the files of an
+output folder contradict its manifest.
 
 A command is an ``_add_NAME(commands)`` function (its arguments) and a
 handler ``_NAME(args) -> exit code``; add both and list the first in COMMANDS.
@@ -22,10 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgeprune import __version__, interrupts
-from edgeprune.budgets import BUDGET_FLAGS
-from edgeprune.diff import Thresholds
+from edgeprune import api, interrupts
+from edgeprune.budgets import BUDGET_FLAGS, budget_overrides, exit_code
+from edgeprune.diff import Thresholds, markdown
 from edgeprune.errors import EdgepruneError
+from edgeprune.progress import Reporter
+from edgeprune.report import summary_table
+from edgeprune.runtimes.figures import bench_line, caveats, memory_text
+from edgeprune.versions import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +127,7 @@ def _add_export(commands) -> None:
         help="convert a checkpoint to ONNX/TFLite with parity checks, no pruning",
         description="Export a model to ONNX and/or TFLite and check parity against PyTorch; no pruning, no benchmark.",
     )
-    parser.add_argument("--format", action="append", choices=["onnx", "tflite"], help="output format (repeatable; default onnx)")
+    parser.add_argument("--format", action="append", choices=["onnx", "tflite", "pte"], help="output format (repeatable; default onnx)")
     parser.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32", help="also write a quantized artefact")
     parser.add_argument("--target", "-t", default="cpu-x86", help="profile supplying defaults (default cpu-x86)")
     parser.add_argument("--out", type=Path, default=Path("dist/export"), help="output folder (default dist/export)")
@@ -147,6 +152,22 @@ def _add_analyze(commands) -> None:
     _inputs(parser)
     _common(parser)
     parser.set_defaults(handler=_analyze)
+
+
+def _add_inspect(commands) -> None:
+    parser = commands.add_parser(
+        "inspect",
+        help="look at a model before a build: layers, MACs, prunable groups, removable blocks, what converts",
+        description="Load the model (and checkpoint) as a build would and print its layers, MACs/params, the layer groups structured "
+        "pruning can narrow with the widths the target's round_to allows, the groups kept whole and why, the residual blocks depth "
+        "pruning can remove, the checkpoint's format and what was adapted to load it, and whether it exports to ONNX, int8 and TFLite "
+        "(checked by converting, in a child process bounded by --timeout).",
+    )
+    parser.add_argument("--target", "-t", default="cpu-x86", help="profile whose round_to and quantization to use (default cpu-x86)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds the conversion checks may take (default 300)")
+    _inputs(parser)
+    _common(parser)
+    parser.set_defaults(handler=_inspect)
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -210,7 +231,7 @@ def _add_bench(commands) -> None:
     parser = commands.add_parser(
         "bench",
         help="benchmark one artefact on a device",
-        description="Measure latency and memory of an .onnx or .tflite file, each repeat in its own process.",
+        description="Measure latency and memory of an .onnx, .tflite or .pte file, each repeat in its own process.",
     )
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--device", default="local", help="local, gpu, ssh://user@host[:port], adb://SERIAL")
@@ -218,38 +239,54 @@ def _add_bench(commands) -> None:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--shape", action="append", default=[], metavar="INPUT=1,3,224,224", help="an input's shape, for dynamic dimensions (repeatable)"
+    )
+    parser.add_argument("--max-spread", type=float, default=10.0, metavar="PCT", help="take more repeats while p50s spread more (0: never)")
     _common(parser)
     parser.set_defaults(handler=_bench)
+
+
+def _add_verify(commands) -> None:
+    parser = commands.add_parser(
+        "verify",
+        help="prove that a build's manifest describes the files beside it",
+        description="Derive every figure manifest.json states about the files in an output folder again from the files (sha256, "
+        "raw/gzip/zip sizes, compression ratio, I/O names, shapes, dtypes and quantization parameters, int8/float tensor mix, weight "
+        "sparsity global and per layer, parameters, MACs, channel widths, removed blocks) and compare. Exits 3 naming each mismatch.",
+    )
+    parser.add_argument("folder", type=Path, help="the output folder of a build (holds manifest.json)")
+    parser.add_argument("--parity", action="store_true", help="also run the parity checks again on the test split the manifest names")
+    parser.add_argument("--data", type=Path, default=None, help="with --parity: where that data file is now, if it moved")
+    _common(parser)
+    parser.set_defaults(handler=_verify)
 
 
 # --------------------------------------------------------------------------- handlers
 
 
-def _reporter(args):
-    from edgeprune.progress import Reporter
-
+def _reporter(args) -> Reporter:
     return Reporter(verbosity=0 if args.quiet else (2 if args.verbose else 1), json_mode=args.json)
 
 
-def _input_options(args, overrides: tuple[str, ...]) -> dict[str, Any]:
-    """What build, export and analyze take alike: the model, its data, the settings, where to write."""
-    return dict(
+def _build_inputs(args, overrides: tuple[str, ...]) -> api.BuildInputs:
+    """What build, export and analyze resolve a configuration from alike: the model, its data, the settings."""
+    return api.BuildInputs(
         project_file=args.project,
         overrides=overrides,
         model=args.model,
         weights=args.weights,
         data=args.data,
         trust_checkpoint=args.trust_checkpoint,
-        out=args.out,
-        cache_dir=args.cache_dir,
-        reporter=_reporter(args),
     )
 
 
-def _build(args) -> int:
-    from edgeprune import api
-    from edgeprune.budgets import budget_overrides, exit_code
+def _input_options(args, overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The inputs, and where to write and report."""
+    return dict(_build_inputs(args, overrides), out=args.out, cache_dir=args.cache_dir, reporter=_reporter(args))
 
+
+def _build(args) -> int:
     flags = {name.removeprefix("budget_"): value for name, value in vars(args).items() if name.startswith("budget_")}
     options = dict(_input_options(args, budget_overrides(flags) + tuple(args.overrides)), force=args.force)
     if len(args.target) > 1:
@@ -260,9 +297,17 @@ def _build(args) -> int:
     return exit_code(result.violations)
 
 
-def _build_matrix(args, matrix) -> int:
-    from edgeprune.report import summary_table
+def _inspect(args) -> int:
+    # Imported on use: the inspection imports torch, and the CLI's start-up must not.
+    from edgeprune.inspection import format_inspection
 
+    config = api.resolve(args.target, **_build_inputs(args, tuple(args.overrides)))
+    summary = api.inspect(config, reporter=_reporter(args), timeout_s=args.timeout)
+    _print(args, summary, lambda: format_inspection(summary))
+    return 0
+
+
+def _build_matrix(args, matrix: api.MatrixResult) -> int:
     failures = {target: str(error) for target, error in matrix.failures.items()}
     data = {
         "builds": [_build_dict(result) for result in matrix.builds],
@@ -303,13 +348,11 @@ def _build_summary(result) -> str:
         f"{entry.get('size_bytes', 0) / 1024:.1f} KiB",
     ]
     if p50:
-        parts.append(f"p50 {p50:.3f} ms")
+        parts += [f"p50 {p50:.3f} ms", memory_text(entry["benchmark"]), *caveats(entry["benchmark"])]
     return " | ".join(parts)
 
 
 def _export(args) -> int:
-    from edgeprune import api
-
     formats = args.format or ["onnx"]
     overrides = (
         "prune.mode='none'",
@@ -334,12 +377,10 @@ def _export(args) -> int:
 
 
 def _targets(args) -> int:
-    from edgeprune import api
-
     if args.action == "show":
         if not args.name:
             raise EdgepruneError("usage: edgeprune targets show NAME")
-        resolved = api.resolve(args.name, args.project, tuple(args.overrides)).to_dict()
+        resolved = api.resolve(args.name, project_file=args.project, overrides=tuple(args.overrides)).to_dict()
         _print(args, resolved, lambda: _toml_like(resolved))
         return 0
     infos = api.targets()
@@ -352,9 +393,6 @@ def _targets(args) -> int:
 
 
 def _diff(args) -> int:
-    from edgeprune import api
-    from edgeprune.diff import markdown
-
     thresholds = Thresholds(args.max_accuracy_drop, args.max_latency_increase_pct, args.max_size_increase_pct)
     result = api.diff(args.old, args.new, thresholds)
     _print(args, result.to_dict(), lambda: markdown(result).rstrip("\n"))
@@ -363,9 +401,17 @@ def _diff(args) -> int:
     return result.exit_code
 
 
-def _analyze(args) -> int:
-    from edgeprune import api
+def _verify(args) -> int:
+    result = api.verify(args.folder, parity=args.parity, data=args.data)
+    files = sum(1 for figure in result.checked if figure.endswith(".sha256"))
+    verdict = "all match" if result.passed else f"{len(result.mismatches)} mismatch(es)"
+    _print(args, result.to_dict(), lambda: f"{args.folder}: {len(result.checked)} figures of {files} files checked: {verdict}")
+    for mismatch in result.mismatches:
+        print(f"edgeprune: mismatch: {mismatch.line()}", file=sys.stderr)
+    return 0 if result.passed else VERIFY_FAILED
 
+
+def _analyze(args) -> int:
     options = _input_options(args, tuple(args.overrides))
     result = api.analyze(args.target, **options, ratios=args.ratios, executor=args.executor, ray_address=args.ray_address, force=args.force)
     data = {"json": str(result.json_path), "table": str(result.table_path), "plot": str(result.plot_path), **result.data}
@@ -374,17 +420,10 @@ def _analyze(args) -> int:
 
 
 def _bench(args) -> int:
-    from edgeprune import api
-
-    result = api.bench(args.artifact, args.device, args.threads, args.iterations, args.repeats, args.warmup)
-    _print(
-        args,
-        result,
-        lambda: (
-            f"{args.artifact} on {args.device}: p50 {result['latency_p50_ms']:.3f} ms, p90 {result['latency_p90_ms']:.3f} ms, "
-            f"p99 {result['latency_p99_ms']:.3f} ms, peak RSS {result.get('peak_rss_mb', 0):.1f} MB"
-        ),
+    result = api.bench(
+        args.artifact, args.device, args.threads, args.iterations, args.repeats, args.warmup, tuple(args.shape), args.max_spread
     )
+    _print(args, result, lambda: f"{args.artifact} on {args.device}: {bench_line(result)}")
     return 0
 
 
@@ -403,7 +442,8 @@ def _toml_like(resolved: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = (_add_build, _add_analyze, _add_export, _add_targets, _add_bench, _add_diff)
+VERIFY_FAILED = 3  # the exit code of a build whose output check fails
+COMMANDS = (_add_build, _add_analyze, _add_inspect, _add_export, _add_targets, _add_bench, _add_diff, _add_verify)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgeprune.errors import ConfigError
+from edgeprune.simd import host_channel_multiple
 
 
 def _range(low: float, high: float) -> dict[str, Any]:
     return {"range": (low, high)}
+
+
+DERIVED = {"derived": True}  # a field edgeprune fills in while resolving; not a key a user may set
 
 
 @dataclass(frozen=True)
@@ -78,18 +82,25 @@ class PruneConfig:
     the levels go on until the held-back groups reach theirs too). ``prune_num_heads`` removes whole attention
     heads instead of narrowing every head. ``recalibrate_batchnorm`` re-estimates BatchNorm statistics on
     training images after every structured step (the dense model's are stale once channels are gone), before
-    the step's top-1 is measured and finetuning starts.
+    the step's top-1 is measured and finetuning starts. ``round_to = "auto"`` (for a target benchmarked on this
+    machine) takes the channel multiple from the host's vector width (``edgeprune.simd``: 16 with AVX-512, 8 with
+    AVX2/AVX); the resolved number replaces it and ``round_to_source`` records why.
 
-    Depth pruning removes whole residual blocks before any channel goes (``edgeprune.blocks``): the blocks
+    Depth pruning removes whole residual blocks before any channel goes (``edgeprune.depth_pruning``): the blocks
     named in ``drop_blocks``, then ``drop_block_count`` more, those whose removal alone costs least top-1 on
     held-out training images. Every operator of a removed block is gone, which narrowing channels cannot do.
+
+    ``analysis_seconds`` bounds each analysis that grows with the graph (the dependency analysis, each step's
+    verification and bisection of untracked couplings, residual-block detection and ranking): past it the
+    analysis stops, what it has not resolved is kept whole (not pruned, not removed) and reported.
     """
 
     mode: Literal["none", "structured", "unstructured", "both"] = "structured"
     amount: float = field(default=0.3, metadata=_range(0.0, 0.95))
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
     global_pruning: bool = False
-    round_to: int = field(default=8, metadata=_range(1, 1024))
+    round_to: int | Literal["auto"] = field(default=8, metadata=_range(1, 1024))
+    round_to_source: str = field(default="", metadata=DERIVED)  # set when "auto" is resolved, never by the user
     ignored_layers: tuple[str, ...] = ()
     steps: int = field(default=1, metadata=_range(1, 100))
     recover_epochs: int = field(default=1, metadata=_range(0, 100))
@@ -101,6 +112,7 @@ class PruneConfig:
     recalibrate_batchnorm: bool = True
     drop_blocks: tuple[str, ...] = ()
     drop_block_count: int = field(default=0, metadata=_range(0, 10_000))
+    analysis_seconds: float = field(default=120.0, metadata=_range(0.001, 86_400.0))
 
 
 @dataclass(frozen=True)
@@ -162,7 +174,7 @@ class QuantizeConfig:
     ``max_accuracy_drop`` top-1 points against its fp32 sibling on the test split, or more while
     McNemar's paired test (one-sided, level ``significance``; 0 = off) calls the loss noise;
     ``min_top1_agreement`` > 0 also gates the fraction of identical predictions. When missed, the
-    search (``edgeprune.quant_search``) tries percentile ranges, 16-bit activations and float
+    search (``edgeprune.quantization.search``) tries percentile ranges, 16-bit activations and float
     layers (at most ``max_float_layers``) on the noisiest tensors for up to ``max_search_seconds``;
     ``refine_candidates`` re-ranks that many top tensors by their rounding's effect alone on the
     logits (slower). A budget still missed is written with its verdict and fails the build (exit 10).
@@ -192,9 +204,10 @@ class ExportConfig:
     ``tflite_channels_last`` gives the file NHWC input, what Android camera pipelines
     feed; ``tflite_converter`` = ``auto`` uses litert-torch and falls back to
     ONNX → onnx2tf (``pip install "edgeprune[tensorflow]"``) for ops it cannot lower.
+    ``pte``: an ExecuTorch program lowered to XNNPACK (``pip install "edgeprune[executorch]"``).
     """
 
-    formats: tuple[Literal["onnx", "tflite"], ...] = ("onnx",)
+    formats: tuple[Literal["onnx", "tflite", "pte"], ...] = ("onnx",)
     opset: int = field(default=17, metadata=_range(13, 23))
     simplify: bool = True
     dynamic_batch: bool = False
@@ -230,6 +243,9 @@ class BenchmarkConfig:
     iterations: int = field(default=50, metadata=_range(1, 1_000_000))
     repeats: int = field(default=3, metadata=_range(1, 100))
     use_xnnpack: bool = True
+    max_spread_pct: float = field(default=10.0, metadata=_range(0.0, 1000.0))  # more repeats above it; 0: never
+    spread_time_limit_s: float = field(default=60.0, metadata=_range(0.0, 3600.0))
+    threads_beyond_cores: bool = False  # local: run `threads` even on a host with fewer cores
 
 
 @dataclass(frozen=True)
@@ -304,7 +320,31 @@ def merge_layers(layers: list[tuple[str, dict[str, Any]]]) -> BuildConfig:
             else:
                 merged[key] = value
     origins = " + ".join(origin for origin, _ in layers) or "defaults"
-    return _build(BuildConfig, merged, origins, prefix="")
+    return resolve_round_to(_build(BuildConfig, merged, origins, prefix=""))
+
+
+def config_from_dict(resolved: dict[str, Any], origin: str) -> BuildConfig:
+    """A configuration rebuilt from ``BuildConfig.to_dict()`` (in a child process, say): its derived fields
+    (``prune.round_to_source``) are taken as they were resolved, which no user layer may set."""
+    return resolve_round_to(_build(BuildConfig, resolved, origin, prefix=""))
+
+
+def resolve_round_to(config: BuildConfig) -> BuildConfig:
+    """``prune.round_to = "auto"`` replaced by this host's channel multiple, the reason in ``prune.round_to_source``.
+
+    Only a target benchmarked here can read its vector width from this machine: for another
+    device "auto" is a ConfigError asking for a number.
+    """
+    if config.prune.round_to != "auto":
+        return config
+    if config.benchmark.device != "local":
+        raise ConfigError(
+            f"prune.round_to = 'auto' reads this machine's vector width, but benchmark.device = {config.benchmark.device!r} "
+            "is another device: set prune.round_to to that device's channel multiple (e.g. 8 or 16)"
+        )
+    multiple = host_channel_multiple()
+    prune = dataclasses.replace(config.prune, round_to=multiple.value, round_to_source=f"auto: {multiple.reason}")
+    return dataclasses.replace(config, prune=prune)
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -325,7 +365,8 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def _check_keys(cls: type, mapping: dict[str, Any], origin: str, prefix: str) -> None:
-    hints = typing.get_type_hints(cls)
+    derived = {spec.name for spec in dataclasses.fields(cls) if spec.metadata.get("derived")}
+    hints = {name: hint for name, hint in typing.get_type_hints(cls).items() if name not in derived}
     for key, value in mapping.items():
         where = f"{prefix}{key}"
         if key not in hints:
@@ -367,7 +408,7 @@ def _coerce(hint: Any, value: Any, origin: str, where: str) -> Any:
         item_hint = typing.get_args(hint)[0]
         return tuple(_coerce(item_hint, item, origin, f"{where}[{i}]") for i, item in enumerate(value))
     if origin_type in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type at {where}")  # a bug, not user input
+        return _coerce_either(typing.get_args(hint), value, origin, where)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{origin}: '{where}' must be true or false, got {value!r}")
@@ -393,9 +434,26 @@ def _coerce(hint: Any, value: Any, origin: str, where: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} at {where}")
 
 
+def _coerce_either(options: tuple[Any, ...], value: Any, origin: str, where: str) -> Any:
+    """``value`` as the first of ``options`` (``int``, ``Literal[...]``) it fits, else one error naming them all."""
+    for option in options:
+        try:
+            return _coerce(option, value, origin, where)
+        except ConfigError:
+            continue
+    expected = " or ".join(_describe_type(option) for option in options)
+    raise ConfigError(f"{origin}: '{where}' must be {expected}, got {value!r}")
+
+
+def _describe_type(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(choice) for choice in typing.get_args(hint))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
 def _check_range(spec: dataclasses.Field, value: Any, origin: str, where: str) -> None:
     bounds = spec.metadata.get("range")
-    if bounds is None:
+    if bounds is None or isinstance(value, str):  # a range bounds the numbers of an `int | Literal[...]` field
         return
     low, high = bounds
     if not low <= value <= high:

@@ -41,7 +41,5 @@ class DeviceError(EdgepruneError):
     exit_code = 4
 
 
-class BudgetError(EdgepruneError):
-    """The build finished but violated a budget of the profile."""
-
-    exit_code = 10
+class TransientDeviceError(DeviceError):
+    """A failure worth retrying: a dropped connection, a device that went offline."""

@@ -7,13 +7,9 @@ task, to a Ray runtime it starts on this machine or to an existing cluster (``ad
 Ray is an optional extra (``pip install 'edgeprune[ray]'``), imported only when a
 ``RayExecutor`` is opened.
 
-``build_matrix`` builds several targets as parallel tasks. They share one content-addressed
-cache folder (on a cluster: a shared filesystem such as NFS, the same path on every node),
-whose per-entry locks mean a stage the targets have in common (baseline, often pruning and
-finetuning) is computed once and served from the cache to the others. The benchmark stage
-holds a lock per physical device in that folder, so a device measures one artefact at a
-time while different devices measure in parallel. ``sweep`` runs the points of a
-sensitivity analysis the same way and raises the first failure, naming its point.
+``sweep`` maps a function over labelled points and raises the first failure, naming its point.
+This module knows nothing of builds: ``edgeprune.api`` maps a matrix's targets through an
+executor, ``edgeprune.analysis`` the layer groups of a sensitivity analysis.
 
 A task runs in the driver's working folder, with the driver's ``sys.path`` and torch thread
 count (restored afterwards), so relative paths and ``--model package.module:factory``
@@ -32,21 +28,13 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from edgeprune.cache import Cache
-from edgeprune.config import BuildConfig
 from edgeprune.errors import ConfigError, EdgepruneError, InputError, StageError
-from edgeprune.progress import Reporter
-
-if TYPE_CHECKING:
-    from edgeprune.api import BuildResult, MatrixResult
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 EXECUTORS = ("local", "ray")
-THIS_MACHINE_DEVICES = ("local", "gpu")  # device names that mean "this machine's own CPU/GPU"
 
 
 class Executor(Protocol):
@@ -94,7 +82,7 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
         try:
-            import ray
+            import ray  # an optional extra, imported when a Ray executor is opened
         except ImportError:
             raise ConfigError("--executor ray needs Ray: pip install 'edgeprune[ray]' (or use --executor local)") from None
         if address and num_cpus is not None:
@@ -200,7 +188,7 @@ class DriverContext:
 
     @classmethod
     def capture(cls) -> DriverContext:
-        import torch
+        import torch  # on use: importing edgeprune (the CLI's start-up) must not import torch
 
         return cls(os.getcwd(), tuple(sys.path), torch.get_num_threads())
 
@@ -211,7 +199,7 @@ class DriverContext:
         Raises:
             InputError: the driver's folder does not exist on this node.
         """
-        import torch
+        import torch  # on use: importing edgeprune (the CLI's start-up) must not import torch
 
         if not os.path.isdir(self.cwd):
             raise InputError(
@@ -237,102 +225,7 @@ def _run_call(shipped_function: bytes, shipped_item: bytes, driver: DriverContex
         return function(item)
 
 
-# --------------------------------------------------------------------------- devices
-
-
-def physical_device(device: str) -> str:
-    """A name for the physical device a benchmark URL measures on.
-
-    ``local`` and ``gpu`` are this machine's own CPU and GPU, so they are qualified by
-    the host name (two nodes' ``local`` are two devices); ``ssh://``/``adb://`` URLs name
-    the same device from every node.
-    """
-    text = device.strip()
-    return f"{text}@{socket.gethostname()}" if text in THIS_MACHINE_DEVICES else text
-
-
-def device_slot(device: str, cache_dir: Path) -> contextlib.AbstractContextManager[bool]:
-    """The inter-process lock (flock, in the shared cache folder) of one physical benchmark device."""
-    return Cache(cache_dir).lock(f"device:{physical_device(device)}")
-
-
-class DeviceSerializedCache(Cache):
-    """The stage cache, where the benchmark stage's entry lock also holds its device's lock.
-
-    Every other stage of concurrent builds runs in parallel (one computes a shared entry,
-    the others wait for it and reuse it); benchmarks on one device take turns.
-    """
-
-    def __init__(self, root: Path, device: str) -> None:
-        super().__init__(root)
-        self.device = device
-
-    @contextlib.contextmanager
-    def entry_lock(self, stage: str, key: str) -> Iterator[bool]:
-        with contextlib.ExitStack() as held:
-            if stage == "benchmark":
-                held.enter_context(device_slot(self.device, self.root))
-            yield held.enter_context(super().entry_lock(stage, key))
-
-
-# --------------------------------------------------------------------------- build matrices, sweeps
-
-
-@dataclass(frozen=True)
-class TargetBuild:
-    """One target of a matrix, as shipped to a task: plain, picklable data."""
-
-    config: BuildConfig
-    out: Path
-    cache_dir: Path
-    force: bool = False
-    verbosity: int = 1
-
-
-def build_target(job: TargetBuild) -> BuildResult:
-    """Build one resolved target (what ``api.build_config`` does), its benchmark under its device's lock."""
-    from edgeprune.api import BuildResult, check_writable, write_output
-    from edgeprune.data import load_dataset
-    from edgeprune.pipeline import run_pipeline
-
-    config, reporter = job.config, Reporter(verbosity=job.verbosity)
-    check_writable(job.out)
-    cache = DeviceSerializedCache(job.cache_dir, config.benchmark.device)
-    dataset = load_dataset(config.data, config.model.num_classes)
-    with cache.lock(f"out:{job.out.resolve()}"):  # two builds into one folder are serialized
-        result = run_pipeline(config, dataset, cache, reporter, force=job.force)
-        manifest, violations = write_output(config, dataset, result, job.out)
-    return BuildResult(config.name, job.out, manifest, violations)
-
-
-def build_matrix(
-    configs: Sequence[BuildConfig],
-    executor: Executor,
-    out_root: Path,
-    cache_dir: Path,
-    *,
-    force: bool = False,
-    reporter: Reporter | None = None,
-) -> MatrixResult:
-    """Build every config into ``out_root/<name>`` as one task each, sharing ``cache_dir``.
-
-    A target that fails does not stop the others: its error is in ``MatrixResult.failures``
-    under the target's name. Configs are resolved and checked by the caller (``api``).
-    """
-    from edgeprune.api import MatrixResult
-
-    reporter = reporter or Reporter()
-    jobs = [TargetBuild(config, Path(out_root) / config.name, Path(cache_dir), force, reporter.verbosity) for config in configs]
-    matrix = MatrixResult()
-    for job, outcome in zip(jobs, executor.map(build_target, jobs), strict=True):
-        if isinstance(outcome, EdgepruneError):
-            matrix.failures[job.config.name] = outcome
-            reporter.warn(f"[{job.config.name}] build failed: {outcome}")
-        elif isinstance(outcome, Exception):
-            raise outcome  # a bug: its traceback matters more than the other targets
-        else:
-            matrix.builds.append(outcome)
-    return matrix
+# --------------------------------------------------------------------------- sweeps
 
 
 def sweep(

@@ -16,7 +16,15 @@ from html import escape
 from typing import Any
 
 from edgeprune.plots import Plot
-from edgeprune.report import QUANTIZATION_HEADER, quantization_rows
+from edgeprune.report import (
+    DELEGATION_HEADER,
+    QUANTIZATION_HEADER,
+    benchmark_caveats,
+    checkpoint_lines,
+    delegation_rows,
+    left_unpruned_rows,
+    quantization_rows,
+)
 
 NUMBER = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?( %)?$")
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -51,7 +59,9 @@ def html_report(manifest: dict[str, Any], plots: list[Plot]) -> str:
         *_plots(plots),
         *_stages(manifest),
         *_artifacts(manifest),
+        *_delegation(manifest),
         *_quantization(manifest),
+        *_loaded(manifest),
     ]
     body += [*_budgets(manifest), *_reproduce(manifest)]
     return "\n".join(
@@ -125,16 +135,32 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
                 _num(bench.get("latency_p50_ms")),
                 _num(bench.get("latency_p90_ms")),
                 _num(bench.get("peak_rss_mb")),
+                _num(bench.get("model_memory_mb")),
                 entry["sha256"][:16],
             ]
         )
-    header = ["file", "precision", "KiB", "gzip KiB", "top-1", "max abs err", "top-1 agree", "p50 ms", "p90 ms", "peak RSS MB", "sha256"]
-    return ["<h2>Artefacts</h2>", _table(header, rows)]
+    header = ["file", "precision", "KiB", "gzip KiB", "top-1", "max abs err", "top-1 agree", "p50 ms", "p90 ms", "runner peak RSS MB"]
+    header += ["model MB", "sha256"]
+    notes = [f"<li>{escape(line[2:])}</li>" for line in benchmark_caveats(manifest) if line.startswith("- ")]
+    return ["<h2>Artefacts</h2>", _table(header, rows), *([f"<ul>{''.join(notes)}</ul>"] if notes else [])]
 
 
 def _quantization(manifest: dict[str, Any]) -> list[str]:
     rows = quantization_rows(manifest)
     return ["<h2>Quantization accuracy budget</h2>", _table(QUANTIZATION_HEADER, rows)] if rows else []
+
+
+def _loaded(manifest: dict[str, Any]) -> list[str]:
+    """The checkpoint's format and adaptations, and the layer groups left unpruned with the reason."""
+    lines, rows = checkpoint_lines(manifest), left_unpruned_rows(manifest)
+    adapted = [f"<li>{_e(item)}</li>" for item in lines[1:]]
+    html = ["<h2>Checkpoint</h2>", f"<p>{_e(lines[0])}</p>", "<ul>", *adapted, "</ul>"] if lines else []
+    return html + (["<h2>Layer groups not pruned</h2>", _table(["layer group", "why"], rows)] if rows else [])
+
+
+def _delegation(manifest: dict[str, Any]) -> list[str]:
+    rows = delegation_rows(manifest)
+    return ["<h2>ExecuTorch delegation (XNNPACK)</h2>", _table(DELEGATION_HEADER, rows)] if rows else []
 
 
 def _budgets(manifest: dict[str, Any]) -> list[str]:

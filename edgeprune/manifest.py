@@ -19,12 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeprune.artifacts import Artifact, gzip_size, sha256_of
+from edgeprune.artifact_facts import artifact_facts
+from edgeprune.artifacts import Artifact, sha256_of
 from edgeprune.config import BuildConfig
-from edgeprune.data import Dataset
-from edgeprune.pipeline import PipelineResult, tool_versions
+from edgeprune.data import EXAMPLE_DATA, Dataset
+from edgeprune.stages.base import PipelineResult
+from edgeprune.versions import tool_versions
 
-MANIFEST_VERSION = 2  # 2: reproducibility inputs, content_sha256, volatile fields
+MANIFEST_VERSION = 3  # 2: reproducibility inputs, content_sha256, volatile fields; 3: figures read from the shipped files
+# Which process a benchmark's memory figures belong to: the runner that loaded and ran the artefact, never the build.
+MEMORY_SCOPE = "benchmark runner process (loads and runs only this artefact), not the build"
 # Fields that differ between two builds of the same inputs: when and how long it ran,
 # whether a stage came from the cache and why it ran, and every benchmark measurement
 # (latency, memory, speed-ups, and the budget verdicts that follow from them).
@@ -37,7 +41,9 @@ VOLATILE_FIELDS = (
     "stages.*.reason",
     "stages.*.metrics.results",
     "stages.*.metrics.speedups",
+    "stages.*.metrics.dependency_analysis.seconds",
     "artifacts.*.benchmark",
+    "parity_data.path",
     "speedups",
     "budgets.violations",
     "budgets.passed",
@@ -49,6 +55,8 @@ SHIPPED = {  # artefact name in the pipeline -> file name in the output folder
     "onnx_fp16": "model_fp16.onnx",
     "tflite_fp32": "model_fp32.tflite",
     "tflite_int8": "model_int8.tflite",
+    "pte_fp32": "model_fp32.pte",
+    "pte_int8": "model_int8.pte",
 }
 
 
@@ -65,7 +73,7 @@ def make_manifest(config: BuildConfig, dataset: Dataset, result: PipelineResult,
     stages = {record.name: record for record in result.records}
     benchmark = stages["benchmark"].metrics if "benchmark" in stages else {}
     primary = primary_artifact(config)
-    artifacts = {name: describe_artifact(artifact, benchmark) for name, artifact in shipped.items()}
+    artifacts = {name: describe_artifact(artifact, benchmark) for name, artifact in shipped.items()}  # read from the files
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "target": config.name,
@@ -73,11 +81,12 @@ def make_manifest(config: BuildConfig, dataset: Dataset, result: PipelineResult,
         "primary_artifact": primary,
         "artifacts": artifacts,
         "accuracy": accuracy_summary(stages, artifacts, primary),
-        "model": model_summary(stages),
+        "model": model_summary(stages, artifacts),
         "speedups": benchmark.get("speedups", {}),
         "benchmark_device": benchmark.get("device"),
         "preprocessing": preprocessing(config, dataset),
         "inputs": input_hashes(config, dataset),
+        "parity_data": parity_data(config, dataset),
         "stages": [stage_entry(record) for record in result.records],
         "config": config.to_dict(),
         "profile_sha256": _json_sha256(config.to_dict()),
@@ -142,8 +151,6 @@ def input_hashes(config: BuildConfig, dataset: Dataset) -> dict[str, Any]:
 
 
 def _data_file_sha256(source: str) -> str | None:
-    from edgeprune.data import EXAMPLE_DATA
-
     path = EXAMPLE_DATA if source == "example" else Path(source)
     if path.suffix == ".npz" and path.is_file():
         return sha256_of(path)
@@ -167,17 +174,14 @@ def _module_file_sha256(source: str) -> str | None:
 
 
 def describe_artifact(artifact: Artifact, benchmark: dict[str, Any]) -> dict[str, Any]:
-    entry = {
-        "file": artifact.path.name,
-        "kind": artifact.kind,
-        "sha256": artifact.sha256,
-        "size_bytes": artifact.size_bytes,
-        "size_gzip_bytes": gzip_size(artifact.path),
-        **{key: value for key, value in artifact.meta.items()},
-    }
+    """The manifest entry of a shipped file: what its stages measured (accuracy, parity, budget, ...), then every
+    figure derivable from the file itself (``artifact_facts``), which wins over a stage's figure of the same name."""
+    facts = artifact_facts(artifact.path, artifact.kind)
+    entry = {"file": artifact.path.name, "kind": artifact.kind, **artifact.meta, **facts}
     measured = benchmark.get("results", {}).get(artifact.name)
     if measured is not None:  # without the cache path the runner measured, which means nothing to a reader
         entry["benchmark"] = {key: value for key, value in measured.items() if key != "artifact"}
+        entry["benchmark"]["memory_measured_in"] = MEMORY_SCOPE
     return entry
 
 
@@ -196,17 +200,62 @@ def accuracy_summary(stages: dict[str, Any], artifacts: dict[str, Any], primary:
     return summary
 
 
-def model_summary(stages: dict[str, Any]) -> dict[str, Any]:
+def left_unpruned(prune_metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every layer group structured pruning left at full width, with its reason: coupled through a channel-mixing
+    op (the dependency analysis), too narrow for ``round_to``, or breaking the model when pruned (each step's checks)."""
+    return [
+        *prune_metrics.get("dependency_analysis", {}).get("kept_whole", []),
+        *prune_metrics.get("kept_whole_by_rounding", []),
+        *prune_metrics.get("untracked_coupling", []),
+    ]
+
+
+def model_summary(stages: dict[str, Any], artifacts: dict[str, Any]) -> dict[str, Any]:
+    """The shipped PyTorch model's figures, read from model.pt (``model_facts``), beside the unpruned baseline's
+    (``macs_dense``/``params_dense``, the baseline stage's own figures) and the dense widths before pruning."""
     baseline = stages["baseline"].metrics
+    summary = {"macs_dense": baseline["macs"], "params_dense": baseline["params"]}
+    if "model" not in artifacts:
+        return {**summary, "macs": baseline["macs"], "params": baseline["params"]}
+    summary.update(model_facts(artifacts["model"]))
     pruned = stages.get("prune_structured")
-    summary = {"macs_dense": baseline["macs"], "params_dense": baseline["params"], "macs": baseline["macs"], "params": baseline["params"]}
     if pruned is not None:
-        summary.update(macs=pruned.metrics["macs_after"], params=pruned.metrics["params_after"], channels=pruned.metrics["layers"])
-        summary["blocks_removed"] = [row["block"] for row in pruned.metrics.get("depth", {}).get("blocks", [])]
-    sparse = stages.get("prune_unstructured")
-    if sparse is not None:
-        summary.update(global_sparsity=sparse.metrics["global_sparsity"], sparsity=sparse.metrics["layers"])
+        summary["channels"] = channel_rows(pruned.metrics["layers"], summary["widths"])
+        summary["left_unpruned"] = left_unpruned(pruned.metrics)
+    if "checkpoint" in baseline:
+        summary["checkpoint"] = baseline["checkpoint"]
     return summary
+
+
+def model_facts(entry: dict[str, Any]) -> dict[str, Any]:
+    """The torch-side figures of model.pt's manifest entry, as ``manifest["model"]`` states them."""
+    weights = entry["weights"]
+    facts = {key: entry[key] for key in ("macs", "params", "widths", "blocks_removed")}
+    return {**facts, "global_sparsity": weights["global_sparsity"], "sparsity": weights["sparsity"]}
+
+
+def channel_rows(dense_layers: list[dict[str, Any]], widths: dict[str, int]) -> list[dict[str, Any]]:
+    """Channels per layer before pruning (the structured stage's figure) and in the shipped model (0: removed)."""
+    return [
+        {"layer": row["layer"], "channels_before": row["channels_before"], "channels_after": widths.get(row["layer"], 0)}
+        for row in dense_layers
+    ]
+
+
+def parity_data(config: BuildConfig, dataset: Dataset) -> dict[str, Any]:
+    """Where the test split the parity checks ran on comes from, so ``edgeprune verify --parity`` can find it again:
+    the source as given, the absolute path of a data file (volatile: it differs between machines), the
+    preprocessing (``config.data``) and the fingerprint of the preprocessed arrays."""
+    source = config.data.source
+    path = Path(source)
+    return {
+        "source": source,
+        "path": str(path.resolve()) if source != "example" and path.is_file() else None,
+        "config": config.to_dict()["data"],
+        "num_classes": config.model.num_classes,
+        "fingerprint": dataset.fingerprint,
+        "test_images": int(len(dataset.x_test)),
+    }
 
 
 def preprocessing(config: BuildConfig, dataset: Dataset) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
-import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,21 +20,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeprune import models
 from edgeprune.artifacts import write_bytes_atomic
-from edgeprune.blocks import dropped_blocks, replace_with_dropped
+from edgeprune.checkpoints import Checkpoint, first_line, fit_to_model, read_checkpoint
 from edgeprune.config import ModelConfig
+from edgeprune.depth_pruning import dropped_blocks, replace_with_dropped
 from edgeprune.errors import InputError
 
 MODEL_FORMAT = "edgeprune-model/1"
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
 def create_model(config: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module:
     """Instantiate the architecture named by ``config.source`` (random weights)."""
     source = config.source
     if source.startswith("example:"):
-        from edgeprune import models
-
         channels, height = input_shape[0], input_shape[-1]
         return models.create_model(source.removeprefix("example:"), num_classes=config.num_classes, in_channels=channels, image_size=height)
     module_name, sep, factory_name = source.partition(":")
@@ -48,86 +46,21 @@ def create_model(config: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module
     try:
         model = factory()
     except Exception as error:  # the user's code: one line here, its traceback with --debug
-        raise InputError(f"model.source {source!r}: the factory raised {type(error).__name__}: {_first_line(error)}") from error
+        raise InputError(f"model.source {source!r}: the factory raised {type(error).__name__}: {first_line(error)}") from error
     if not isinstance(model, nn.Module):
         raise InputError(f"model.source {source!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def load_weights(model: nn.Module, path: Path, trust_checkpoint: bool = False) -> None:
-    """Load a checkpoint into ``model``, accepting the common layouts people save.
+def load_weights(model: nn.Module, path: Path, trust_checkpoint: bool = False) -> Checkpoint:
+    """Load a checkpoint into ``model`` as people save them (see ``edgeprune.checkpoints``).
 
-    Bare state_dicts, ``{"state_dict": ...}``/``{"model": ...}`` wrappers, whole
-    pickled modules (only with ``trust_checkpoint``) and DataParallel's
-    ``module.`` prefix are accepted. Raises InputError for a missing, corrupt or
-    mismatching file and for non-finite weights.
+    Returns the checkpoint's format and what was adapted to load it. Raises InputError for a missing,
+    corrupt, untrusted or mismatching file and for non-finite weights; ``model`` is then untouched.
     """
-    state = _read_checkpoint(path, trust_checkpoint)
-    state = {_strip_prefix(str(key)): value for key, value in state.items()}
-    not_tensors = [key for key, value in state.items() if not torch.is_tensor(value)]
-    if not_tensors:
-        raise InputError(f"{path}: not a state_dict ({not_tensors[0]!r} holds a {type(state[not_tensors[0]]).__name__}, not a tensor)")
-    bad = [key for key, value in state.items() if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
-    if bad:
-        raise InputError(f"{path}: checkpoint has NaN/inf weights in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise InputError(f"{path}: checkpoint does not fit the model ({detail}); is it for another architecture?")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise InputError(
-                f"{path}: shape mismatch at {key}: checkpoint {tuple(state[key].shape)} vs model {tuple(tensor.shape)}; "
-                "is it for another architecture?"
-            )
-    model.load_state_dict(state)
-
-
-def _read_checkpoint(path: Path, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise InputError(f"checkpoint not found: {path}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
-    except pickle.UnpicklingError as error:
-        raise InputError(_unpickling_message(Path(path), error, trust_checkpoint)) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path}: corrupt or truncated checkpoint ({_first_line(error)})") from None
-    if isinstance(loaded, nn.Module):
-        return loaded.state_dict()
-    if isinstance(loaded, dict) and loaded.get("format") == MODEL_FORMAT:
-        return loaded["state_dict"]
-    for key in WRAPPER_KEYS:
-        if isinstance(loaded, dict) and isinstance(loaded.get(key), (dict, nn.Module)):
-            inner = loaded[key]
-            return inner.state_dict() if isinstance(inner, nn.Module) else inner
-    if isinstance(loaded, dict) and loaded and all(torch.is_tensor(value) for value in loaded.values()):
-        return loaded
-    keys = list(loaded)[:5] if isinstance(loaded, dict) else "-"
-    raise InputError(f"{path}: not a state_dict (found {type(loaded).__name__} with keys {keys})")
-
-
-def _unpickling_message(path: Path, error: Exception, trust_checkpoint: bool) -> str:
-    if not zipfile.is_zipfile(path):
-        return f"{path}: corrupt or truncated checkpoint (not a torch.save archive)"
-    found = re.search(r"(?:unsupported global|GLOBAL)[:\s]+(?:GLOBAL\s+)?([\w.]+)", str(error), flags=re.IGNORECASE)
-    detail = f"it names {found.group(1)}" if found else _first_line(error)
-    if trust_checkpoint:
-        return f"{path}: cannot load checkpoint: {detail}"
-    return f"{path}: the checkpoint holds pickled objects ({detail}); pass --trust-checkpoint only if you trust its source"
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def _strip_prefix(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix) :]
-    return key
+    checkpoint = fit_to_model(read_checkpoint(path, trust_checkpoint), model, Path(path))
+    model.load_state_dict(checkpoint.state_dict)
+    return checkpoint
 
 
 # --------------------------------------------------------------------------- model files
@@ -156,12 +89,7 @@ def load_model(path: Path) -> nn.Module:
     The file names the factory that rebuilds the network (``model.source``), which
     is imported and called: load model files you (or your build cache) wrote.
     """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path}: not a loadable edgeprune model file ({_first_line(error)})") from None
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise InputError(f"{path}: not an edgeprune model file")
+    payload = read_model_file(path)
     try:
         arch = payload["architecture"]
         config = ModelConfig(source=arch["source"], num_classes=arch["num_classes"])
@@ -169,8 +97,19 @@ def load_model(path: Path) -> nn.Module:
         apply_plan(model, payload["plan"])
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise InputError(f"{path}: damaged edgeprune model file ({type(error).__name__}: {_first_line(error)})") from None
+        raise InputError(f"{path}: damaged edgeprune model file ({type(error).__name__}: {first_line(error)})") from None
     return model.eval()
+
+
+def read_model_file(path: Path) -> dict[str, Any]:
+    """The payload of a model file written by ``save_model``: format, architecture, plan, state_dict (weights_only)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise InputError(f"{path}: not a loadable edgeprune model file ({first_line(error)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise InputError(f"{path}: not an edgeprune model file")
+    return payload
 
 
 def capture_plan(model: nn.Module) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ``artifact_logits`` feeds the same preprocessed NCHW float32 images the torch
 model saw and returns float logits: in chunks for an ONNX file with a dynamic
 batch, transposed to NHWC for a TFLite file with channels-last input, and
-quantized with the scale and zero-point stored in the file for int8 input.
+quantized with the scale and zero-point stored in the file for int8 input;
+an ExecuTorch .pte runs through ``executorch.runtime`` (``edgeprune.export.executorch``).
 ``parity_report`` compares logits with the parent's; ``check_parity`` holds them
 to the per-precision tolerances of ``ParityConfig``:
 
@@ -25,13 +26,14 @@ import numpy as np
 
 from edgeprune.config import ParityConfig
 from edgeprune.errors import ParityError
+from edgeprune.pte_runtime import pte_logits
 
 BATCH = 256  # chunk size for ONNX files with a dynamic batch dimension
 Layout = Literal["NCHW", "NHWC"]
 
 
 def artifact_logits(path: Path, images: np.ndarray, threads: int = 2, layout: Layout | None = None) -> np.ndarray:
-    """Float logits of an .onnx or .tflite artefact for NCHW float32 ``images``.
+    """Float logits of an .onnx, .tflite or .pte artefact for NCHW float32 ``images``.
 
     ``layout`` is the artefact's input layout; None detects it from the file's
     input shape (see ``input_layout``). Raises ParityError when the file's input
@@ -42,6 +44,8 @@ def artifact_logits(path: Path, images: np.ndarray, threads: int = 2, layout: La
         return _onnx_logits(path, images, threads)
     if suffix == ".tflite":
         return _tflite_logits(path, images, threads, layout)
+    if suffix == ".pte":
+        return pte_logits(path, images, threads)
     raise ValueError(f"no in-process runner for {path}")
 
 

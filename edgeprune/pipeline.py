@@ -1,9 +1,10 @@
-"""The Stage protocol, the ordered plan for a target, and the cached runner.
+"""The ordered plan for a target, the cached runner and the cache keys.
 
-A stage is file-in, file-out: it reads named artefacts produced by earlier
-stages (``consumes``), writes new ones into a fresh folder, and returns them
-with its metrics. Its cache key is (name, version, its config sections, the
-hashes of what it consumes, the data fingerprint, the seed, tool versions).
+The stage contract (``Stage``, ``StageContext``, ``StageOutput``) is in
+``edgeprune.stages.base``. A stage's cache key is (name, version, its config
+sections, the hashes of what it consumes, the data fingerprint and
+preprocessing, the seed, tool versions, its ``fingerprint``, and torch's
+thread count when it ``trains``).
 
 A stage's files only become a cache entry when it returns: Ctrl-C, SIGTERM
 (see ``edgeprune.interrupts``), a full disk or a crash leave no entry behind,
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import errno
 import time
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any
+
+import torch
 
 from edgeprune import interrupts
 from edgeprune.artifacts import Artifact, write_error
@@ -25,72 +26,21 @@ from edgeprune.cache import Cache, cache_key
 from edgeprune.config import BuildConfig
 from edgeprune.data import Dataset
 from edgeprune.progress import Reporter
-
-TOOLS = ("edgeprune", "torch", "torch-pruning", "onnx", "onnxruntime", "onnxsim", "litert-torch", "ai-edge-litert", "numpy")
-
-
-@dataclass
-class StageContext:
-    """What a running stage may use: its config, the data, its inputs, its output folder."""
-
-    config: BuildConfig
-    dataset: Dataset
-    inputs: dict[str, Artifact]
-    workdir: Path
-    reporter: Reporter
-
-
-@dataclass
-class StageOutput:
-    artifacts: list[Artifact] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-class Stage(Protocol):
-    name: ClassVar[str]
-    version: ClassVar[str]
-    sections: ClassVar[tuple[str, ...]]  # the config sections the stage reads
-    consumes: ClassVar[tuple[str, ...]]  # artefact names it needs
-    # A stage may set ``trains = True``: torch's thread count then joins its cache key.
-
-    def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
-        """Extra cache-key inputs not covered by config and artefacts (e.g. a weights file hash)."""
-        ...
-
-    def run(self, context: StageContext) -> StageOutput: ...
-
-
-@dataclass(frozen=True)
-class StageRecord:
-    name: str
-    version: str
-    key: str
-    cached: bool
-    reason: str
-    seconds: float
-    metrics: dict[str, Any]
-    artifacts: tuple[str, ...]
-
-
-@dataclass
-class PipelineResult:
-    records: list[StageRecord]
-    artifacts: dict[str, Artifact]
+from edgeprune.stages.base import PipelineResult, Stage, StageContext, StageOutput, StageRecord
+from edgeprune.stages.baseline import Baseline
+from edgeprune.stages.benchmark import Benchmark
+from edgeprune.stages.export_onnx import ExportOnnx
+from edgeprune.stages.export_pte import ExportPte
+from edgeprune.stages.export_tflite import ExportTflite
+from edgeprune.stages.finetune import Finetune
+from edgeprune.stages.prune_structured import PruneStructured
+from edgeprune.stages.prune_unstructured import PruneUnstructured
+from edgeprune.stages.quantize import Quantize
+from edgeprune.versions import tool_versions
 
 
 def plan_for(config: BuildConfig) -> list[Stage]:
     """The ordered stages a target's config asks for."""
-    from edgeprune.stages import (
-        Baseline,
-        Benchmark,
-        ExportOnnx,
-        ExportTflite,
-        Finetune,
-        PruneStructured,
-        PruneUnstructured,
-        Quantize,
-    )
-
     plan: list[Stage] = [Baseline()]
     if config.prune.mode in ("structured", "both"):
         plan.append(PruneStructured())
@@ -102,21 +52,13 @@ def plan_for(config: BuildConfig) -> list[Stage]:
         plan.append(ExportOnnx())
     if "tflite" in config.export.formats:
         plan.append(ExportTflite())
+    if "pte" in config.export.formats:
+        plan.append(ExportPte.checked(config))  # a missing extra fails here, before any stage runs
     if config.quantize.scheme != "none":
         plan.append(Quantize())
     if config.benchmark.enabled:
         plan.append(Benchmark())
     return plan
-
-
-def tool_versions() -> dict[str, str]:
-    versions = {}
-    for tool in TOOLS:
-        try:
-            versions[tool] = metadata.version(tool)
-        except metadata.PackageNotFoundError:
-            versions[tool] = "not installed"
-    return versions
 
 
 def key_components(stage: Stage, config: BuildConfig, dataset: Dataset, inputs: dict[str, Artifact]) -> dict[str, Any]:
@@ -130,15 +72,9 @@ def key_components(stage: Stage, config: BuildConfig, dataset: Dataset, inputs: 
         "seed": config.seed,
         "extra": stage.fingerprint(config),
         "tools": tool_versions(),
-        **({"torch_threads": _torch_threads()} if getattr(stage, "trains", False) else {}),
+        # Training with 1 or 2 intra-op threads sums in another order: other weights, so another cache entry.
+        **({"torch_threads": torch.get_num_threads()} if stage.trains else {}),
     }
-
-
-def _torch_threads() -> int:
-    """Training with 1 or 2 intra-op threads sums in another order: other weights, so another cache entry."""
-    import torch
-
-    return torch.get_num_threads()
 
 
 def run_pipeline(
@@ -184,7 +120,7 @@ def _run_stage(stage, config, dataset, artifacts, cache, reporter, force, scope)
         reason = _why_it_runs(stage, key, components, cache, force, scope)
         reporter.info(f"[{config.name}] {stage.name:<18} run    ({reason})")
         with cache.new_entry(stage.name, key) as workdir:
-            output = _run_in(stage, StageContext(config, dataset, dict(artifacts), workdir, reporter))
+            output = _run_in(stage, StageContext(config, dataset, dict(artifacts), workdir, reporter, key))
             stored_artifacts = [artifact.to_dict(relative_to=workdir) for artifact in output.artifacts]
             cache.publish_result(workdir, {"artifacts": stored_artifacts, "metrics": output.metrics, "key": components})
         entry = cache.entry(stage.name, key)

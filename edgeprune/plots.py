@@ -136,7 +136,8 @@ def _accuracy_vs_compression(figure, manifest: dict[str, Any]) -> bool:
     for name in ("prune_structured", "prune_unstructured", "finetune"):
         if name in stages and "accuracy" in stages[name]:
             sparsity = stages[name].get("global_sparsity")
-            label = f"{name} (sparsity {sparsity:.0%})" if sparsity else name
+            step = " after step 1" if name == "prune_unstructured" and stages[name].get("schedule", {}).get("targets", [0])[1:] else ""
+            label = f"{name} (sparsity {sparsity:.0%}{step})" if sparsity else name
             points.append((label, reduction, stages[name]["accuracy"]))
     for label, x, y in points:
         steps_axes.scatter([x], [y], s=40)
@@ -161,6 +162,7 @@ def _accuracy_vs_compression(figure, manifest: dict[str, Any]) -> bool:
 
 def _layers(figure, manifest: dict[str, Any]) -> bool:
     channels, sparsity = manifest["model"].get("channels"), manifest["model"].get("sparsity")
+    sparsity = sparsity if sparsity and any(row["sparsity"] for row in sparsity) else None  # a dense model has no panel
     panels = [panel for panel in (channels, sparsity) if panel]
     if not panels:
         return False
@@ -187,7 +189,7 @@ def _layers(figure, manifest: dict[str, Any]) -> bool:
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
         ax.set_xlabel("zero weights (%)", fontsize=8)
-        ax.set_title("Sparsity per layer (unstructured pruning)", fontsize=10)
+        ax.set_title("Sparsity per layer (zeros counted in model.pt)", fontsize=10)
     return True
 
 

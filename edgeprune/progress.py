@@ -1,8 +1,10 @@
 """What a build tells the person or the CI log watching it.
 
 In a terminal: rich progress bars. Elsewhere (CI, pipes): plain, line-oriented
-messages, one per stage and a few per long loop. ``quiet`` keeps only warnings;
-``json_mode`` sends human messages to stderr so stdout stays machine-readable.
+messages, one per stage and, in a long loop, one line at most every 30 s with the
+time spent and an estimate of what remains (so a CI log never goes silent for minutes,
+and never fills with a line per step). ``quiet`` keeps only warnings; ``json_mode``
+sends human messages to stderr so stdout stays machine-readable.
 """
 
 from __future__ import annotations
@@ -15,11 +17,33 @@ from typing import TextIO, TypeVar
 T = TypeVar("T")
 
 
+PLAIN_PROGRESS_INTERVAL_S = 30.0
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class Reporter:
-    def __init__(self, verbosity: int = 1, json_mode: bool = False, stream: TextIO | None = None) -> None:
+    """``progress_interval_s``: the least time between two plain progress lines of one loop."""
+
+    def __init__(
+        self,
+        verbosity: int = 1,
+        json_mode: bool = False,
+        stream: TextIO | None = None,
+        progress_interval_s: float = PLAIN_PROGRESS_INTERVAL_S,
+    ) -> None:
         self.verbosity = verbosity
         self.stream = stream or (sys.stderr if json_mode else sys.stdout)
         self.interactive = self.stream.isatty() and verbosity > 0
+        self.progress_interval_s = progress_interval_s
 
     def info(self, message: str) -> None:
         if self.verbosity >= 1:
@@ -44,11 +68,21 @@ class Reporter:
         if self.interactive:
             yield from self._rich_track(items, total, description)
             return
-        start, marks = time.monotonic(), {total * k // 4 for k in (1, 2, 3)}
+        yield from self._plain_track(items, total, description)
+
+    def _plain_track(self, items: Iterable[T], total: int, description: str) -> Iterator[T]:
+        """One line at most every ``progress_interval_s`` (and one at the end of a loop that took that long)."""
+        start = last = time.monotonic()
         for index, item in enumerate(items, 1):
             yield item
-            if index in marks or index == total:
-                self.detail(f"{description}: {index}/{total} ({time.monotonic() - start:.1f}s)")
+            now = time.monotonic()
+            if now - last >= self.progress_interval_s or (index == total and now - start >= self.progress_interval_s):
+                last = now
+                elapsed = now - start
+                remaining = elapsed / index * (total - index)
+                self.info(
+                    f"  {description}: {index}/{total} ({index / total:.0%}), {duration(elapsed)} elapsed, about {duration(remaining)} left"
+                )
 
     def _rich_track(self, items: Iterable[T], total: int, description: str) -> Iterator[T]:
         from rich.console import Console

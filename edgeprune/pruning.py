@@ -7,8 +7,10 @@ named by its root layer (``blocks.0.conv2.0``); the name stays valid while width
 so a plan of per-group widths can be applied step by step, each step with a fresh
 dependency graph built on the current model.
 
-Some models couple channels in ways the graph cannot see (a shortcut that pads or slices
-channels by a hard-coded amount, a reshape-based channel shuffle). Pruning such a group
+Groups are found by ``edgeprune.dependency`` within ``prune.analysis_seconds``; groups coupled
+through a channel-mixing reshape (a channel shuffle) are kept whole there. Some models couple
+channels in ways the graph cannot see at all (a shortcut that pads or slices channels by a
+hard-coded amount). Pruning such a group
 gives a network that crashes, or one that runs but no longer computes the original
 network minus the removed channels. ``guarded_prune`` therefore prunes a deep copy, checks
 it, and on failure bisects over the groups to find and leave out the ones that break it.
@@ -25,25 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeprune.config import PruneConfig
+from edgeprune.deadline import AnalysisTimeout, Budget
+from edgeprune.dependency import DependencyAnalysis, LayerGroup, dependency_analysis, first_line
 from edgeprune.errors import ConfigError, StageError
+from edgeprune.progress import SILENT, Reporter
 
 MAX_RATIO = 0.9  # never remove more than this fraction of a group's original channels
-# Layers that normalize over the channels: removing a channel there is not the same as zeroing it.
-CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm)
-
-
-@dataclass(frozen=True)
-class LayerGroup:
-    """One prunable group: its root layer, the root's current output channels, and its members.
-
-    ``members`` are the layers whose output channels go with the root's; ``normalized``
-    says a LayerNorm/GroupNorm normalizes over them.
-    """
-
-    name: str
-    channels: int
-    members: tuple[str, ...]
-    normalized: bool
 
 
 @dataclass(frozen=True)
@@ -122,20 +111,12 @@ def make_pruner(
     )
 
 
-def layer_groups(model: nn.Module, example: torch.Tensor, config: PruneConfig, protected: Iterable[str]) -> list[LayerGroup]:
-    """The groups Torch-Pruning would prune, in the model's layer order."""
-    pruner = make_pruner(model, example, config, protected)
-    names = {module: name for name, module in model.named_modules()}
-    graph, groups = pruner.DG, []
-    for group in graph.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
-        root = group[0].dep.target.module
-        members = [
-            names[dep.target.module] for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names
-        ]
-        normalized = any(isinstance(dep.target.module, CHANNEL_NORMS) for dep, _ in group)
-        groups.append(LayerGroup(names[root], graph.get_out_channels(root), tuple(dict.fromkeys(members)), normalized))
-    order = {name: index for index, name in enumerate(names.values())}
-    return sorted(groups, key=lambda group: order[group.name])
+def layer_groups(
+    model: nn.Module, example: torch.Tensor, config: PruneConfig, protected: Iterable[str], reporter: Reporter = SILENT
+) -> DependencyAnalysis:
+    """The groups Torch-Pruning would prune (in the model's layer order) and those kept whole, found within
+    ``prune.analysis_seconds`` (see ``edgeprune.dependency``). Prune with ``analysis.protected(protected)``."""
+    return dependency_analysis(model, example, protected, Budget(config.analysis_seconds), reporter)
 
 
 def root_channels(model: nn.Module, name: str) -> int:
@@ -215,11 +196,6 @@ def run_problem(model: nn.Module, sample: torch.Tensor, num_classes: int) -> tor
     return logits
 
 
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 # --------------------------------------------------------------------------- guarded pruning
 
 
@@ -256,23 +232,30 @@ def guarded_prune(
     exactly the unpruned model with the removed channels zeroed; the normalized groups next, and
     the result must run (output shape, finite values). When a set of groups fails, the shortest
     failing prefix is bisected to the group that breaks it; that group is left unpruned, reported,
-    and the rest tried again.
+    and the rest tried again. Past ``prune.analysis_seconds`` the groups not proven yet are left
+    unpruned and reported.
     """
     normalized = {group.name for group in groups if group.normalized}
     found: list[UntrackedCoupling] = []
     removed: dict[str, set[int]] = {}
+    budget = Budget(config.analysis_seconds)
     for exact in (True, False):
         names = [name for name in widths if (name in normalized) != exact]
         attempt = _Attempt(model, config, protected, [group.name for group in groups], widths, guard, exact)
-        while names:
-            candidate, channels, failure = attempt(names)
-            if failure is None:
-                model = candidate
-                removed.update(channels)
-                break
-            culprit, failure = _bisect(attempt, names, failure)
-            found.append(UntrackedCoupling(culprit, failure))
-            names.remove(culprit)
+        try:
+            while names:
+                with budget.deadline():
+                    candidate, channels, failure = attempt(names)
+                    culprit = None if failure is None else _bisect(attempt, names, failure)
+                if culprit is None:
+                    model = candidate
+                    removed.update(channels)
+                    break
+                found.append(UntrackedCoupling(*culprit))
+                names.remove(culprit[0])
+        except AnalysisTimeout:
+            reason = f"not pruned: proving the pruned model correct ran past prune.analysis_seconds ({budget.seconds:g} s)"
+            found += [UntrackedCoupling(name, reason) for name in names]
     return Pruned(model, found, removed)
 
 

@@ -15,7 +15,7 @@ or write it, which the quantize stage keeps in float.
   swapped for their dequantized copies (onnxruntime's ``qdq_loss_debug`` weight
   matching). Layers are ONNX node names (``nodes_to_exclude`` takes them).
 - ONNX dynamic range (no QDQ graph): only weights, rounded as the quantizer would.
-- PT2E (TFLite): the converted torch graph runs with every quantize/dequantize pair
+- PT2E (TFLite, ExecuTorch): the converted torch graph runs with every quantize/dequantize pair
   but one turned into the identity. Layers are torch module paths (``features.3``);
   ops called in a model's own ``forward`` belong to :data:`TOP_LEVEL`.
 """
@@ -30,8 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.fx
+from torch import nn
+
+from edgeprune.onnx_compaction import WEIGHT_OPS, int8_roundtrip, weight_axes, weight_input
 
 TOP_LEVEL = "<top-level>"  # the layer name of ops a model calls in its own forward()
+CALIBRATION_BATCH = 32  # images per PT2E calibration call
 _GRAPH_OUTPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime renames a quantized graph output's producer
 
 
@@ -137,14 +141,12 @@ def onnx_rounded_tensors(float_path: Path, qdq_path: Path, activations: dict[str
 def onnx_rounded_weights(float_path: Path, per_channel: bool, stored_axes: bool = False) -> dict[str, np.ndarray]:
     """Weights rounded to symmetric int8, per output channel or per tensor.
 
-    With ``stored_axes`` the weights and axes are those weight-only int8 stores (``onnx_weights.weight_axes``:
+    With ``stored_axes`` the weights and axes are those weight-only int8 stores (``onnx_compaction.weight_axes``:
     Gemm/MatMul per output column, embedding tables included); otherwise Conv/Gemm/MatMul weights per row
     (axis 0), as onnxruntime's dynamic quantizer rounds them.
     """
     import onnx
     from onnx import numpy_helper
-
-    from edgeprune.onnx_weights import WEIGHT_OPS, int8_roundtrip, weight_axes, weight_input
 
     graph = onnx.load(str(float_path)).graph
     constants = {item.name: numpy_helper.to_array(item) for item in graph.initializer}
@@ -226,6 +228,17 @@ def module_path(node: torch.fx.Node) -> str | None:
     if not stack:
         return None
     return list(stack.values())[-1][0] or TOP_LEVEL
+
+
+def export_for_calibration(model: nn.Module, example: torch.Tensor) -> tuple[torch.fx.GraphModule, int]:
+    """``torch.export`` with a dynamic batch, so observers see batches of CALIBRATION_BATCH images
+    (one image per call costs ~30x more in HistogramObserver); batch 1 when the model cannot export so."""
+    try:
+        batched = example.expand(2, *example.shape[1:])  # torch.export specialises a batch of 1
+        exported = torch.export.export(model, (batched,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+        return exported.module(), CALIBRATION_BATCH
+    except Exception:  # noqa: BLE001 - any export failure just means "calibrate one image at a time"
+        return torch.export.export(model, (example,)).module(), 1
 
 
 def pt2e_tensor_noise(converted: torch.fx.GraphModule, images: np.ndarray, batch: int = 1) -> list[TensorNoise]:
@@ -316,15 +329,20 @@ def pt2e_tensor_errors(
     floating = _capture(converted, images, batch, frozenset(), firsts)
     rows = []
     for name, nodes in tensors.items():
-        before, after = quantized[name]
+        (before, after), reference = quantized[name], floating[name][0]
         rows.append(
-            (name, sqnr_db(before, after), sqnr_db(floating[name][0], after), _cosine(floating[name][0], after), _pt2e_layers(nodes))
+            (name, channel_sqnr_db(before, after), channel_sqnr_db(reference, after), cosine(reference, after), _pt2e_layers(nodes))
         )
     return sorted(rows, key=lambda row: (row[1], row[0]))
 
 
 def _capture(converted, images, batch, rounding: frozenset, firsts: dict[str, torch.fx.Node]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """For each named quantize node: the tensor it reads and its dequantized copy, over ``images``."""
+    """For each named quantize node: the tensor it reads and its dequantized copy over ``images``, as (channels, values).
+
+    Channels are a weight's output channels (axis 0) and a feature map's channels (axis 1 of a rank >= 3
+    activation); any other tensor is one channel. A per-tensor grid set by one loud channel rounds the
+    others away, which only a per-channel SQNR sees.
+    """
     interpreter = _OnlyTheseRound(converted, rounding, keep_values=True)
     seen: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     with torch.no_grad():
@@ -333,17 +351,25 @@ def _capture(converted, images, batch, rounding: frozenset, firsts: dict[str, to
             for name, node in firsts.items():
                 dequantized = next(iter(node.users), None)
                 after = interpreter.env.get(dequantized, interpreter.env[node]) if dequantized is not None else interpreter.env[node]
-                seen[name].append((_numpy(interpreter.env[node.args[0]]), _numpy(after)))
-    return {
-        name: (np.concatenate([a.ravel() for a, _ in pairs]), np.concatenate([b.ravel() for _, b in pairs])) for name, pairs in seen.items()
-    }
+                axis = 0 if node.args[0].op == "get_attr" else 1
+                seen[name].append((_by_channel(interpreter.env[node.args[0]], axis), _by_channel(after, axis)))
+    return {name: (np.concatenate([a for a, _ in pairs], 1), np.concatenate([b for _, b in pairs], 1)) for name, pairs in seen.items()}
+
+
+def _by_channel(value, axis: int) -> np.ndarray:
+    """``value`` as a (channels, values) array: ``axis`` first for weights and feature maps, else one row."""
+    array = _numpy(value)
+    if array.ndim >= (2 if axis == 0 else 3):
+        return np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+    return array.reshape(1, -1)
 
 
 def _numpy(value) -> np.ndarray:
     return value.detach().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
 
 
-def _cosine(reference: np.ndarray, value: np.ndarray) -> float:
+def cosine(reference: np.ndarray, value: np.ndarray) -> float:
+    """Cosine similarity of two tensors, flattened (1.0 when either is all zeros)."""
     a, b = np.asarray(reference, np.float64).ravel(), np.asarray(value, np.float64).ravel()
     norm = float(np.linalg.norm(a) * np.linalg.norm(b))
     return 1.0 if norm == 0 else float(a @ b / norm)

@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from edgeprune.runtimes.figures import caveats
+
 PLOTS_DIR = "plots"
 
 
 def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] = ()) -> str:
     """The report; ``plots`` are (file stem, title) pairs of PNGs written to ``plots/``."""
     lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
-    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _quantization(manifest)
-    lines += _channels(manifest) + _budgets(manifest)
+    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _delegation(manifest) + _quantization(manifest)
+    lines += _loaded(manifest) + _left_unpruned(manifest) + _channels(manifest) + _budgets(manifest)
     lines += [
         "## Preprocessing (a device app must repeat it)",
         "",
@@ -40,12 +42,22 @@ def _summary(manifest: dict[str, Any]) -> list[str]:
         f"- MACs {model['macs_dense']:,} → {model['macs']:,} ({model['macs_dense'] / max(model['macs'], 1):.2f}× fewer); "
         f"params {model['params_dense']:,} → {model['params']:,}",
     ]
-    if "global_sparsity" in model:
-        lines.append(f"- global weight sparsity: {model['global_sparsity'] * 100:.1f} %")
+    lines += _sparsity(manifest)
     if speedup:
         device = _escape(manifest["benchmark_device"])
         lines.append(f"- measured speed-up of {primary} over the dense fp32 export on {device}: {speedup:.2f}×")
     return lines + [""]
+
+
+def _sparsity(manifest: dict[str, Any]) -> list[str]:
+    """Weight sparsity counted in the shipped files: the primary artefact's and the PyTorch model's."""
+    artifacts = manifest["artifacts"]
+    entries = [artifacts.get(manifest["primary_artifact"], {}), artifacts.get("model", {})]
+    counted = dict((entry["file"], entry["weights"]["global_sparsity"]) for entry in entries if "weights" in entry)
+    if not any(counted.values()):
+        return []
+    shown = ", ".join(f"`{name}` {value * 100:.1f} %" for name, value in counted.items())
+    return [f"- weight sparsity (zeros counted in the shipped file): {shown}"]
 
 
 def _plots(plots: Iterable[tuple[str, str]]) -> list[str]:
@@ -66,8 +78,9 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
     lines = [
         "## Artefacts",
         "",
-        "| file | precision | size KiB | gzip KiB | top-1 | max abs err | top-1 agree | p50 ms | p90 ms | p99 ms | peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| file | precision | size KiB | gzip KiB | top-1 | max abs err | top-1 agree | p50 ms | p90 ms | p99 ms | runner peak RSS MB "
+        "| model MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in manifest["artifacts"].values():
         parity, bench = entry.get("parity", {}), entry.get("benchmark", {})
@@ -75,9 +88,16 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
             f"| {entry['file']} | {entry.get('precision', '-')} | {entry['size_bytes'] / 1024:.1f} | {entry['size_gzip_bytes'] / 1024:.1f} "
             f"| {_pct(entry.get('accuracy'))} | {_num(parity.get('max_abs_error'))} | {_num(parity.get('top1_agreement'))} "
             f"| {_num(bench.get('latency_p50_ms'))} | {_num(bench.get('latency_p90_ms'))} | {_num(bench.get('latency_p99_ms'))} "
-            f"| {_num(bench.get('peak_rss_mb'))} |"
+            f"| {_num(bench.get('peak_rss_mb'))} | {_num(bench.get('model_memory_mb'))} |"
         )
-    return lines + [""]
+    return lines + [""] + benchmark_caveats(manifest)
+
+
+def benchmark_caveats(manifest: dict[str, Any]) -> list[str]:
+    """A line per artefact whose benchmark figures need a caveat (fewer threads than asked, a spread that stayed high)."""
+    notes = [f"- {entry['file']}: {'; '.join(caveats(entry['benchmark']))}" for entry in manifest["artifacts"].values()
+             if caveats(entry.get("benchmark", {}))]  # fmt: skip
+    return ["Benchmark caveats:", "", *notes, ""] if notes else []
 
 
 QUANTIZATION_HEADER = [
@@ -131,17 +151,65 @@ def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
 
 
 def _quantization(manifest: dict[str, Any]) -> list[str]:
-    rows = quantization_rows(manifest)
+    return _section(
+        "Quantization accuracy budget",
+        QUANTIZATION_HEADER,
+        "|---|---|---:|---:|---|---|---|---|---|---:|---:|",
+        quantization_rows(manifest),
+    )
+
+
+def _section(title: str, header: list[str], rule: str, rows: list[list[str]]) -> list[str]:
+    """A Markdown section holding one table; nothing when there are no rows."""
     if not rows:
         return []
-    lines = [
-        "## Quantization accuracy budget",
-        "",
-        "| " + " | ".join(QUANTIZATION_HEADER) + " |",
-        "|---|---|---:|---:|---|---|---|---|---|---:|---:|",
-    ]
-    lines += ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows]
-    return lines + [""]
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", rule]
+    return lines + ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows] + [""]
+
+
+def delegation_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """One row per ExecuTorch artefact: operators XNNPACK took, those left to portable kernels (by name), the share."""
+    rows = []
+    for entry in manifest["artifacts"].values():
+        if "delegated_share" not in entry:
+            continue
+        portable = ", ".join(f"{name} ×{count}" for name, count in entry.get("portable_kernels", {}).items()) or "none"
+        share = f"{entry['delegated_share'] * 100:.1f} %"
+        rows.append([entry["file"], str(entry["delegated_operators"]), str(entry["portable_operators"]), share, portable])
+    return rows
+
+
+DELEGATION_HEADER = ["file", "operators delegated", "on portable kernels", "delegated share", "portable kernels"]
+
+
+def _delegation(manifest: dict[str, Any]) -> list[str]:
+    return _section("ExecuTorch delegation (XNNPACK)", DELEGATION_HEADER, "|---|---:|---:|---:|---|", delegation_rows(manifest))
+
+
+def checkpoint_lines(manifest: dict[str, Any]) -> list[str]:
+    """The user's checkpoint: its format, then each adaptation made to load it (empty without a checkpoint)."""
+    checkpoint = manifest["model"].get("checkpoint")
+    return [f"Format: {checkpoint['format']}.", *checkpoint["adapted"]] if checkpoint else []
+
+
+def left_unpruned_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """One (layer group, why) row per group structured pruning left at its full width."""
+    return [[row["layer"], row["reason"]] for row in manifest["model"].get("left_unpruned", [])]
+
+
+def _loaded(manifest: dict[str, Any]) -> list[str]:
+    lines = checkpoint_lines(manifest)
+    if not lines:
+        return []
+    return ["## Checkpoint", "", _escape(lines[0]), "", *[f"- {_escape(item)}" for item in lines[1:]], ""]
+
+
+def _left_unpruned(manifest: dict[str, Any]) -> list[str]:
+    rows = left_unpruned_rows(manifest)
+    if not rows:
+        return []
+    lines = ["## Layer groups not pruned", "", "| layer group | why |", "|---|---|"]
+    return lines + [f"| `{_escape(layer)}` | {_escape(reason)} |" for layer, reason in rows] + [""]
 
 
 def _channels(manifest: dict[str, Any]) -> list[str]:

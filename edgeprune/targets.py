@@ -38,7 +38,7 @@ def targets_dir() -> Path:
 def list_targets() -> list[TargetInfo]:
     """Every bundled profile, sorted by name."""
     infos = []
-    for path in sorted(targets_dir().glob("*.toml")):
+    for path in sorted(targets_dir().glob("*.toml"), key=lambda path: path.stem):
         data = read_toml(path)
         infos.append(TargetInfo(path.stem, str(data.get("description", "")), path))
     return infos

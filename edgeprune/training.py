@@ -1,4 +1,4 @@
-"""Training loops shared by the baseline and finetune stages, and torch-side evaluation.
+"""Training loops shared by the baseline and finetune stages, and torch-side measurement (top-1, MACs).
 
 Training is deterministic for a given seed: it uses its own torch.Generator
 and restores the global torch thread/determinism state it touches.
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeprune.data import Dataset
 from edgeprune.progress import SILENT, Reporter
 
 EVAL_BATCH = 512
@@ -153,3 +154,17 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy (percent) of a torch model on a split."""
     return top1_accuracy(predict_logits(model, images), labels)
+
+
+def count_macs_params(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates and parameters for one input (Torch-Pruning's counter)."""
+    import torch_pruning as tp
+
+    model.eval()
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return {"macs": int(macs), "params": int(params)}
+
+
+def example_batch(dataset: Dataset, batch: int = 1) -> torch.Tensor:
+    """The first ``batch`` test images of ``dataset`` as a torch batch: the example input exports and MAC counts use."""
+    return torch.from_numpy(dataset.x_test[:batch].copy())

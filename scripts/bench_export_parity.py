@@ -30,12 +30,14 @@ import torch
 from edgeprune.config import DataConfig, ExportConfig, QuantizeConfig
 from edgeprune.data import load_dataset
 from edgeprune.errors import StageError
+from edgeprune.export import onnx2tf as onnx2tf_fallback
+from edgeprune.export.onnx import export_onnx
+from edgeprune.export.tflite import convert_tflite
 from edgeprune.models import create_model, list_models
 from edgeprune.parity import artifact_logits, parity_report
-from edgeprune.stages import onnx2tf_fallback
-from edgeprune.stages.export_onnx import export_onnx
-from edgeprune.stages.export_tflite import convert_tflite
-from edgeprune.stages.quantize import OnnxQuantizer, TfliteQuantizer, quantize_within_budget
+from edgeprune.quantization.budget import quantize_within_budget
+from edgeprune.quantization.onnx import OnnxQuantizer
+from edgeprune.quantization.tflite import TfliteQuantizer
 from edgeprune.training import TrainSettings, predict_logits, train
 
 COLUMNS = ("model", "format", "precision", "converter", "seconds", "max_abs_error", "top1_agreement", "float")

@@ -106,9 +106,9 @@ def common_overrides(args: argparse.Namespace, round_to: int) -> tuple[str, ...]
 def amount_for_mac_target(name: str, target: float, round_to: int, blocks: list[str]) -> float:
     """The uniform level whose MAC reduction (with ``blocks`` removed first) is closest to ``target``, found on the
     (untrained) architecture itself; 0 when removing the blocks reaches it."""
-    from edgeprune.blocks import drop_blocks
+    from edgeprune.depth_pruning import drop_blocks
     from edgeprune.models import create_model, example_input
-    from edgeprune.stages.common import count_macs_params
+    from edgeprune.training import count_macs_params
 
     dense, example = create_model(name).eval(), example_input(name)
     shallower = drop_blocks(dense, blocks)
@@ -122,7 +122,7 @@ def amount_for_mac_target(name: str, target: float, round_to: int, blocks: list[
 def blocks_to_drop(name: str, args: argparse.Namespace, round_to: int, count: str) -> list[str] | None:
     """The residual blocks a build of ``name`` removes for ``count`` ('all', or that many ranked as ``prune.drop_block_count``
     ranks them: a build with nothing else to do); None when the model has fewer removable blocks."""
-    from edgeprune.blocks import residual_blocks
+    from edgeprune.depth_pruning import residual_blocks
     from edgeprune.models import create_model, example_input
     from edgeprune.pruning import protected_layers
 
@@ -147,12 +147,13 @@ def uniform_level_for_mac_target(model: Any, example: Any, target: float, round_
 
     from edgeprune.config import PruneConfig
     from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers
-    from edgeprune.stages.common import count_macs_params
-    from edgeprune.stages.prune_structured import GroupPlan
+    from edgeprune.pruning_plan import GroupPlan
+    from edgeprune.training import count_macs_params
 
     config = PruneConfig(round_to=round_to)
     protected = protected_layers(model, (), 10)
-    groups = layer_groups(model, example, config, protected)
+    analysis = layer_groups(model, example, config, protected)
+    groups, protected = analysis.groups, analysis.protected(protected)
     guard = Guard(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(0)), 10)
     plan = GroupPlan.from_config(groups, config)
     dense = count_macs_params(model, example)["macs"]
@@ -207,7 +208,7 @@ def uniform_row(name: str, args: argparse.Namespace, round_to: int, blocks: list
 
 def analysis_path(name: str, args: argparse.Namespace, round_to: int) -> tuple[Path, float]:
     """``edgeprune analyze`` of ``name`` on onnxruntime with this run's settings: its sensitivity.json and the seconds it took."""
-    from edgeprune.sensitivity import run_analysis
+    from edgeprune.analysis import run_analysis
 
     config = api.resolve("cpu-x86", overrides=common_overrides(args, round_to) + ("export.formats=['onnx']",), model=f"example:{name}")
     started = time.perf_counter()

@@ -20,6 +20,15 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -c "import torch, torch_pruning, onnxruntime, litert_torch, ai_edge_litert" \
   || { echo "setup: the Python packages did not install" >&2; exit 1; }
 
+# The ExecuTorch extra (.pte export and runtime) for its tests. The installed torch is passed as a
+# requirement so pip keeps it (executorch's own torch pin would otherwise be free to move it),
+# and typing_extensions stays where torch's install left it.
+TORCH_PIN=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+TYPING_PIN=$(.venv/bin/python -c 'from importlib.metadata import version; print(version("typing_extensions"))')
+.venv/bin/python -m pip install -q -e ".[executorch]" "torch==$TORCH_PIN" "typing_extensions==$TYPING_PIN" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import executorch.runtime" 2>/dev/null \
+  || echo "setup: executorch did not install; the .pte tests will be skipped" >&2
+
 # The ssh adapter is tested against a real OpenSSH server on 127.0.0.1.
 if [ "${EDGEPRUNE_SYSTEM_DEPS:-1}" = "1" ] && ! command -v sshd >/dev/null && [ ! -x /usr/sbin/sshd ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then

@@ -1,5 +1,6 @@
 """Shared fixtures: a user checkpoint trained once per session, and fast build settings."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 
 from edgeprune.config import DataConfig
 from edgeprune.data import load_dataset
+from edgeprune.simd import cpu_flags, host_channel_multiple
 from edgeprune.training import TrainSettings, train
 from tests.user_models import tiny_cnn
 
@@ -24,6 +26,12 @@ USER_MODEL = "tests.user_models:tiny_cnn"
 # (android/rpi5 ship int8 I/O) on ~1.5 % of the test images: its int8 TFLite agrees with fp32 on
 # ~98.5 %. The bundled example (small_cnn) agrees on 99.6 % under the default 0.99.
 TINY_INT8_GATE = "quantize.min_top1_agreement=0.97"
+
+# onnxruntime's x86 int8 kernels sum u8 x s8 products exactly with VNNI; without it (AVX2 alone, as on
+# AMD EPYC before Zen 4) VPMADDUBSW adds pairs in saturating int16 (microsoft/onnxruntime#6004), so a
+# uint8-activation model loses more there and its budget needs more float layers. No environment
+# variable makes onnxruntime emulate that path: the tests that count float layers check it on VNNI hosts.
+ONNXRUNTIME_INT8_EXACT = bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +65,16 @@ def onnx_op_types(path: Path) -> set[str]:
 def split_accuracy_is_real(value: float, samples: int) -> bool:
     """A top-1 measured on ``samples`` images is a multiple of 100/samples."""
     return bool(np.isclose(value * samples / 100, round(value * samples / 100), atol=1e-6))
+
+
+def pytest_report_header(config) -> list[str]:
+    """The CPU the numbers came from: vector ISA, what PyTorch dispatches to, and any ISA cap in force."""
+    flags = cpu_flags()
+    vector = sorted(flag for flag in flags if flag.startswith(("avx", "amx")) or flag in ("fma", "f16c"))
+    switches = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    caps = [f"{name}={os.environ[name]}" for name in switches if os.environ.get(name)]
+    return [
+        f"cpu: {' '.join(vector) or 'no x86 vector flags'}",
+        f"torch kernels: {torch.backends.cpu.get_cpu_capability()}; caps: {', '.join(caps) or 'none'}; "
+        f"prune.round_to auto: {host_channel_multiple().value}",
+    ]

@@ -182,7 +182,7 @@ def build(*args: str) -> tuple[str, ...]:
 
 ROWS = {
     # configuration: profiles, project files, --set
-    "unknown target": Row(("build", "--target", "iphone"), "unknown target 'iphone' (known: android, cpu-x86"),
+    "unknown target": Row(("build", "--target", "iphone"), "unknown target 'iphone' (known: android, android-executorch, cpu-x86"),
     "bad TOML in a project file": Row(build("--project", "bad.toml"), "bad.toml: invalid TOML", {"bad.toml": "[prune\n"}),
     "missing project file": Row(build("--project", "nope.toml"), "nope.toml: file not found"),
     "unknown key in a profile": Row(
@@ -205,7 +205,7 @@ ROWS = {
     "truncated checkpoint": Row(build("--model", TINY, "--weights", "t.pt"), "t.pt: corrupt or truncated checkpoint", {"t.pt": truncate}),
     "checkpoint of another architecture": Row(
         build("--model", TINY, "--weights", "o.pt"),
-        "o.pt: shape mismatch at classifier.weight: checkpoint (5, 64) vs model (10, 64); is it for another architecture?",
+        "o.pt: shape mismatch at classifier.weight: checkpoint (5, 64) vs model (10, 64) (a classifier of another size",
         {"o.pt": lambda path: save_checkpoint(path, num_classes=5)},
     ),
     "checkpoint with NaN weights": Row(

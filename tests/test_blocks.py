@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from edgeprune import api
-from edgeprune.blocks import DroppedBlock, drop_blocks, dropped_blocks, residual_blocks, score_blocks
 from edgeprune.config import ModelConfig
+from edgeprune.depth_pruning import DroppedBlock, drop_blocks, dropped_blocks, residual_blocks, score_blocks
 from edgeprune.errors import ConfigError
 from edgeprune.modelio import load_model, save_model
 from edgeprune.models import create_model, example_input

@@ -113,3 +113,61 @@ def test_an_unknown_key_with_a_newline_in_it_is_named_on_one_line(tmp_path):
         resolve_config("android", project)
     message = str(raised.value)
     assert "\n" not in message and "unknown key 'bad\\nkey'" in message
+
+
+# --------------------------------------------------------------------------- prune.round_to = "auto"
+
+AVX512 = frozenset({"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"})
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+
+
+@pytest.mark.parametrize(
+    "machine, flags, environ, value, reason",
+    [
+        ("x86_64", AVX512, {}, 16, "host AVX512: 16 float32 lanes"),
+        ("x86_64", AVX2, {}, 8, "host AVX2: 8 float32 lanes"),
+        ("x86_64", frozenset({"sse4_2", "avx"}), {}, 8, "host AVX: 8"),
+        ("x86_64", frozenset({"sse2"}), {}, 4, "host SSE: 4"),
+        ("x86_64", AVX512, {"ATEN_CPU_CAPABILITY": "avx2"}, 8, "host AVX2 (the CPU has AVX512; ATEN_CPU_CAPABILITY=avx2 caps it)"),
+        ("x86_64", AVX512, {"ATEN_CPU_CAPABILITY": "default"}, 4, "host SSE (the CPU has AVX512; ATEN_CPU_CAPABILITY=default caps it)"),
+        ("x86_64", AVX2, {"ATEN_CPU_CAPABILITY": "avx512"}, 8, "host AVX2: 8"),  # a cap never raises what the CPU has
+        ("x86_64", AVX2, {"ATEN_CPU_CAPABILITY": "bogus"}, 8, "host AVX2: 8"),  # PyTorch ignores an unknown value too
+        ("aarch64", frozenset(), {}, 8, "XNNPACK's arm64 kernels tile output channels by 8"),
+        ("riscv64", frozenset(), {}, 8, "host riscv64: no known vector width, 8 assumed"),
+    ],
+)
+def test_the_auto_channel_multiple_is_the_hosts_float32_lanes(machine, flags, environ, value, reason):
+    from edgeprune.simd import host_channel_multiple
+
+    multiple = host_channel_multiple(machine, flags, environ)
+    assert multiple.value == value and reason in multiple.reason
+
+
+def test_round_to_auto_resolves_to_this_hosts_multiple_and_records_why():
+    from edgeprune.simd import host_channel_multiple
+
+    host = host_channel_multiple()
+    config = resolve_config("cpu-x86")  # the profile says "auto"
+    assert config.prune.round_to == host.value and config.prune.round_to_source == f"auto: {host.reason}"
+    assert config.to_dict()["prune"]["round_to_source"] == f"auto: {host.reason}"  # what the manifest's config shows
+    explicit = resolve_config("cpu-x86", overrides=("prune.round_to=32",))
+    assert explicit.prune.round_to == 32 and explicit.prune.round_to_source == ""
+    assert resolve_config("android").prune.round_to == 8  # a device target keeps its number
+    assert resolve_config("android", overrides=("prune.round_to='auto'", "benchmark.device='local'")).prune.round_to == host.value
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prune.round_to='fast'", "'prune.round_to' must be an integer or 'auto', got 'fast'"),
+        ("prune.round_to=true", "'prune.round_to' must be an integer or 'auto', got True"),
+        ("prune.round_to=0", "'prune.round_to' = 0 is out of range [1, 1024]"),
+        ("prune.round_to=-16", "'prune.round_to' = -16 is out of range [1, 1024]"),
+        ("prune.round_to_source='mine'", "unknown key 'prune.round_to_source'"),
+        ("benchmark.device='ssh://pi@board'", "prune.round_to = 'auto' reads this machine's vector width, but benchmark.device"),
+    ],
+)
+def test_round_to_is_auto_or_a_positive_integer_and_auto_only_for_this_machine(override, message):
+    with pytest.raises(ConfigError) as error:
+        resolve_config("cpu-x86", overrides=(override,))
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgeprune import api
-from edgeprune.distributed import ddp_train, launched_by_torchrun
+from edgeprune.ddp_finetune import ddp_train, launched_by_torchrun
 from edgeprune.errors import ConfigError
 from edgeprune.training import TrainSettings, evaluate, train
 from tests.conftest import USER_MODEL
@@ -46,6 +46,7 @@ def test_a_world_of_no_processes_is_refused(example_data, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_two_process_ddp_on_a_cnn_matches_single_process_top1(example_data, user_checkpoint, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     teacher = tiny_cnn()
@@ -68,7 +69,7 @@ import os, sys
 import torch
 from edgeprune.config import DataConfig
 from edgeprune.data import load_dataset
-from edgeprune.distributed import ddp_train
+from edgeprune.ddp_finetune import ddp_train
 from edgeprune.training import TrainSettings
 from tests.test_distributed import mlp
 

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from edgeprune import api
+from edgeprune.api import build_configs as build_matrix
 from edgeprune.errors import ConfigError, InputError
-from edgeprune.executors import LocalExecutor, build_matrix, device_slot, open_executor, physical_device, sweep
+from edgeprune.executors import LocalExecutor, open_executor, sweep
 from edgeprune.manifest import strip_volatile
+from edgeprune.runtimes.device_locks import device_slot, physical_device
 from tests.conftest import FAST, USER_MODEL
 from tests.user_models import tiny_cnn
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 and name minification of ONNX files (``edgeprune.onnx_weights``): real files, real runs."""
+"""Weight-only int8 and name minification of ONNX files (``edgeprune.onnx_compaction``): real files, real runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeprune.onnx_weights import float16_constants, int8_weight, minify_names, quantize_weights, survives_float16
+from edgeprune.onnx_compaction import float16_constants, int8_weight, minify_names, quantize_weights, survives_float16
 
 
 def run(path, images: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ import pytest
 from edgeprune import api
 from edgeprune.artifacts import sha256_of
 from edgeprune.errors import ParityError
+from edgeprune.pruning import rounded_width
+from edgeprune.simd import host_channel_multiple
 from tests.conftest import FAST, TINY_INT8_GATE, USER_MODEL, onnx_op_types, split_accuracy_is_real
 
 
@@ -15,6 +17,7 @@ def build(target, checkpoint, *overrides, **kwargs):
     return api.build(target, model=USER_MODEL, weights=str(checkpoint), overrides=FAST + overrides, **kwargs)
 
 
+@pytest.mark.numerics
 def test_cpu_x86_build_produces_verified_artefacts(workdir, user_checkpoint):
     result = build("cpu-x86", user_checkpoint)
     manifest = json.loads((workdir / "dist/cpu-x86/manifest.json").read_text())
@@ -32,8 +35,14 @@ def test_cpu_x86_build_produces_verified_artefacts(workdir, user_checkpoint):
     assert int8["parity"]["top1_agreement"] >= 0.97
     assert {"QuantizeLinear", "DequantizeLinear"} <= onnx_op_types(workdir / "dist/cpu-x86/model_int8.onnx")
     assert manifest["model"]["macs"] < manifest["model"]["macs_dense"]  # channels were physically removed
-    # amount 0.3, nearest multiple of 16 (cpu-x86's round_to), at least one: 16 → 11.2 → 16, 32 → 22.4 → 16, 64 → 44.8 → 48
-    assert [row["channels_after"] for row in manifest["model"]["channels"]][:3] == [16, 16, 48]
+    # amount 0.3 to the nearest multiple of cpu-x86's round_to ("auto": this host's float32 lanes), at least one:
+    # with 16 (AVX-512) 16 → 16, 32 → 22.4 → 16, 64 → 44.8 → 48; with 8 (AVX2) 8, 24, 48
+    multiple = host_channel_multiple()
+    assert manifest["config"]["prune"]["round_to"] == multiple.value
+    assert manifest["config"]["prune"]["round_to_source"] == f"auto: {multiple.reason}"
+    # a group no wider than one multiple keeps its width
+    expected = [width if width <= multiple.value else rounded_width(width * 0.7, width, multiple.value) for width in (16, 32, 64)]
+    assert [row["channels_after"] for row in manifest["model"]["channels"]][:3] == expected
     bench = int8["benchmark"]
     assert 0 < bench["latency_p50_ms"] <= bench["latency_p90_ms"] <= bench["latency_p99_ms"]
     assert bench["peak_rss_mb"] > 10
@@ -106,8 +115,8 @@ def test_android_build_ships_full_integer_tflite(workdir, user_checkpoint):
     result = build("android", user_checkpoint, "benchmark.threads=2", TINY_INT8_GATE)
     artifacts = result.manifest["artifacts"]
     assert result.manifest["primary_artifact"] == "tflite_int8"
-    io = artifacts["tflite_int8"]["io"]
-    assert io["input"]["dtype"] == "int8" and io["input"]["scale"] > 0
+    model_input = artifacts["tflite_int8"]["io"]["inputs"][0]
+    assert model_input["dtype"] == "int8" and model_input["quantization"]["scale"][0] > 0
     assert abs(artifacts["tflite_fp32"]["accuracy"] - artifacts["tflite_int8"]["accuracy"]) <= 1.0
     assert artifacts["tflite_fp32"]["parity"]["max_abs_error"] < 1e-3
     assert artifacts["tflite_int8"]["benchmark"]["latency_p50_ms"] > 0

@@ -10,13 +10,16 @@ import torch
 from edgeprune import api
 from edgeprune.budgets import exit_code
 from edgeprune.config import ExportConfig, QuantizeConfig
-from edgeprune.onnx_weights import minify_names
+from edgeprune.export.onnx import export_onnx
+from edgeprune.onnx_compaction import minify_names
 from edgeprune.parity import artifact_logits, tflite_interpreter
-from edgeprune.quant_search import TensorError
-from edgeprune.quant_sensitivity import pt2e_tensor_noise, sqnr_db
-from edgeprune.stages import quantize
-from edgeprune.stages.export_onnx import export_onnx
-from edgeprune.stages.quantize import OnnxQuantizer, TfliteQuantizer, quantize_within_budget, retype_tflite_io
+from edgeprune.quant_sensitivity import TensorNoise, pt2e_tensor_noise, sqnr_db
+from edgeprune.quantization import budget as quantize
+from edgeprune.quantization.budget import quantize_within_budget
+from edgeprune.quantization.onnx import OnnxQuantizer
+from edgeprune.quantization.search import TensorError
+from edgeprune.quantization.tflite import TfliteQuantizer, keep_float_quantizer, retype_tflite_io
+from edgeprune.training import top1_accuracy
 from tests.conftest import FAST, USER_MODEL, onnx_op_types
 from tests.user_models import tiny_cnn
 
@@ -68,7 +71,7 @@ def pt2e_converted(model: torch.nn.Module, images: np.ndarray, keep_float: tuple
 
     scheme = pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
     exported = torch.export.export(model.eval(), (torch.from_numpy(images),)).module()  # one batch: all the images
-    prepared = quantize_pt2e.prepare_pt2e(exported, quantize.keep_float_quantizer(scheme, keep_float))
+    prepared = quantize_pt2e.prepare_pt2e(exported, keep_float_quantizer(scheme, keep_float))
     prepared(torch.from_numpy(images))
     return quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
 
@@ -175,7 +178,7 @@ def test_a_missed_budget_is_a_verdict_with_the_best_candidate_and_the_time_limit
 
 
 def test_mcnemar_gate_passes_a_drop_within_noise_and_fails_a_real_loss():
-    from edgeprune.accuracy_gate import judge, mcnemar_p_value
+    from edgeprune.quantization.gate import judge, mcnemar_p_value
 
     assert mcnemar_p_value(0, 0) == 1.0 and mcnemar_p_value(5, 0) == pytest.approx(1 / 32)
     assert mcnemar_p_value(10, 10) == pytest.approx(0.5881, abs=1e-4) and mcnemar_p_value(3000, 2900) < 0.1
@@ -221,6 +224,7 @@ def test_two_runs_rank_the_deliberately_broken_activation_first(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_layers_float(workdir, broken_checkpoint):
     overrides = (*FAST, "prune.mode='none'", "benchmark.enabled=false")
 
@@ -261,6 +265,7 @@ def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_laye
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_tflite_fallback_and_float_io(workdir, broken_checkpoint):
     overrides = (*FAST, "prune.mode='none'", "benchmark.enabled=false", "quantize.tflite_io='float'", "quantize.min_top1_agreement=0.99")
     result = api.build("android", model=USER_MODEL, weights=str(broken_checkpoint), overrides=overrides)
@@ -268,7 +273,7 @@ def test_tflite_fallback_and_float_io(workdir, broken_checkpoint):
     assert int8["plain_int8"]["accuracy_drop"] > 20
     assert int8["budget"]["passed"] and int8["versus_fp32"]["top1_agreement"] >= 0.99, int8["budget"]["verdict"]
     assert "features.4" in int8["float_layers"]  # torch module paths for TFLite
-    assert int8["io"]["input"]["dtype"] == "float32" and int8["io"]["output"]["dtype"] == "float32"
+    assert int8["io"]["inputs"][0]["dtype"] == "float32" and int8["io"]["outputs"][0]["dtype"] == "float32"
     interpreter = tflite_interpreter(workdir / "dist/android/model_int8.tflite", threads=1)
     dtypes = {detail["index"]: detail["dtype"] for detail in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
@@ -307,28 +312,56 @@ def quantize_tiny_cnn(tmp_path, checkpoint, data, config: QuantizeConfig, name: 
         quantizer.close()
 
 
+def assert_the_budget_holds_with_the_noisiest_layers_float(meta: dict, noise: list[TensorNoise], fp32_logits, logits, labels) -> None:
+    """What the budget promises on any CPU, measured here from the logits rather than read from the meta.
+
+    Whether every layer can stay int8 is one machine's number: onnxruntime's int8 kernels differ by CPU
+    (without VNNI, AVX2 sums u8 x s8 pairs in saturating int16) and the trained checkpoint itself differs
+    with the CPU's float kernels. So the test checks the outcome and, where layers were kept float, that the
+    fallback chose them for a reason: every layer int8 missed the budget and the noisiest tensor's layers are
+    among those kept.
+    """
+    budget = QuantizeConfig()
+    agreement = float((logits.argmax(1) == fp32_logits.argmax(1)).mean())
+    drop = top1_accuracy(fp32_logits, labels) - top1_accuracy(logits, labels)
+    assert meta["budget"]["passed"] and meta["budget"]["top1_agreement"] == pytest.approx(agreement)
+    assert meta["budget"]["accuracy_drop"] == pytest.approx(drop, abs=1e-3)
+    assert drop <= budget.max_accuracy_drop + 1e-9 or meta["budget"]["p_value"] >= budget.significance  # else: noise
+    if meta["float_layers"]:
+        assert not meta["plain_int8"]["passed"]  # kept float only because all-int8 missed the budget
+        assert set(noise[0].layers) & set(meta["float_layers"])  # the noisiest first
+        assert len(meta["float_layers"]) <= budget.max_float_layers
+    else:
+        assert "search" not in meta
+
+
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_dynamic_range_onnx_quantizes_weights_and_holds_the_budget(tmp_path, user_checkpoint, example_data):
     fp32_logits, logits, meta, noise = quantize_tiny_cnn(tmp_path, user_checkpoint, example_data, QuantizeConfig(scheme="dynamic"), "dyn")
-    assert {"DynamicQuantizeLinear", "ConvInteger"} <= onnx_op_types(tmp_path / "dyn.onnx")
-    assert meta["budget"]["passed"] and meta["float_layers"] == [] and "calibration" not in meta
-    assert (logits.argmax(1) == fp32_logits.argmax(1)).mean() >= 0.99
+    graph = [node.op_type for node in __import__("onnx").load(str(tmp_path / "dyn.onnx")).graph.node]
+    assert "DynamicQuantizeLinear" in graph and "calibration" not in meta
+    assert graph.count("ConvInteger") + graph.count("Conv") == 3  # each conv either int8 at run time or kept float
+    assert graph.count("Conv") == sum(layer.endswith("/Conv") for layer in meta["float_layers"])
+    assert_the_budget_holds_with_the_noisiest_layers_float(meta, noise, fp32_logits, logits, example_data.y_test)
     assert len(noise) == 4 and all(15 < item.sqnr_db < 80 for item in noise)  # 3 convs + the classifier, int8 weights
     assert not (tmp_path / "preprocessed.onnx").exists()
 
 
+@pytest.mark.numerics
 def test_weight_only_onnx_has_int8_weights_float_activations_and_holds_the_budget(tmp_path, user_checkpoint, example_data):
     config = QuantizeConfig(scheme="int8", activation_type="float")
     fp32_logits, logits, meta, noise = quantize_tiny_cnn(tmp_path, user_checkpoint, example_data, config, "weights")
     path, fp32 = tmp_path / "weights.onnx", tmp_path / "fp32.onnx"
     ops = onnx_op_types(path)
     assert "DequantizeLinear" in ops and not ops & {"QuantizeLinear", "DynamicQuantizeLinear", "ConvInteger"}
-    assert meta["budget"]["passed"] and meta["float_layers"] == [] and meta["activations"] == "float"
-    assert (logits.argmax(1) == fp32_logits.argmax(1)).mean() >= 0.99  # 0.9945 measured: the default budget holds with no float layer
+    assert meta["activations"] == "float"
+    assert_the_budget_holds_with_the_noisiest_layers_float(meta, noise, fp32_logits, logits, example_data.y_test)
     assert len(noise) == 4 and all(15 < item.sqnr_db < 80 for item in noise)  # the budget ranks the 4 int8 weights
-    assert path.stat().st_size < 0.4 * fp32.stat().st_size
+    assert path.stat().st_size - meta["float_layers_size_bytes"] < 0.4 * fp32.stat().st_size  # every weight int8: the first attempt
 
 
+@pytest.mark.numerics
 def test_weight_only_with_float16_constants_stores_biases_and_scales_in_half_the_bytes(tmp_path, user_checkpoint, example_data):
     import onnx
     from onnx import TensorProto

@@ -45,12 +45,12 @@ def test_reference_architecture_prunes_finetunes_exports_and_passes_parity(spec:
         assert parity["max_abs_error"] < 1e-3 and parity["top1_agreement"] >= 0.999 and parity["samples"] == 200
 
     untracked = [item["layer"] for item in stages["prune_structured"]["untracked_coupling"]]
-    if spec.untracked_coupling:
-        assert untracked == ["stem.0"]  # the padded/sliced residual stream is left whole, the rest is pruned
-    elif spec.name == "shufflenet_mini":
-        assert untracked and all(name.endswith("branch.2.0") for name in untracked)  # groups the channel shuffle mis-maps
+    assert untracked == (["stem.0"] if spec.untracked_coupling else [])  # the padded/sliced residual stream is left whole
+    kept_whole = stages["prune_structured"]["dependency_analysis"]["kept_whole"]
+    if spec.name == "shufflenet_mini":  # the groups coupled through the reshape channel shuffle, found before any pruning
+        assert kept_whole and all("channel-mixing" in item["reason"] for item in kept_whole)
     else:
-        assert untracked == []
+        assert kept_whole == []
 
     # model.pt is architecture + plan + weights: it rebuilds with weights_only loading and matches the shipped ONNX
     rebuilt = load_model(workdir / "out" / "model.pt")

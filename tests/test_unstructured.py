@@ -11,8 +11,7 @@ from torch import nn
 from edgeprune import api
 from edgeprune.cli import main
 from edgeprune.config import SparsityConfig
-from edgeprune.stages.finetune import schedule_updates
-from edgeprune.stages.prune_unstructured import (
+from edgeprune.sparsity import (
     apply_masks,
     compute_masks,
     cubic_sparsity,
@@ -20,6 +19,7 @@ from edgeprune.stages.prune_unstructured import (
     prunable_weights,
     pruning_plan,
     satisfies_two_four,
+    schedule_updates,
     sparsity_masks,
     sparsity_report,
     two_four_eligible,
@@ -186,6 +186,7 @@ def gzip_bytes(path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_size_profile_ships_a_sparse_int8_onnx_many_times_smaller(workdir, user_checkpoint):
     import onnx
     from onnx import numpy_helper

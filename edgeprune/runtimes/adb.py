@@ -6,8 +6,13 @@ Two ways to run, chosen per artefact:
   ``benchmark_model`` binary (built for the device's ABI, supplied by the user) is
   pushed and runs .tflite artefacts. It reports a mean but no percentiles, so the
   result's p50 is that mean (``BenchResult.p50_is_mean``).
+* ``adb://SERIAL?executor_runner=/host/path/executor_runner`` — ExecuTorch's
+  ``executor_runner`` (built for the device's ABI with the XNNPACK backend, supplied by
+  the user) is pushed and runs .pte artefacts, ``--cpu_threads`` set to the thread count.
+  Its log is parsed (``edgeprune.runtimes.executor_runner_output``): per-execution times
+  give percentiles where the release prints them, else p50 is the mean; no memory figure.
 * ``adb://SERIAL?python=/data/.../python3`` — ``runner.py`` under a Python that lives
-  on the device (e.g. Termux), for .onnx and .tflite, with full percentiles.
+  on the device (e.g. Termux), for .onnx, .tflite and .pte, with full percentiles.
 
 Files go to a ``mktemp -d`` directory under /data/local/tmp, removed in ``cleanup``.
 """
@@ -21,20 +26,24 @@ import subprocess
 from functools import partial
 from pathlib import Path
 
-from edgeprune.errors import DeviceError
+from edgeprune.errors import DeviceError, TransientDeviceError
 from edgeprune.runtimes.base import (
     RUNNER_PATH,
     BenchResult,
     BenchSettings,
     DeviceUrl,
-    TransientDeviceError,
-    register_adapter,
     run_repeats,
     with_retries,
 )
 from edgeprune.runtimes.benchmark_model_output import parse_benchmark_model_output
 from edgeprune.runtimes.commands import parse_runner_stdout, run_command, stderr_tail
+from edgeprune.runtimes.executor_runner_output import (
+    executor_runner_args,
+    parse_executor_runner_output,
+    runner_json_from_executor_runner,
+)
 from edgeprune.runtimes.local import check_artifact
+from edgeprune.runtimes.registry import register_adapter
 
 _LOG = logging.getLogger(__name__)
 DEVICE_TMP = "/data/local/tmp"
@@ -98,19 +107,27 @@ class AdbAdapter:
         benchmark_model: Path | None = None,
         python: str | None = None,
         adb: str = "adb",
+        executor_runner: Path | None = None,
     ) -> None:
         self.serial = serial
         self.settings = settings
         self.name = device or f"adb://{serial}"
         self.benchmark_model = benchmark_model
+        self.executor_runner = executor_runner
         self.python = python or "python3"
         self.adb = adb
         self.remote_dir: str | None = None
         self._prepared_artifact: Path | None = None
         self._device_facts: dict = {}
 
-    def _uses_benchmark_model(self, artifact: Path) -> bool:
-        return self.benchmark_model is not None and artifact.suffix.lower() == ".tflite"
+    def _device_tool(self, artifact: Path) -> tuple[str, Path] | None:
+        """(name on the device, host path) of the native tool that runs ``artifact``; None: runner.py."""
+        suffix = artifact.suffix.lower()
+        if self.benchmark_model is not None and suffix == ".tflite":
+            return "benchmark_model", self.benchmark_model
+        if self.executor_runner is not None and suffix == ".pte":
+            return "executor_runner", self.executor_runner
+        return None
 
     def _adb(self, args: list[str], timeout_s: float, what: str) -> subprocess.CompletedProcess[str]:
         completed = run_command([self.adb, "-s", self.serial, *args], timeout_s, what)
@@ -157,22 +174,22 @@ class AdbAdapter:
         if self.remote_dir is None:
             self.remote_dir = with_retries(self._make_remote_dir, retries, f"{self.name}: mkdir")
             self._device_facts = self._read_device_facts()
+        tool = self._device_tool(artifact)
         pushes = [(artifact, f"{self.remote_dir}/{artifact.name}")]
-        if self._uses_benchmark_model(artifact):
-            pushes.append((self.benchmark_model, f"{self.remote_dir}/benchmark_model"))
-        else:
-            pushes.append((RUNNER_PATH, f"{self.remote_dir}/{RUNNER_PATH.name}"))
+        pushes.append((tool[1], f"{self.remote_dir}/{tool[0]}") if tool else (RUNNER_PATH, f"{self.remote_dir}/{RUNNER_PATH.name}"))
         for local, remote in pushes:
             with_retries(partial(self._push, local, remote), retries, f"{self.name}: push {local.name}")
-        if self._uses_benchmark_model(artifact):
-            self._shell(f"chmod 755 {self.remote_dir}/benchmark_model", f"{self.name}: chmod", timeout_s=30.0)
+        if tool:
+            self._shell(f"chmod 755 {self.remote_dir}/{tool[0]}", f"{self.name}: chmod", timeout_s=30.0)
         self._prepared_artifact = artifact
 
     def _run_once(self, artifact: Path, settings: BenchSettings, what: str) -> dict:
-        model = f"{self.remote_dir}/{artifact.name}"
-        if not self._uses_benchmark_model(artifact):
+        model, tool = f"{self.remote_dir}/{artifact.name}", self._device_tool(artifact)
+        if tool is None:
             argv = [self.python, f"{self.remote_dir}/{RUNNER_PATH.name}", *settings.runner_args(model)]
             return parse_runner_stdout(self._shell(shlex.join(argv), what), what)
+        if tool[0] == "executor_runner":
+            return self._run_executor_runner(model, settings, what)
         completed = self._shell(shlex.join(benchmark_model_args(f"{self.remote_dir}/benchmark_model", model, settings)), what)
         try:
             parsed = parse_benchmark_model_output(completed.stdout + "\n" + completed.stderr)
@@ -180,8 +197,18 @@ class AdbAdapter:
             raise DeviceError(f"{what}: exit {completed.returncode}: {error}") from error
         return runner_json_from_benchmark_model(parsed, settings, self._device_facts)
 
+    def _run_executor_runner(self, model: str, settings: BenchSettings, what: str) -> dict:
+        executions = settings.warmup + settings.iterations  # the tool has no warmup: the first ``warmup`` are dropped
+        argv = executor_runner_args(f"{self.remote_dir}/executor_runner", model, executions, settings.threads)
+        completed = self._shell(shlex.join(argv), what)
+        try:
+            parsed = parse_executor_runner_output(completed.stdout + "\n" + completed.stderr)
+        except DeviceError as error:
+            raise DeviceError(f"{what}: exit {completed.returncode}: {error}") from error
+        return runner_json_from_executor_runner(parsed, settings.warmup, settings.threads, self._device_facts)
+
     def run(self, artifact: Path, settings: BenchSettings) -> BenchResult:
-        """One benchmark_model or runner process per repeat, retried if the device drops.
+        """One benchmark_model, executor_runner or runner process per repeat, retried if the device drops.
 
         Raises:
             DeviceError: naming the serial and the stage that failed.
@@ -204,14 +231,15 @@ class AdbAdapter:
 
 @register_adapter("adb")
 def open_adb(url: DeviceUrl, settings: BenchSettings) -> AdbAdapter:
-    """``adb://SERIAL[?benchmark_model=/host/path&python=/device/path]``."""
+    """``adb://SERIAL[?benchmark_model=/host/path&executor_runner=/host/path&python=/device/path]``."""
     serial = url.text.split("://", 1)[1].split("?", 1)[0].strip("/")
     if not serial:
         raise DeviceError(f"device {url.text!r}: no serial; use adb://SERIAL (see `adb devices`)")
-    url.check_options(("benchmark_model", "python"))
-    binary = url.options.get("benchmark_model")
-    if binary and not Path(binary).expanduser().is_file():
-        raise DeviceError(f"device {url.text!r}: benchmark_model binary {binary} not found on this machine")
-    return AdbAdapter(
-        serial, settings, url.text, benchmark_model=Path(binary).expanduser() if binary else None, python=url.options.get("python")
-    )
+    url.check_options(("benchmark_model", "executor_runner", "python"))
+    tools = {}
+    for option in ("benchmark_model", "executor_runner"):
+        binary = url.options.get(option)
+        if binary and not Path(binary).expanduser().is_file():
+            raise DeviceError(f"device {url.text!r}: {option} binary {binary} not found on this machine")
+        tools[option] = Path(binary).expanduser() if binary else None
+    return AdbAdapter(serial, settings, url.text, python=url.options.get("python"), **tools)

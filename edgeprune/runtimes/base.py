@@ -1,11 +1,11 @@
-"""Benchmark settings and results, the adapter protocol, and the device-URL front door.
+"""The types every runtime adapter shares: benchmark settings and results, the adapter protocol, device URLs.
 
 A *device* is a URL naming where an artefact is benchmarked:
 
 ``local``                                   a fresh local Python process per repeat
 ``gpu``                                     the same, on onnxruntime's CUDA/TensorRT providers
 ``ssh://user@host[:port][?python=...&key=...&known_hosts=...]``   a remote machine over OpenSSH
-``adb://SERIAL[?benchmark_model=...&python=...]``                 an Android device over adb
+``adb://SERIAL[?benchmark_model=...&executor_runner=...&python=...]`` an Android device over adb
 
 Every adapter ends up running ``runner.py`` (or TFLite's ``benchmark_model``) once per
 repeat in an isolated process and turns the per-repeat JSON into one ``BenchResult``.
@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import math
 import statistics
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from edgeprune.errors import ConfigError, DeviceError
+from edgeprune.errors import ConfigError, DeviceError, TransientDeviceError
 
 RUNNER_PATH = Path(__file__).with_name("runner.py")
 _T = TypeVar("_T")
@@ -41,7 +39,10 @@ class BenchSettings:
     ``repeats`` isolated processes per benchmark; ``use_xnnpack`` the LiteRT CPU delegate;
     ``providers`` onnxruntime execution providers in priority order (empty: the adapter's
     default); ``timeout_s`` per remote command or process; ``retries`` extra attempts after
-    a transient (connection) failure.
+    a transient (connection) failure; ``input_shapes`` ``NAME=1,3,224,224`` shapes for inputs with
+    dynamic dimensions; ``max_spread_pct`` the p50 spread between repeats above which more repeats are
+    taken, for at most ``spread_time_limit_s`` seconds (0: never); ``threads_beyond_cores`` lets a local
+    benchmark run more threads than the host has cores (by default it runs as many as there are).
     """
 
     threads: int = 2
@@ -53,10 +54,14 @@ class BenchSettings:
     providers: tuple[str, ...] = ()
     timeout_s: float = 300.0
     retries: int = 1
+    input_shapes: tuple[str, ...] = ()
+    max_spread_pct: float = 0.0
+    spread_time_limit_s: float = 60.0
+    threads_beyond_cores: bool = False
 
     def __post_init__(self) -> None:
         """Raises ConfigError for settings no runner could honour (e.g. ``repeats=0``)."""
-        minimums = {"threads": 1, "warmup": 0, "iterations": 1, "min_seconds": 0, "repeats": 1, "retries": 0}
+        minimums = {"threads": 1, "warmup": 0, "iterations": 1, "min_seconds": 0, "repeats": 1, "retries": 0, "max_spread_pct": 0}
         bad = [f"{name}={getattr(self, name)!r} (minimum {low})" for name, low in minimums.items() if getattr(self, name) < low]
         if self.timeout_s <= 0:
             bad.append(f"timeout_s={self.timeout_s!r} (must be > 0)")
@@ -71,7 +76,7 @@ class BenchSettings:
             args += ["--providers", ",".join(self.providers)]
         if not self.use_xnnpack:
             args.append("--no-xnnpack")
-        return args
+        return args + [arg for shape in self.input_shapes for arg in ("--shape", shape)]
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -95,6 +100,9 @@ _RUNNER_NUMBERS = (  # latency_mean_ms is required, the others may be absent or 
     "first_run_ms",
     "peak_rss_mb",
     "rss_before_load_mb",
+    "model_memory_mb",
+    "model_resident_mb",
+    "runtime_memory_mb",
     "iterations",
     "threads",
 )
@@ -126,6 +134,28 @@ def _checked_runner_json(run: object, where: str) -> dict:
     return run
 
 
+def p50_spread_pct(p50s: Sequence[float]) -> float:
+    """(max - min) / median of per-repeat p50s, in percent (0 for a zero median)."""
+    middle = statistics.median(p50s)
+    return (max(p50s) - min(p50s)) / middle * 100.0 if middle > 0 else 0.0
+
+
+def _repeat_p50(run: dict) -> float:
+    p50 = run.get("latency_p50_ms")
+    return run.get("latency_mean_ms", 0.0) if p50 is None else p50
+
+
+def steadiest(runs: Sequence[dict], count: int) -> list[dict]:
+    """The ``count`` repeats whose p50s lie closest together (the smallest spread), in the order taken:
+    on a shared machine a repeat slowed by another process says nothing about the model."""
+    if count >= len(runs):
+        return list(runs)
+    order = sorted(range(len(runs)), key=lambda index: _repeat_p50(runs[index]))
+    windows = [order[start : start + count] for start in range(len(order) - count + 1)]
+    best = min(windows, key=lambda window: p50_spread_pct([_repeat_p50(runs[index]) for index in window]))
+    return [runs[index] for index in sorted(best)]
+
+
 @dataclass(frozen=True)
 class BenchResult:
     """One artefact on one device, aggregated over ``repeats`` isolated processes.
@@ -137,6 +167,16 @@ class BenchResult:
     (max - min) / median of the per-repeat p50s, in percent. ``p50_is_mean`` is true when
     the tool reported no percentiles (TFLite ``benchmark_model``) and p50 is its mean;
     p90/p99 are then None. ``repeats`` keeps every raw runner JSON.
+
+    Memory: ``peak_rss_mb`` is the largest peak resident set of a measuring process (its own, from
+    VmHWM); ``model_memory_mb`` the largest share of it the model took (peak minus the process before
+    the model was loaded); ``model_resident_mb`` its share still resident after the timed runs;
+    ``runtime_memory_mb`` the runtime's own figure where it gives one.
+
+    When more repeats were taken because the first spread more than the settings allow, the figures
+    come from the ``kept`` repeats whose p50s lie closest together (``repeats_taken`` in all);
+    ``noisy`` says the spread stayed above the limit. ``threads_requested`` is the thread count asked
+    for when the host ran fewer (``threads``), else None.
     """
 
     device: str
@@ -164,19 +204,30 @@ class BenchResult:
     cpu_affinity: tuple[int, ...] | None
     p50_is_mean: bool = False
     repeats: list[dict] = field(default_factory=list)
+    model_memory_mb: float | None = None
+    model_resident_mb: float | None = None
+    runtime_memory_mb: float | None = None
+    threads_requested: int | None = None
+    repeats_taken: int = 0
+    max_spread_pct: float = 0.0
+    noisy: bool = False
 
     @classmethod
-    def from_runner_json(cls, runner_jsons: Sequence[dict], device: str, artifact: str) -> BenchResult:
-        """Aggregate one runner JSON per repeat; raises DeviceError if there is none."""
+    def from_runner_json(
+        cls, runner_jsons: Sequence[dict], device: str, artifact: str, keep: int | None = None, max_spread_pct: float = 0.0
+    ) -> BenchResult:
+        """Aggregate one runner JSON per repeat, over the ``keep`` steadiest (all by default); ``max_spread_pct``
+        (0: none) marks the result noisy above it. Raises DeviceError if there is none."""
         if not runner_jsons:
             raise DeviceError(f"{device}: no benchmark repeat produced a result for {artifact}")
-        runner_jsons = [_checked_runner_json(run, f"{device}: {artifact}") for run in runner_jsons]
+        taken = [_checked_runner_json(run, f"{device}: {artifact}") for run in runner_jsons]
+        runner_jsons = steadiest(taken, keep or len(taken))
         first = runner_jsons[0]
         means = [r["latency_mean_ms"] for r in runner_jsons]
         p50_is_mean = any(r.get("latency_p50_ms") is None for r in runner_jsons)
         p50s = means if p50_is_mean else [r["latency_p50_ms"] for r in runner_jsons]
         headline = statistics.median(p50s)
-        spread = (max(p50s) - min(p50s)) / headline * 100.0 if headline > 0 else 0.0
+        spread = p50_spread_pct(p50s)
         affinity = first.get("cpu_affinity")
 
         def median_of(key: str) -> float | None:
@@ -207,7 +258,14 @@ class BenchResult:
             cpu_model=first.get("cpu_model"),
             cpu_affinity=None if affinity is None else tuple(affinity),
             p50_is_mean=p50_is_mean,
-            repeats=[dict(r) for r in runner_jsons],
+            repeats=[dict(r) for r in taken],
+            model_memory_mb=_extreme([r.get("model_memory_mb") for r in runner_jsons], max),
+            model_resident_mb=_extreme([r.get("model_resident_mb") for r in runner_jsons], max),
+            runtime_memory_mb=_extreme([r.get("runtime_memory_mb") for r in runner_jsons], max),
+            threads_requested=first.get("threads_requested"),
+            repeats_taken=len(taken),
+            max_spread_pct=max_spread_pct,
+            noisy=0 < max_spread_pct < spread,
         )
 
     def to_dict(self) -> dict:
@@ -234,10 +292,6 @@ class RuntimeAdapter(Protocol):
     def cleanup(self) -> None: ...
 
 
-class TransientDeviceError(DeviceError):
-    """A failure worth retrying: a dropped connection, a device that went offline."""
-
-
 def with_retries(action: Callable[[], _T], retries: int, what: str, backoff_s: float = 0.5) -> _T:
     """Run ``action``; after a TransientDeviceError try again up to ``retries`` more times.
 
@@ -260,6 +314,8 @@ def with_retries(action: Callable[[], _T], retries: int, what: str, backoff_s: f
 def run_repeats(run_once: Callable[[str], dict], settings: BenchSettings, label: str, device: str, artifact: Path) -> BenchResult:
     """Call ``run_once(what)`` ``settings.repeats`` times, each with retries, and aggregate.
 
+    While the steadiest ``settings.repeats`` of them spread more than ``settings.max_spread_pct``, take
+    another, until ``settings.spread_time_limit_s`` seconds have gone on them.
     ``what`` names the stage for messages: ``"{label}: run repeat i/n"``.
 
     Raises:
@@ -269,7 +325,17 @@ def run_repeats(run_once: Callable[[str], dict], settings: BenchSettings, label:
     for repeat in range(1, settings.repeats + 1):
         what = f"{label}: run repeat {repeat}/{settings.repeats}"
         runs.append(with_retries(partial(run_once, what), settings.retries, what))
-    return BenchResult.from_runner_json(runs, device, str(artifact))
+    started = time.monotonic()
+    while _too_spread(runs, settings) and time.monotonic() - started < settings.spread_time_limit_s:
+        what = f"{label}: extra repeat {len(runs) + 1} (p50 spread above {settings.max_spread_pct:g} %)"
+        runs.append(with_retries(partial(run_once, what), settings.retries, what))
+    return BenchResult.from_runner_json(runs, device, str(artifact), settings.repeats, settings.max_spread_pct)
+
+
+def _too_spread(runs: list[dict], settings: BenchSettings) -> bool:
+    if settings.max_spread_pct <= 0:
+        return False
+    return p50_spread_pct([_repeat_p50(run) for run in steadiest(runs, settings.repeats)]) > settings.max_spread_pct
 
 
 # ---------------------------------------------------------------- device URLs
@@ -292,20 +358,6 @@ class DeviceUrl:
         if unknown:
             takes = ", ".join(f"{key}=" for key in allowed) or "no options"
             raise DeviceError(f"device {self.text!r}: unknown options {unknown}; {self.scheme} takes {takes}")
-
-
-AdapterFactory = Callable[[DeviceUrl, BenchSettings], RuntimeAdapter]
-ADAPTER_FACTORIES: dict[str, AdapterFactory] = {}
-
-
-def register_adapter(scheme: str) -> Callable[[AdapterFactory], AdapterFactory]:
-    """Decorator: make ``open_adapter`` build ``scheme`` devices with the factory."""
-
-    def register(factory: AdapterFactory) -> AdapterFactory:
-        ADAPTER_FACTORIES[scheme] = factory
-        return factory
-
-    return register
 
 
 def parse_device_url(device: str) -> DeviceUrl:
@@ -339,108 +391,3 @@ def _query_options(query: str, text: str) -> dict[str, str]:
     if repeated:
         raise DeviceError(f"device {text!r}: query keys given twice: {', '.join(repeated)}")
     return {key: values[0] for key, values in options.items()}
-
-
-def _load_builtin_adapters() -> None:
-    # Imported here, not at module top: the adapter modules import this one.
-    from edgeprune.runtimes import adb, gpu, local, ssh  # noqa: F401
-
-
-def open_adapter(device: str, settings: BenchSettings | None = None) -> RuntimeAdapter:
-    """The adapter for a device URL; ``settings`` bound the preparation (timeouts, retries).
-
-    Raises:
-        DeviceError: unknown scheme or a malformed URL (nothing is contacted yet).
-    """
-    _load_builtin_adapters()
-    url = parse_device_url(device)
-    factory = ADAPTER_FACTORIES.get(url.scheme)
-    if factory is None:
-        known = ", ".join(sorted(ADAPTER_FACTORIES))
-        raise DeviceError(f"unknown device {device!r}: use one of {known} (e.g. ssh://pi@host, adb://SERIAL)")
-    return factory(url, settings or BenchSettings())
-
-
-# ---------------------------------------------------------------- running
-
-
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-_DEVICE_LOCKS_GUARD = threading.Lock()
-
-
-def device_lock(device: str) -> threading.Lock:
-    """The process-wide lock of one device: a device benchmarks one artefact at a time."""
-    with _DEVICE_LOCKS_GUARD:
-        return _DEVICE_LOCKS.setdefault(device.strip(), threading.Lock())
-
-
-def benchmark(artifact: Path, device: str = "local", settings: BenchSettings = BenchSettings()) -> BenchResult:
-    """Benchmark ``artifact`` (.onnx/.tflite) on ``device``; cleans up the device afterwards.
-
-    Raises:
-        DeviceError: the device is unknown, unreachable after ``settings.retries``, lacks
-            a runtime, or the runner failed on the artefact.
-    """
-    adapter = open_adapter(device, settings)
-    with device_lock(device):
-        try:
-            adapter.prepare(Path(artifact))
-            return adapter.run(Path(artifact), settings)
-        finally:
-            adapter.cleanup()
-
-
-def benchmark_pair(
-    baseline: Path, artifact: Path, device: str = "local", settings: BenchSettings = BenchSettings()
-) -> list[tuple[float, float]] | None:
-    """(baseline p50, artifact p50) from each of ``settings.repeats`` processes that time both in alternation,
-    or None where the device's adapter cannot time two artefacts in one process (only ``local`` can).
-
-    Raises DeviceError like ``benchmark``.
-    """
-    adapter = open_adapter(device, settings)
-    if not hasattr(adapter, "compare"):
-        return None
-    with device_lock(device):
-        try:
-            return adapter.compare(Path(baseline), Path(artifact), settings)
-        finally:
-            adapter.cleanup()
-
-
-def paired_speedup(pairs: Sequence[tuple[float, float]]) -> float:
-    """The median of the per-pair speed-ups (baseline / artifact)."""
-    return statistics.median(baseline / p50 for baseline, p50 in pairs)
-
-
-def benchmark_many(
-    artifact_device_pairs: Iterable[tuple[Path, str]],
-    settings: BenchSettings = BenchSettings(),
-    max_parallel: int = 4,
-) -> list[BenchResult | DeviceError]:
-    """Benchmark several (artefact, device) pairs; results come back in input order.
-
-    Different devices run in parallel (at most ``max_parallel`` at once); runs on the
-    same device wait for each other. A device that fails yields its DeviceError in
-    place of a result and does not stop the others.
-    """
-    pairs = [(Path(artifact), device.strip()) for artifact, device in artifact_device_pairs]
-    results: list[BenchResult | DeviceError | None] = [None] * len(pairs)
-    queues: dict[str, list[int]] = {}
-    for index, (_, device) in enumerate(pairs):
-        queues.setdefault(device, []).append(index)
-
-    def drain(indices: list[int]) -> None:
-        # One worker per device runs its pairs in turn, so a busy device never holds
-        # a pool slot that another device could use.
-        for index in indices:
-            artifact, device = pairs[index]
-            try:
-                results[index] = benchmark(artifact, device, settings)
-            except DeviceError as error:
-                results[index] = error
-
-    with ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
-        for future in [pool.submit(drain, indices) for indices in queues.values()]:
-            future.result()  # re-raises bugs (non-DeviceError) in the caller
-    return [result for result in results if result is not None]

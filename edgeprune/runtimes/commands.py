@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from edgeprune.errors import DeviceError
-from edgeprune.runtimes.base import TransientDeviceError
+from edgeprune.errors import DeviceError, TransientDeviceError
 
 _STDERR_TAIL_CHARS = 300
 

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from edgeprune.errors import DeviceError
-from edgeprune.runtimes.base import BenchResult, BenchSettings, DeviceUrl, register_adapter
+from edgeprune.runtimes.base import BenchResult, BenchSettings, DeviceUrl
 from edgeprune.runtimes.local import LocalAdapter, check_artifact
+from edgeprune.runtimes.registry import register_adapter
 
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"

@@ -18,17 +18,17 @@ from edgeprune.runtimes.base import (
     BenchResult,
     BenchSettings,
     DeviceUrl,
-    register_adapter,
     run_repeats,
     with_retries,
 )
 from edgeprune.runtimes.commands import parse_runner_stdout, run_command
+from edgeprune.runtimes.registry import register_adapter
 
 
 def check_artifact(artifact: Path) -> None:
-    """Raises InputError unless ``artifact`` is an existing .onnx or .tflite file."""
-    if artifact.suffix.lower() not in (".onnx", ".tflite"):
-        raise InputError(f"cannot benchmark {artifact}: expected a .onnx or .tflite file")
+    """Raises InputError unless ``artifact`` is an existing .onnx, .tflite or .pte file."""
+    if artifact.suffix.lower() not in (".onnx", ".tflite", ".pte"):
+        raise InputError(f"cannot benchmark {artifact}: expected a .onnx, .tflite or .pte file")
     if not artifact.is_file():
         raise InputError(f"cannot benchmark {artifact}: file not found")
 
@@ -69,10 +69,10 @@ class LocalAdapter:
                 ``settings.retries + 1`` times.
         """
         self.prepare(artifact)
-        settings = self._with_providers(settings)
+        settings, requested = self._within_cores(self._with_providers(settings))
         argv = self._runner_argv(artifact, settings)
         label = f"{self.name} ({artifact.name})"
-        return run_repeats(partial(self._run_once, argv, settings), settings, label, self.name, artifact)
+        return run_repeats(partial(self._run_once, argv, settings, requested=requested), settings, label, self.name, artifact)
 
     def compare(self, baseline: Path, artifact: Path, settings: BenchSettings) -> list[tuple[float, float]]:
         """(baseline p50, artifact p50) from each of ``settings.repeats`` processes that time both in alternation.
@@ -81,7 +81,7 @@ class LocalAdapter:
         """
         self.prepare(baseline)
         self.prepare(artifact)
-        settings = self._with_providers(settings)
+        settings, _ = self._within_cores(self._with_providers(settings))
         argv = [*self._runner_argv(artifact, settings), "--baseline", str(baseline.resolve())]
         label = f"{self.name} ({artifact.name} beside {baseline.name})"
         pairs = []
@@ -93,17 +93,31 @@ class LocalAdapter:
     def _with_providers(self, settings: BenchSettings) -> BenchSettings:
         return replace(settings, providers=self.providers) if not settings.providers and self.providers else settings
 
+    def host_cores(self) -> int:
+        """CPUs the runner may use: this process's affinity, else the machine's count."""
+        return len(self.host_affinity) if self.host_affinity else (os.cpu_count() or 1)
+
+    def _within_cores(self, settings: BenchSettings) -> tuple[BenchSettings, int | None]:
+        """``settings`` with at most ``host_cores`` threads (unless ``threads_beyond_cores``), and the count
+        asked for where it was lowered: more threads than cores time the scheduler, not the model."""
+        cores = self.host_cores()
+        if settings.threads <= cores or settings.threads_beyond_cores:
+            return settings, None
+        return replace(settings, threads=cores), settings.threads
+
     def _runner_argv(self, artifact: Path, settings: BenchSettings) -> list[str]:
         """The runner's command line; provider options only for providers the settings use (theirs win)."""
         used = [option for option in self.provider_options if option.partition(":")[0] in settings.providers]
         options = [arg for option in used for arg in ("--provider-option", option)]
         return [self.python, str(RUNNER_PATH), *settings.runner_args(str(artifact.resolve())), *options]
 
-    def _run_once(self, argv: list[str], settings: BenchSettings, what: str) -> dict:
+    def _run_once(self, argv: list[str], settings: BenchSettings, what: str, requested: int | None = None) -> dict:
         env = {**os.environ, **self.extra_env} if self.extra_env else None
         completed = run_command(argv, settings.timeout_s, what, env=env)
         result = parse_runner_stdout(completed, what)
         result["host_affinity"] = self.host_affinity
+        if requested is not None:
+            result["threads_requested"] = requested
         return result
 
     def cleanup(self) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark one .onnx or .tflite artefact in this process and print one JSON object.
+"""Benchmark one .onnx, .tflite or .pte artefact in this process and print one JSON object.
 
 This file is deliberately self-contained (stdlib + numpy + the runtime, no edgeprune
 imports) so it can be copied alone to a Raspberry Pi, a phone or a remote server::
@@ -8,6 +8,7 @@ imports) so it can be copied alone to a Raspberry Pi, a phone or a remote server
     python3 runner.py --model model.tflite --no-xnnpack --min-seconds 2
     python3 runner.py --model model.onnx --providers CUDAExecutionProvider,CPUExecutionProvider
     python3 runner.py --model pruned.onnx --baseline dense.onnx --iterations 500
+    python3 runner.py --model model.pte --threads 4       # ExecuTorch (pip install executorch)
 
 Stdout carries exactly one JSON object (anything the runtimes print to stdout is
 redirected to stderr). Times are milliseconds, memory is MiB. On any failure the
@@ -31,6 +32,10 @@ cores), on one pool 0.999x to 1.002x. Turning spinning off instead also pairs fa
 every operator's thread wake-up to both: resnet_wide went 0.34 -> 0.48 ms and a 2.2x speed-up
 read 1.7x. An onnxruntime without shared pools (or one whose pool is already made with
 another size) falls back to per-session pools that do not spin ("per-session, not spinning").
+
+A .pte runs through ``executorch.runtime``. ExecuTorch has one process-wide thread pool (what
+XNNPACK's delegate and the optimized kernels use); ``--threads`` resets it to that size before
+the program loads (``thread_pool`` in the JSON: "executorch global"), so a baseline .pte shares it.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
+from typing import NamedTuple
 
 try:
     import numpy as np
@@ -79,7 +86,7 @@ class _JsonArgumentParser(argparse.ArgumentParser):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse the command line; raises RunnerError on bad arguments."""
     parser = _JsonArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help=".onnx or .tflite file")
+    parser.add_argument("--model", required=True, help=".onnx, .tflite or .pte file")
     parser.add_argument("--threads", type=int, default=2, help="intra-op / interpreter threads")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs after the first")
     parser.add_argument("--iterations", type=int, default=50, help="minimum timed runs")
@@ -90,7 +97,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-xnnpack", action="store_true", help="litert: no XNNPACK delegate")
     parser.add_argument("--input", default=None, help=".npy (one input) or .npz (by name)")
-    parser.add_argument("--baseline", default=None, help="a second .onnx/.tflite timed in alternation with --model")
+    parser.add_argument("--shape", action="append", default=[], metavar="INPUT=1,3,224,224", help="an input's shape (repeatable)")
+    parser.add_argument("--baseline", default=None, help="a second .onnx/.tflite/.pte timed in alternation with --model")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.warmup < 0 or args.iterations < 1 or args.min_seconds < 0:
         raise RunnerError("need --threads >= 1, --warmup >= 0, --iterations >= 1, --min-seconds >= 0")
@@ -113,7 +121,8 @@ def _proc_status_mb(field: str) -> float | None:
 
 
 def _ru_maxrss_mb() -> float | None:
-    """Peak resident set size of this process from getrusage, in MiB."""
+    """Peak resident set size from getrusage, in MiB. On Linux it survives fork+exec: a runner
+    started by a 900 MB build reads 900 MB, so it is only used where VmHWM is absent."""
     try:
         import resource
     except ImportError:  # Windows
@@ -127,6 +136,38 @@ def current_rss_mb() -> float | None:
     """Resident set size now (VmRSS) in MiB, or the peak so far where VmRSS is absent."""
     rss = _proc_status_mb("VmRSS")
     return rss if rss is not None else _ru_maxrss_mb()
+
+
+def peak_rss() -> tuple[float | None, str]:
+    """(peak resident set size of this process in MiB, where it came from): VmHWM, the high-water
+    mark of this process's own memory since its exec, else getrusage's ru_maxrss."""
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak, "VmHWM"
+    return _ru_maxrss_mb(), "ru_maxrss"
+
+
+def memory_figures(rss_before_load: float | None, runtime_memory: tuple[float | None, str]) -> dict:
+    """This process's memory once the timed runs are over, in MiB: its peak; the model's share of the peak
+    (peak minus the process before the model was loaded: the runtime's import is not counted; the session,
+    its weights, arenas, threads and any copy made while loading are); the model's share still resident
+    now (what a running app keeps); and the runtime's own figure where it gives one."""
+    peak, source = peak_rss()
+    now = _proc_status_mb("VmRSS")
+    runtime_mb, runtime_source = runtime_memory
+    return {
+        "peak_rss_mb": peak,
+        "peak_rss_source": source,
+        "rss_before_load_mb": rss_before_load,
+        "model_memory_mb": _difference(peak, rss_before_load),
+        "model_resident_mb": _difference(now, rss_before_load),
+        "runtime_memory_mb": runtime_mb,
+        "runtime_memory_source": runtime_source if runtime_mb is not None else None,
+    }
+
+
+def _difference(after: float | None, before: float | None) -> float | None:
+    return after - before if after is not None and before is not None else None
 
 
 def cpu_model() -> str:
@@ -170,20 +211,66 @@ def host_facts() -> dict:
 # ---------------------------------------------------------------- inputs
 
 
+class OpenedModel(NamedTuple):
+    """A loaded artefact: ``run_once`` runs one inference on its inputs; ``providers`` what runs it;
+    ``runtime_memory`` (MiB, what the figure is) where the runtime reports its own memory; ``guessed``
+    the inputs whose dynamic dimensions were set to 1 because no ``--shape`` named them; ``shapes`` the
+    shape fed to each input."""
+
+    run_once: object
+    providers: list
+    runtime_memory: tuple = (None, "")
+    guessed: tuple = ()
+    shapes: dict = {}
+
+
 def random_input(shape: list[int], dtype: type, rng: np.random.Generator) -> np.ndarray:
-    """Seeded random tensor; integer types get values spanning their range (capped)."""
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        low, high = max(int(info.min), -128), min(int(info.max), 255)
-        return rng.integers(low, high + 1, size=shape).astype(dtype)
+    """Seeded random tensor. 8-bit integers (quantized data) span their range; wider integers (token ids,
+    masks, indices) are 0 or 1, valid for any embedding table; floats are standard normal."""
+    dtype = np.dtype(dtype)
     if dtype == np.bool_:
         return rng.integers(0, 2, size=shape).astype(np.bool_)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        low, high = (int(info.min), int(info.max)) if dtype.itemsize == 1 else (0, 1)
+        return rng.integers(low, high + 1, size=shape).astype(dtype)
     return rng.standard_normal(size=shape).astype(dtype)
 
 
-def static_shape(shape: list) -> list[int]:
-    """Replace dynamic dimensions (None, names, -1, 0) by 1."""
-    return [dim if isinstance(dim, int) and dim > 0 else 1 for dim in shape]
+def parse_shapes(entries: list[str]) -> dict[str, list[int]]:
+    """``--shape NAME=1,3,224,224`` entries by input name; raises RunnerError for a malformed one."""
+    shapes = {}
+    for entry in entries:
+        name, equals, dims = entry.rpartition("=")
+        try:
+            shape = [int(dim) for dim in dims.split(",")]
+        except ValueError:
+            shape = []
+        if not (equals and name and shape and all(dim > 0 for dim in shape)):
+            raise RunnerError(f"bad --shape {entry!r}: expected INPUT=1,3,224,224 (positive sizes)")
+        shapes[name] = shape
+    return shapes
+
+
+def resolve_shapes(inputs: list[tuple[str, list]], shapes: dict[str, list[int]]) -> tuple[dict[str, list[int]], tuple[str, ...]]:
+    """Each input's concrete shape: its ``--shape``, else its own with dynamic dimensions (None, names,
+    -1, 0) set to 1; and the names of the inputs so guessed. Raises RunnerError for a ``--shape`` naming
+    no input or of the wrong rank."""
+    names = [name for name, _ in inputs]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise RunnerError(f"--shape names {unknown}, which the model does not have; its inputs: {names}")
+    resolved, guessed = {}, []
+    for name, dims in inputs:
+        if name in shapes:
+            if len(shapes[name]) != len(dims):
+                raise RunnerError(f"--shape {name} has {len(shapes[name])} dimensions; the model's input has {len(dims)}")
+            resolved[name] = shapes[name]
+            continue
+        resolved[name] = [dim if isinstance(dim, int) and dim > 0 else 1 for dim in dims]
+        if resolved[name] != list(dims):
+            guessed.append(name)
+    return resolved, tuple(guessed)
 
 
 def load_inputs(path: str | None, specs: list[tuple[str, list[int], type]]) -> dict:
@@ -203,6 +290,30 @@ def load_inputs(path: str | None, specs: list[tuple[str, list[int], type]]) -> d
     return {name: loaded[name].astype(dtype, copy=False) for name, _, dtype in specs}
 
 
+# Sentence ends; XNNPACK's delegate messages arrive glued together ("...in XNNPACK delegateunsupported ...").
+_SENTENCE_END = re.compile(r"\n+|(?<=[.!])\s+|(?<=[.!])(?=[A-Z])|(?<=delegate)\s*(?=[a-z])|(?<=\w)(?=(?:tflite|tensorflow)/)")
+_VARYING = re.compile(r"'[^']*'|\"[^\"]*\"|\d+(?:\.\d+)?(?:e-?\d+)?")
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """A runtime's error as one short line: a sentence it repeats for every tensor (only numbers and names
+    differ) is said once with how many tensors it names, and the rest is cut at ``limit`` characters."""
+    groups: dict[str, list[str]] = {}
+    for part in _SENTENCE_END.split(message.strip()):
+        if part.strip():
+            groups.setdefault(_VARYING.sub("#", part.strip()), []).append(part.strip())
+    said = [parts[0] + _repeats(parts) for parts in groups.values()]
+    text = "; ".join(said) or message.strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _repeats(parts: list[str]) -> str:
+    tensors = {number for part in parts for number in re.findall(r"tensor\s+'?([\w/:.]+)", part, re.IGNORECASE)}
+    if len(tensors) > 1:
+        return f" (the same for {len(tensors)} tensors)"
+    return f" ({len(parts)} times)" if len(parts) > 1 else ""
+
+
 # ---------------------------------------------------------------- runtimes
 
 
@@ -216,7 +327,7 @@ def import_onnxruntime() -> tuple:
 
 
 def open_onnx(args: argparse.Namespace, ort) -> tuple:
-    """Create an onnxruntime session; returns (run_once, providers actually used)."""
+    """Create an onnxruntime session and its inputs (providers: those actually used)."""
     requested = [p.strip() for p in args.providers.split(",") if p.strip()]
     available = ort.get_available_providers()
     missing = [p for p in requested if p not in available]
@@ -232,13 +343,16 @@ def open_onnx(args: argparse.Namespace, ort) -> tuple:
     # onnxruntime silently falls back to CPU when e.g. CUDA libraries fail to load.
     if requested and used[0] != requested[0]:
         raise RunnerError(f"asked for {requested[0]} but the session runs on {used}")
-    specs = [(i.name, static_shape(i.shape), np.dtype(_ORT_TYPES.get(i.type, "float32")).type) for i in session.get_inputs()]
+    inputs = session.get_inputs()
+    shapes, guessed = resolve_shapes([(i.name, list(i.shape)) for i in inputs], parse_shapes(args.shape))
+    specs = [(i.name, shapes[i.name], np.dtype(_ORT_TYPES.get(i.type, "float32")).type) for i in inputs]
     feeds = load_inputs(args.input, specs)
 
     def run_once() -> None:
         session.run(None, feeds)
 
-    return run_once, used
+    # onnxruntime reports no memory figure of its own through its Python API.
+    return OpenedModel(run_once, used, guessed=guessed, shapes=shapes)
 
 
 def paired_thread_pool(ort, threads: int) -> str:
@@ -309,17 +423,19 @@ def _dist_version(distribution: str) -> str:
         return "unknown"
 
 
-def open_tflite(args: argparse.Namespace, module) -> tuple:
-    """Create and allocate a TFLite interpreter; returns (run_once, delegates used)."""
+def open_tflite(args: argparse.Namespace, module) -> OpenedModel:
+    """Create a TFLite interpreter, resize its dynamic inputs and allocate it."""
     options = {"model_path": args.model, "num_threads": args.threads}
     if args.no_xnnpack:
         options["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     interpreter = module.Interpreter(**options)
     details = interpreter.get_input_details()
+    declared = [(d["name"], [int(x) for x in d.get("shape_signature", d["shape"])]) for d in details]
+    shapes, guessed = resolve_shapes(declared, parse_shapes(args.shape))
     for detail in details:
-        signature = list(detail.get("shape_signature", detail["shape"]))
-        if any(dim < 1 for dim in signature):
-            interpreter.resize_input_tensor(detail["index"], static_shape(signature))
+        if shapes[detail["name"]] != [int(x) for x in detail["shape"]]:
+            # resize_tensor_input in both ai_edge_litert and tflite_runtime (no resize_input_tensor anywhere).
+            interpreter.resize_tensor_input(detail["index"], shapes[detail["name"]])
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
     specs = [(d["name"], [int(x) for x in d["shape"]], d["dtype"]) for d in details]
@@ -331,7 +447,79 @@ def open_tflite(args: argparse.Namespace, module) -> tuple:
             interpreter.set_tensor(index, value)
         interpreter.invoke()
 
-    return run_once, ["builtin"] if args.no_xnnpack else ["xnnpack"]
+    delegates = ["builtin"] if args.no_xnnpack else ["xnnpack"]
+    memory = (tflite_tensor_mb(interpreter), "sum of the interpreter's tensor sizes")
+    return OpenedModel(run_once, delegates, memory, guessed, {name: shape for name, shape, _ in specs})
+
+
+def tflite_tensor_mb(interpreter) -> float | None:
+    """The bytes of every tensor the interpreter reports (weights and activations, before any arena
+    sharing or delegate repacking), in MiB: the closest figure of its own LiteRT's Python API gives."""
+    try:
+        total = sum(int(np.prod(d["shape"])) * np.dtype(d["dtype"]).itemsize for d in interpreter.get_tensor_details())
+    except Exception:  # a tensor type numpy cannot size (string, resource): no figure rather than a failure
+        return None
+    return total / (1024.0 * 1024.0)
+
+
+# ---------------------------------------------------------------- ExecuTorch (.pte)
+
+EXECUTORCH_POOL = "executorch global"
+_ET_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64", 11: "bool"}  # ScalarType
+
+
+def import_executorch() -> tuple:
+    """executorch.runtime and its facts; raises RunnerError if the executorch wheel is not installed."""
+    try:
+        from executorch import runtime
+    except ImportError as error:
+        raise RunnerError("no ExecuTorch runtime: pip install executorch") from error
+    return runtime, {"runtime": "executorch", "runtime_version": _dist_version("executorch")}
+
+
+def open_pte(args: argparse.Namespace, runtime) -> OpenedModel:
+    """Load the program's ``forward`` on an ExecuTorch pool of ``--threads``."""
+    global _paired_pool
+    _paired_pool = EXECUTORCH_POOL
+    set_executorch_threads(args.threads)
+    method = runtime.Runtime.get().load_program(args.model).load_method("forward")
+    meta = method.metadata
+    declared, dtypes = [], {}
+    for index in range(meta.num_inputs()):
+        tensor = meta.input_tensor_meta(index)
+        dtype = _ET_TYPES.get(int(tensor.dtype()))
+        if dtype is None:
+            raise RunnerError(f"{os.path.basename(args.model)}: input {index} has dtype {tensor.dtype()}, which the runner cannot feed")
+        declared.append((f"input_{index}", list(tensor.sizes())))
+        dtypes[f"input_{index}"] = np.dtype(dtype).type
+    shapes, guessed = resolve_shapes(declared, parse_shapes(args.shape))
+    feeds = load_inputs(args.input, [(name, shapes[name], dtypes[name]) for name, _ in declared])
+    import torch  # executorch's Python runtime takes torch tensors
+
+    tensors = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name, _ in declared]
+
+    def run_once() -> None:
+        method.execute(tensors)
+
+    backends = pte_backends(args.model, runtime.Runtime.get().backend_registry.registered_backend_names)
+    return OpenedModel(run_once, backends, guessed=guessed, shapes=shapes)
+
+
+def pte_backends(path: str, registered: list[str]) -> list[str]:
+    """The registered delegates the program names (a delegate's id is a plain string in the flatbuffer), then "portable"."""
+    with open(path, "rb") as program:
+        data = program.read()
+    return sorted(name for name in registered if name.encode() in data) + ["portable"]
+
+
+def set_executorch_threads(threads: int) -> None:
+    """Size ExecuTorch's process-wide thread pool (XNNPACK's); a wheel without the call keeps its default."""
+    try:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(threads)
+    except (ImportError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------- measurement
@@ -377,20 +565,31 @@ def paired_timed_loop(run_model, run_baseline, iterations: int, min_seconds: flo
 
 
 def runtime_for(path: str) -> tuple:
-    """(import_runtime, open_runtime) for an existing .onnx/.tflite ``path``; RunnerError otherwise."""
+    """(import_runtime, open_runtime) for an existing .onnx/.tflite/.pte ``path``; RunnerError otherwise."""
     if not os.path.isfile(path):
         raise RunnerError(f"model file not found: {path}")
     extension = os.path.splitext(path)[1].lower()
-    runtimes = {".onnx": (import_onnxruntime, open_onnx), ".tflite": (import_tflite, open_tflite)}
+    runtimes = {".onnx": (import_onnxruntime, open_onnx), ".tflite": (import_tflite, open_tflite), ".pte": (import_executorch, open_pte)}
     if extension not in runtimes:
-        raise RunnerError(f"unsupported model type {extension!r}: expected .onnx or .tflite")
+        raise RunnerError(f"unsupported model type {extension!r}: expected .onnx, .tflite or .pte")
     return runtimes[extension]
+
+
+def first_run(opened: OpenedModel) -> None:
+    """The first inference; a failure on inputs whose dynamic dimensions were guessed says how to name them."""
+    try:
+        opened.run_once()
+    except Exception as error:
+        if not opened.guessed:
+            raise
+        hint = f"dynamic dimensions of {', '.join(opened.guessed)} were set to 1; give the real ones with --shape NAME=1,3,224,224"
+        raise RunnerError(f"first inference failed ({one_line(str(error), 200)}); {hint}") from error
 
 
 def open_baseline(args: argparse.Namespace) -> object:
     """The ``--baseline`` artefact's run_once, opened with the same settings as ``--model``."""
     import_runtime, open_runtime = runtime_for(args.baseline)
-    return open_runtime(argparse.Namespace(**{**vars(args), "model": args.baseline}), import_runtime()[0])[0]
+    return open_runtime(argparse.Namespace(**{**vars(args), "model": args.baseline, "shape": []}), import_runtime()[0]).run_once
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -403,11 +602,12 @@ def benchmark(args: argparse.Namespace) -> dict:
     import_ns = time.perf_counter_ns() - start
     rss_before_load = current_rss_mb()
     start = time.perf_counter_ns()
-    run_once, providers = open_runtime(args, module)
+    opened = open_runtime(args, module)
     init_ns = time.perf_counter_ns() - start
     start = time.perf_counter_ns()
-    run_once()
+    first_run(opened)
     first_run_ns = time.perf_counter_ns() - start
+    run_once = opened.run_once
     run_baseline = open_baseline(args) if args.baseline else None
     for _ in range(args.warmup):
         run_once()
@@ -417,9 +617,6 @@ def benchmark(args: argparse.Namespace) -> dict:
         latencies, baseline_latencies = paired_timed_loop(run_once, run_baseline, args.iterations, args.min_seconds)
     else:
         latencies = timed_loop(run_once, args.iterations, args.min_seconds)
-    ru_maxrss = _ru_maxrss_mb()
-    vm_hwm = _proc_status_mb("VmHWM")
-    peaks = [mb for mb in (ru_maxrss, vm_hwm) if mb is not None]
     result = {
         "import_ms": import_ns / 1e6,
         "init_ms": init_ns / 1e6,
@@ -427,15 +624,14 @@ def benchmark(args: argparse.Namespace) -> dict:
         **latency_stats(latencies),
         "warmup": args.warmup,
         "threads": args.threads,
-        "peak_rss_mb": max(peaks) if peaks else None,
-        "ru_maxrss_mb": ru_maxrss,
-        "vm_hwm_mb": vm_hwm,
-        "rss_before_load_mb": rss_before_load,
+        **memory_figures(rss_before_load, opened.runtime_memory),
+        "input_shapes": opened.shapes,
+        "guessed_shapes": list(opened.guessed),
         "pid": os.getpid(),
         "model": os.path.basename(args.model),
         "model_bytes": os.path.getsize(args.model),
         **runtime_facts,
-        "providers": providers,
+        "providers": opened.providers,
         **host_facts(),
     }
     if run_baseline:
@@ -460,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         result = benchmark(parse_args(sys.argv[1:] if argv is None else argv))
         code = 0
     except Exception as error:  # every failure becomes one JSON line
-        message = str(error) if isinstance(error, RunnerError) else f"{type(error).__name__}: {error}"
+        message = one_line(str(error) if isinstance(error, RunnerError) else f"{type(error).__name__}: {error}")
         result, code = {"error": message}, EXIT_ERROR
     finally:
         sys.stdout.flush()

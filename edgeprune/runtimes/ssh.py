@@ -5,7 +5,7 @@ Uses the system OpenSSH ``ssh`` and ``scp`` binaries, never a password prompt
 edgeprune's own known_hosts file, not the user's. Options in the query string:
 
 ``python``       the remote interpreter (default ``python3``); it needs numpy and
-                 onnxruntime or ai-edge-litert/tflite-runtime
+                 onnxruntime, ai-edge-litert/tflite-runtime, or the executorch wheel (.pte)
 ``key``          a private key file (default: ssh's own choice / agent)
 ``known_hosts``  the known_hosts file to use (default ``~/.cache/edgeprune/known_hosts``)
 
@@ -24,19 +24,18 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from edgeprune.errors import DeviceError
+from edgeprune.errors import DeviceError, TransientDeviceError
 from edgeprune.runtimes.base import (
     RUNNER_PATH,
     BenchResult,
     BenchSettings,
     DeviceUrl,
-    TransientDeviceError,
-    register_adapter,
     run_repeats,
     with_retries,
 )
 from edgeprune.runtimes.commands import parse_runner_stdout, run_command, stderr_tail
 from edgeprune.runtimes.local import check_artifact
+from edgeprune.runtimes.registry import register_adapter
 
 _LOG = logging.getLogger(__name__)
 SSH_CONNECTION_FAILED = 255  # ssh's own exit code; anything else is the remote command's

@@ -1,21 +1,5 @@
-"""Pipeline stages, one file each; every stage is file-in, file-out with one ``run()``."""
+"""Pipeline stages, one file each; every stage is file-in, file-out with one ``run()``.
 
-from edgeprune.stages.baseline import Baseline
-from edgeprune.stages.benchmark import Benchmark
-from edgeprune.stages.export_onnx import ExportOnnx
-from edgeprune.stages.export_tflite import ExportTflite
-from edgeprune.stages.finetune import Finetune
-from edgeprune.stages.prune_structured import PruneStructured
-from edgeprune.stages.prune_unstructured import PruneUnstructured
-from edgeprune.stages.quantize import Quantize
-
-__all__ = [
-    "Baseline",
-    "Benchmark",
-    "ExportOnnx",
-    "ExportTflite",
-    "Finetune",
-    "PruneStructured",
-    "PruneUnstructured",
-    "Quantize",
-]
+The contract is ``edgeprune.stages.base``; ``edgeprune.pipeline`` imports each stage from its module.
+This package imports nothing, so reading the contract does not import torch.
+"""

@@ -12,14 +12,14 @@ from edgeprune.artifacts import sha256_of
 from edgeprune.config import BuildConfig
 from edgeprune.errors import InputError
 from edgeprune.modelio import create_model, load_weights
-from edgeprune.pipeline import StageContext, StageOutput
-from edgeprune.stages.common import count_macs_params, example_input, write_model
-from edgeprune.training import TrainSettings, evaluate, train
+from edgeprune.stages.base import StageContext, StageOutput
+from edgeprune.stages.common import example_input, write_model
+from edgeprune.training import TrainSettings, count_macs_params, evaluate, train
 
 
 class Baseline:
     name = "baseline"
-    version = "1"
+    version = "2"
     trains = True  # its cache key includes torch's thread count
     sections = ("model", "train")
     consumes = ()
@@ -36,9 +36,12 @@ class Baseline:
         config, dataset = context.config, context.dataset
         torch.manual_seed(config.seed)
         model = create_model(config.model, dataset.input_shape)
+        loaded = {}
         if config.model.weights:
-            load_weights(model, Path(config.model.weights), config.model.trust_checkpoint)
-            origin = "checkpoint"
+            checkpoint = load_weights(model, Path(config.model.weights), config.model.trust_checkpoint)
+            for adaptation in checkpoint.adaptations:
+                context.reporter.info(f"checkpoint ({checkpoint.format}): {adaptation}")
+            origin, loaded = "checkpoint", {"checkpoint": checkpoint.summary()}
         elif config.model.source.startswith("example:"):
             check_runs(model, context)
             settings = TrainSettings(config.train.epochs, config.train.lr, config.train.batch_size, config.seed)
@@ -49,7 +52,7 @@ class Baseline:
             origin = "factory"
         check_runs(model, context)
         accuracy = evaluate(model, dataset.x_test, dataset.y_test)
-        metrics = {"origin": origin, "accuracy": accuracy, **count_macs_params(model, example_input(context))}
+        metrics = {"origin": origin, **loaded, "accuracy": accuracy, **count_macs_params(model, example_input(context))}
         return StageOutput(write_model(context, model, ("baseline_model", "model")), metrics)
 
 

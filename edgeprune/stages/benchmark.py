@@ -15,23 +15,26 @@ from typing import Any
 
 from edgeprune.config import BuildConfig
 from edgeprune.errors import DeviceError
-from edgeprune.pipeline import StageContext, StageOutput
+from edgeprune.runtimes import BenchSettings, benchmark, benchmark_pair, paired_speedup
+from edgeprune.stages.base import StageContext, StageOutput
 
-EXPORTED = ("onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp32", "tflite_int8", "tflite_fp32_dense")
+EXPORTED = (
+    "onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp32", "tflite_int8", "tflite_fp32_dense",
+    "pte_fp32", "pte_int8", "pte_fp32_dense",
+)  # fmt: skip
 
 
 class Benchmark:
     name = "benchmark"
-    version = "4"  # 4: paired onnxruntime sessions share one spinning thread pool
+    version = "5"  # 5: the measuring process's own peak memory, threads within the host's cores, repeats until steady
     sections = ("benchmark",)
     consumes = EXPORTED
+    trains = False
 
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
         return {}
 
     def run(self, context: StageContext) -> StageOutput:
-        from edgeprune.runtimes.base import BenchSettings, benchmark
-
         config = context.config.benchmark
         settings = BenchSettings(
             threads=config.threads,
@@ -39,6 +42,9 @@ class Benchmark:
             iterations=config.iterations,
             repeats=config.repeats,
             use_xnnpack=config.use_xnnpack,
+            max_spread_pct=config.max_spread_pct,
+            spread_time_limit_s=config.spread_time_limit_s,
+            threads_beyond_cores=config.threads_beyond_cores,
         )
         results: dict[str, Any] = {}
         present = [name for name in EXPORTED if name in context.inputs]
@@ -56,11 +62,9 @@ class Benchmark:
         return StageOutput([], metrics)
 
 
-def paired_speedups(context: StageContext, settings, present: list[str]) -> dict[str, float]:
+def paired_speedups(context: StageContext, settings: BenchSettings, present: list[str]) -> dict[str, float]:
     """Each artefact's speed-up over its format's dense export, timed in alternation in one process per repeat
     (empty where the adapter cannot, or a comparison fails and the benchmark is not required)."""
-    from edgeprune.runtimes.base import benchmark_pair, paired_speedup
-
     config = context.config.benchmark
     ratios = {}
     for name in present:
@@ -83,7 +87,7 @@ def paired_speedups(context: StageContext, settings, present: list[str]) -> dict
 def speedups(results: dict[str, Any]) -> dict[str, float]:
     """p50 of the dense fp32 export over the p50 of each artefact of the same format."""
     ratios = {}
-    for fmt in ("onnx", "tflite"):
+    for fmt in ("onnx", "tflite", "pte"):
         dense = results.get(f"{fmt}_fp32_dense", {}).get("latency_p50_ms")
         if not dense:
             continue

@@ -1,4 +1,4 @@
-"""Small helpers the stages share: reading and writing the torch model artefact, counting MACs."""
+"""Small helpers the stages share: reading and writing the torch model artefact, the example input, the dense reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from torch import nn
 
 from edgeprune.artifacts import Artifact
 from edgeprune.modelio import load_model, save_model
-from edgeprune.pipeline import StageContext
+from edgeprune.stages.base import StageContext
+from edgeprune.training import example_batch
 
 MODEL_FILE = "model.pt"
 
@@ -27,13 +28,14 @@ def write_model(context: StageContext, model: nn.Module, names: tuple[str, ...] 
 
 
 def example_input(context: StageContext, batch: int = 1) -> torch.Tensor:
-    return torch.from_numpy(context.dataset.x_test[:batch].copy())
+    """The first ``batch`` test images as a torch batch."""
+    return example_batch(context.dataset, batch)
 
 
-def count_macs_params(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates and parameters for one input (Torch-Pruning's counter)."""
-    import torch_pruning as tp
-
-    model.eval()
-    macs, params = tp.utils.count_ops_and_params(model, example)
-    return {"macs": int(macs), "params": int(params)}
+def reference_pairs(context: StageContext, name: str) -> list[tuple[str, str]]:
+    """(model artefact, output name): the build's model, plus the dense baseline when a
+    benchmark needs it as the speed-up reference."""
+    pairs = [("model", name)]
+    if context.config.prune.mode != "none" and context.config.benchmark.enabled:
+        pairs.append(("baseline_model", f"{name}_dense"))
+    return pairs

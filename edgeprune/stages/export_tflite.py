@@ -1,35 +1,20 @@
-"""Export TFLite through litert-torch (no TensorFlow), checked against PyTorch on real test inputs.
+"""Export TFLite: the build's model (and the dense reference) as TFLite, checked against PyTorch on real test inputs.
 
-``export.tflite_channels_last`` gives the file NHWC input (litert-torch's
-``to_channel_last_io``), what Android camera pipelines feed; parity then feeds
-NHWC. When litert-torch cannot lower an operator, ``export.tflite_converter =
-"auto"`` falls back to ONNX → onnx2tf (``edgeprune.stages.onnx2tf_fallback``,
-an optional TensorFlow install); without it the build fails with an
-``ExportError`` naming the operator and the install command.
+The conversion (litert-torch, or the ONNX → onnx2tf fallback) is ``edgeprune.export.tflite``;
+with ``export.tflite_channels_last`` parity feeds the file NHWC.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import os
-import re
-import warnings
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import torch
-from torch import nn
 
 from edgeprune.artifacts import Artifact
 from edgeprune.config import BuildConfig
-from edgeprune.errors import ExportError
+from edgeprune.export import onnx2tf
+from edgeprune.export.tflite import convert_for_target
 from edgeprune.parity import verify_artifact
-from edgeprune.pipeline import StageContext, StageOutput
-from edgeprune.stages import onnx2tf_fallback
-from edgeprune.stages.common import example_input, read_model
-from edgeprune.stages.export_onnx import export_onnx, reference_pairs
+from edgeprune.stages.base import StageContext, StageOutput
+from edgeprune.stages.common import read_model, reference_pairs
 from edgeprune.training import predict_logits
 
 
@@ -38,18 +23,19 @@ class ExportTflite:
     version = "3"  # 3: onnx2tf fallback builds builtin-op Erf/GeLU and refuses Flex ops
     sections = ("export", "parity", "prune", "benchmark")
     consumes = ("model", "baseline_model")
+    trains = False
 
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
         if config.export.tflite_converter == "litert-torch":
             return {}
-        return {"fallback": onnx2tf_fallback.versions()}  # which converter can run depends on them
+        return {"fallback": onnx2tf.versions()}  # which converter can run depends on them
 
     def run(self, context: StageContext) -> StageOutput:
         artifacts, metrics = [], {}
         for source, name in reference_pairs(context, "tflite_fp32"):
             model = read_model(context, source)
             path = context.workdir / f"{name}.tflite"
-            conversion = convert_for_target(model, path, context)
+            conversion = convert_for_target(model, path, context.config.export, context.dataset.x_test, context.reporter)
             check = verify_artifact(
                 name, path, "fp32", predict_logits(model, context.dataset.x_test),
                 context.dataset.x_test, context.dataset.y_test, context.config.parity, layout=conversion["input_layout"],
@@ -59,87 +45,3 @@ class ExportTflite:
             )
             metrics[name] = {**conversion, **check}
         return StageOutput(artifacts, metrics)
-
-
-def convert_for_target(model: nn.Module, path: Path, context: StageContext) -> dict[str, str]:
-    """litert-torch, else (``tflite_converter`` auto or onnx2tf) ONNX → onnx2tf; returns how it was made."""
-    config = context.config.export
-    channels_last = config.tflite_channels_last
-    failure = ""
-    if config.tflite_converter != "onnx2tf":
-        failure = try_litert(model, example_input(context), path, channels_last=channels_last)
-        if not failure:
-            return {"converter": "litert-torch", "input_layout": "NHWC" if channels_last else "NCHW"}
-        if config.tflite_converter == "litert-torch":
-            raise ExportError(f"{litert_failure(failure)}; set export.tflite_converter='auto' to fall back to ONNX → onnx2tf")
-        if onnx2tf_fallback.missing_requirements():
-            raise ExportError(f"{litert_failure(failure)}; {onnx2tf_fallback.INSTALL_HINT}")
-        context.reporter.warn(f"{litert_failure(failure)}; converting {path.name} through ONNX → onnx2tf instead")
-    layout = convert_through_onnx(model, path, context, failure)
-    made = {"converter": "onnx2tf", "input_layout": layout}
-    return {**made, "fallback_reason": litert_failure(failure)} if failure else made
-
-
-def convert_through_onnx(model: nn.Module, path: Path, context: StageContext, litert_error: str) -> str:
-    """The fallback: a simplified, static-batch ONNX file, then onnx2tf on real test images."""
-    onnx_path = path.with_name(f"{path.stem}.fallback.onnx")
-    settings = dataclasses.replace(context.config.export, simplify=True, dynamic_batch=False)
-    try:
-        export_onnx(model, example_input(context), onnx_path, settings, reporter=context.reporter)
-        return onnx2tf_fallback.convert_onnx(onnx_path, path, context.dataset.x_test, settings.tflite_channels_last)
-    except ExportError as error:
-        tried = f"{litert_failure(litert_error)}, and " if litert_error else ""
-        raise ExportError(f"no converter can make {path.name}: {tried}{error}") from None
-    finally:
-        onnx_path.unlink(missing_ok=True)
-
-
-def convert_tflite(model: nn.Module, example: torch.Tensor, path: Path, quant_config: Any = None, channels_last: bool = False) -> None:
-    """Convert a torch (or PT2E-quantized) module to a .tflite file at ``path`` with litert-torch.
-
-    ``example`` is one NCHW input; ``channels_last`` gives the file NHWC input.
-    Raises ExportError naming the operator litert-torch cannot lower.
-    """
-    failure = try_litert(model, example, path, quant_config, channels_last)
-    if failure and quant_config is not None:
-        raise ExportError(
-            f"{litert_failure(failure)}; int8 TFLite needs litert-torch: replace the operator, or ship fp32 (quantize.scheme='none')"
-        )
-    if failure:
-        raise ExportError(f"{litert_failure(failure)}; {onnx2tf_fallback.INSTALL_HINT}")
-
-
-def try_litert(model: nn.Module, example: torch.Tensor, path: Path, quant_config: Any = None, channels_last: bool = False) -> str:
-    """litert-torch's conversion; returns its error's first line, or "" on success."""
-    import litert_torch
-
-    if channels_last:
-        model, example = litert_torch.to_channel_last_io(model, args=[0]), example.permute(0, 2, 3, 1).contiguous()
-    try:
-        with quiet_litert(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # pytree deprecations inside torch.export
-            edge_model = litert_torch.convert(model, (example,), quant_config=quant_config)
-            edge_model.export(str(path))
-    except Exception as error:  # the converter raises many types; all mean "cannot convert"
-        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ""
-
-
-def litert_failure(error_line: str) -> str:
-    """``litert-torch cannot convert <op>: <its message>`` from the converter's error line."""
-    operator = re.search(r"\baten[.:]+[\w.]+", error_line)
-    return f"litert-torch cannot convert {operator.group(0) if operator else 'the model'}: {error_line}"
-
-
-@contextlib.contextmanager
-def quiet_litert() -> Iterator[None]:
-    """Silence litert-torch's progress lines for the conversion, restoring the caller's setting."""
-    previous = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
-    os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
-        else:
-            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = previous

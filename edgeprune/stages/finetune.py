@@ -10,19 +10,14 @@ recovers with the final masks fixed. The metrics report the final sparsity.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
-import torch
-from torch import nn
-
-from edgeprune.config import BuildConfig, SparsityConfig
-from edgeprune.distributed import ddp_train, launched_by_torchrun
+from edgeprune.config import BuildConfig
+from edgeprune.ddp_finetune import ddp_train, launched_by_torchrun
 from edgeprune.errors import ConfigError
-from edgeprune.pipeline import StageContext, StageOutput
+from edgeprune.sparsity import schedule_updates, sparsity_masks, sparsity_report
+from edgeprune.stages.base import StageContext, StageOutput
 from edgeprune.stages.common import read_model, write_model
-from edgeprune.stages.prune_unstructured import compute_masks, pruning_plan, sparsity_masks, sparsity_report
 from edgeprune.training import TrainSettings, evaluate, train, training_steps
 
 
@@ -72,17 +67,3 @@ class Finetune:
             report = sparsity_report(model, config.sparsity.pattern)
             metrics.update(global_sparsity=report["global_sparsity"], layers=report["layers"], pruning_steps=sorted(updates))
         return StageOutput(write_model(context, model), metrics)
-
-
-def schedule_updates(config: SparsityConfig, total_steps: int) -> dict[int, Callable[[nn.Module], dict[str, torch.Tensor]]]:
-    """Training step → mask update for pruning steps 2..n of the schedule (step 1 ran in prune_unstructured).
-
-    Step t (2..n) runs before training step ``round((t - 1) / (n - 1) * last)`` with
-    ``last = round(schedule_end * (total_steps - 1))``; one-shot and 2:4 have no later steps.
-    """
-    targets = pruning_plan(config)[1:]
-    last = round(config.schedule_end * (total_steps - 1))
-    updates = {}
-    for step, target in enumerate(targets, start=1):
-        updates[round(step / len(targets) * last)] = partial(compute_masks, config=config, amount=target)
-    return updates

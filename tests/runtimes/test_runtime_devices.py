@@ -11,9 +11,10 @@ import pytest
 from edgeprune.errors import DeviceError
 from edgeprune.runtimes import BenchResult, BenchSettings, benchmark, benchmark_many, open_adapter
 from edgeprune.runtimes.adb import AdbAdapter
-from edgeprune.runtimes.base import ADAPTER_FACTORIES, DeviceUrl, parse_device_url
+from edgeprune.runtimes.base import DeviceUrl, parse_device_url
 from edgeprune.runtimes.gpu import CUDA, GpuAdapter, available_providers
 from edgeprune.runtimes.local import LocalAdapter
+from edgeprune.runtimes.registry import ADAPTER_FACTORIES
 from edgeprune.runtimes.ssh import SshAdapter
 
 

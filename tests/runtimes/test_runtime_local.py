@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from edgeprune.errors import ConfigError, DeviceError, InputError
+from edgeprune.errors import ConfigError, DeviceError, InputError, TransientDeviceError
 from edgeprune.runtimes import BenchResult, BenchSettings, benchmark
-from edgeprune.runtimes.base import TransientDeviceError, with_retries
+from edgeprune.runtimes.base import with_retries
 
 QUICK = BenchSettings(threads=1, warmup=3, iterations=30, repeats=3, timeout_s=120.0)
 
@@ -57,7 +57,7 @@ def test_local_runner_failure_is_a_device_error(tmp_path):
 def test_missing_artifact_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="file not found"):
         benchmark(tmp_path / "absent.onnx", "local", QUICK)
-    with pytest.raises(InputError, match="expected a .onnx or .tflite"):
+    with pytest.raises(InputError, match="expected a .onnx, .tflite or .pte"):
         benchmark(tmp_path / "model.pt", "local", QUICK)
 
 

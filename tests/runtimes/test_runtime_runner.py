@@ -131,8 +131,8 @@ def test_runner_refuses_an_option_for_a_provider_it_was_not_given(lone_runner, t
 
 
 def test_random_inputs_are_seeded_and_match_dtype():
-    shape = runner.static_shape(["batch", 3, None, -1, 8])
-    assert shape == [1, 3, 1, 1, 8]
+    shapes, guessed = runner.resolve_shapes([("x", ["batch", 3, None, -1, 8]), ("y", [2, 4])], {})
+    assert shapes == {"x": [1, 3, 1, 1, 8], "y": [2, 4]} and guessed == ("x",)
     first = runner.random_input([2, 5], np.int8, np.random.default_rng(0))
     again = runner.random_input([2, 5], np.int8, np.random.default_rng(0))
     assert first.dtype == np.int8 and np.array_equal(first, again)
@@ -141,6 +141,28 @@ def test_random_inputs_are_seeded_and_match_dtype():
     assert unsigned.dtype == np.uint8 and unsigned.max() > 200  # spans the range, not just 0/1
     floats = runner.random_input([1000], np.float32, np.random.default_rng(0))
     assert floats.dtype == np.float32 and abs(float(floats.mean())) < 0.1
+    token_ids = runner.random_input([1000], np.int64, np.random.default_rng(0))
+    assert token_ids.dtype == np.int64 and set(np.unique(token_ids)) == {0, 1}  # valid rows of any embedding table
+
+
+def test_shapes_named_on_the_command_line_replace_dynamic_dimensions():
+    shapes, guessed = runner.resolve_shapes([("ids", ["batch", "seq"]), ("mask", ["batch", "seq"])], runner.parse_shapes(["ids=2,16"]))
+    assert shapes == {"ids": [2, 16], "mask": [1, 1]} and guessed == ("mask",)
+    for bad in (["ids=2,x"], ["ids="], ["=2"], ["ids=0,3"]):
+        with pytest.raises(runner.RunnerError, match="bad --shape"):
+            runner.parse_shapes(bad)
+    with pytest.raises(runner.RunnerError, match="does not have"):
+        runner.resolve_shapes([("ids", [1, 4])], {"tokens": [1, 4]})
+    with pytest.raises(runner.RunnerError, match="has 3 dimensions"):
+        runner.resolve_shapes([("ids", [1, 4])], {"ids": [1, 4, 4]})
+
+
+def test_an_error_repeated_for_every_tensor_is_said_once_with_the_count():
+    sentence = "tensorflow/lite/core/subgraph.cc:{n} Tensor 'conv{n}/w' has invalid quantization parameters: scale {n}.5 is not positive."
+    message = "\n".join(sentence.format(n=n) for n in range(57)) + "\nFailed to allocate tensors."
+    line = runner.one_line(message)
+    assert "\n" not in line and len(line) < 300
+    assert line.count("invalid quantization") == 1 and "the same for 57 tensors" in line and "Failed to allocate" in line
 
 
 def test_latency_stats_are_in_milliseconds():

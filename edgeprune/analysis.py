@@ -1,4 +1,4 @@
-"""Sensitivity analysis: what pruning each layer group alone costs in accuracy and buys in measured latency.
+"""``edgeprune analyze``: what pruning each layer group alone costs in accuracy and buys in measured latency.
 
 ``run_analysis`` takes a build's unpruned model (its baseline stage, served from the
 cache when it has run before), prunes each layer group alone at a few ratios on copies,
@@ -16,7 +16,7 @@ median per-pair speed-up). It writes, into
   at most the largest ratio measured for it; edit a weight by hand to steer a group.
 - ``sensitivity.md``: the table; ``sensitivity.png``: accuracy drop and latency gain per ratio.
 
-Each residual block the model can lose whole (``edgeprune.blocks``) is measured removed alone too (JSON key
+Each residual block the model can lose whole (``edgeprune.depth_pruning``) is measured removed alone too (JSON key
 ``blocks``, a second table): what ``prune.drop_blocks`` would cost and buy.
 """
 
@@ -24,31 +24,42 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import statistics
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from edgeprune.artifacts import atomic_path, write_bytes_atomic, write_json_atomic
+from edgeprune.cache import Cache
 from edgeprune.config import BuildConfig
-from edgeprune.errors import ConfigError, InputError
+from edgeprune.data import Dataset, load_dataset
+from edgeprune.deadline import Budget
+from edgeprune.depth_pruning import drop_blocks, residual_blocks
+from edgeprune.errors import ConfigError
+from edgeprune.executors import Executor, LocalExecutor, sweep
+from edgeprune.modelio import load_model
+from edgeprune.pipeline import run_pipeline
 from edgeprune.progress import Reporter
-from edgeprune.pruning import Guard, LayerGroup, UntrackedCoupling, guarded_prune, root_channels, rounded_width
-from edgeprune.training import RECALIBRATION_IMAGES
+from edgeprune.pruning import (
+    Guard,
+    LayerGroup,
+    UntrackedCoupling,
+    guarded_prune,
+    layer_groups,
+    protected_layers,
+    root_channels,
+    rounded_width,
+)
+from edgeprune.pruning_plan import SENSITIVITY_FORMAT
+from edgeprune.runtimes.device_locks import device_slot
+from edgeprune.speedup_search import LatencyProbe, measure_pairs, pairs_summary
+from edgeprune.training import RECALIBRATION_IMAGES, count_macs_params, evaluate, example_batch, recalibrate_batchnorm
 
-if TYPE_CHECKING:
-    from edgeprune.cache import Cache
-    from edgeprune.data import Dataset
-    from edgeprune.executors import Executor
-    from edgeprune.latency_target import LatencyProbe
-    from edgeprune.pipeline import StageContext
-
-FORMAT = "edgeprune-sensitivity/1"
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 DROP_FLOOR = 0.25  # points: a smaller accuracy drop counts as this much, so a near-free group does not take every cut
 MAX_WEIGHT = 3.0
@@ -85,10 +96,6 @@ def run_analysis(
     Raises ConfigError for ratios outside (0, 0.9] or no export format; DeviceError
     when the benchmark device fails.
     """
-    from edgeprune.cache import Cache
-    from edgeprune.data import load_dataset
-    from edgeprune.executors import LocalExecutor, sweep
-
     if not ratios or any(not 0.0 < ratio <= 0.9 for ratio in ratios):
         raise ConfigError(f"analyze: ratios must lie in (0, 0.9], got {list(ratios)}")
     if not config.export.formats:
@@ -111,7 +118,7 @@ def run_analysis(
             measured.append({"layer": job.layer, "channels": job.channels, "results": outcome})
     add_weights(measured)
     data = {
-        "format": FORMAT,
+        "format": SENSITIVITY_FORMAT,
         "target": config.name,
         "model": config.model.source,
         "weights": config.model.weights,
@@ -132,8 +139,6 @@ def run_analysis(
 
 def write_analysis(data: dict[str, Any], out: Path) -> SensitivityResult:
     """``sensitivity.json``, ``.md`` and ``.png`` into ``out``, each written whole or not at all."""
-    from edgeprune.artifacts import atomic_path, write_bytes_atomic, write_json_atomic
-
     out.mkdir(parents=True, exist_ok=True)
     json_path, table_path, plot_path = out / "sensitivity.json", out / "sensitivity.md", out / "sensitivity.png"
     write_json_atomic(json_path, data)
@@ -145,9 +150,6 @@ def write_analysis(data: dict[str, Any], out: Path) -> SensitivityResult:
 
 def baseline_model(config: BuildConfig, dataset: Dataset, cache: Cache, reporter: Reporter, force: bool = False) -> nn.Module:
     """The build's unpruned model: the baseline stage alone, through the stage cache (recomputed with ``force``)."""
-    from edgeprune.modelio import load_model
-    from edgeprune.pipeline import run_pipeline
-
     baseline_only = replace(
         config,
         prune=replace(config.prune, mode="none"),
@@ -174,9 +176,6 @@ class GroupJob:
 def measure_group(job: GroupJob) -> list[dict[str, Any]] | UntrackedCoupling:
     """Prune ``job.layer`` alone at each ratio on copies of the unpruned model (from the cache): one row per ratio,
     or the UntrackedCoupling that keeps the group out of pruning."""
-    from edgeprune.cache import Cache
-    from edgeprune.data import load_dataset
-
     config, reporter = job.config, Reporter(verbosity=job.verbosity)
     dataset = load_dataset(config.data, config.model.num_classes)
     model = baseline_model(config, dataset, Cache(job.cache_dir), Reporter(verbosity=0))
@@ -191,24 +190,29 @@ def measure_group(job: GroupJob) -> list[dict[str, Any]] | UntrackedCoupling:
 @contextlib.contextmanager
 def _analysis(model: nn.Module, config: BuildConfig, dataset: Dataset, reporter: Reporter) -> Iterator[_Analysis]:
     """The unpruned model's groups, guard and latency probe, with a scratch folder for exports."""
-    from edgeprune.latency_target import LatencyProbe
-    from edgeprune.pipeline import StageContext
-    from edgeprune.pruning import layer_groups, protected_layers
-    from edgeprune.stages.common import example_input
-
     with tempfile.TemporaryDirectory(prefix="edgeprune-analyze-") as folder:
-        context = StageContext(config, dataset, {}, Path(folder), reporter)
-        example = example_input(context)
+        context = AnalysisContext(config, dataset, reporter, Path(folder))
         protected = protected_layers(model, config.prune.ignored_layers, config.model.num_classes)
+        analysis = layer_groups(model, example_batch(dataset), config.prune, protected, reporter)
         images, labels = (torch.from_numpy(split[:256]) for split in (dataset.x_train, dataset.y_train))
         yield _Analysis(
             model,
             context,
-            protected,
-            layer_groups(model, example, config.prune, protected),
-            Guard(example_input(context, batch=4), config.model.num_classes, images, labels),
+            analysis.protected(protected),
+            analysis.groups,
+            Guard(example_batch(dataset, batch=4), config.model.num_classes, images, labels),
             LatencyProbe.for_target(context),
         )
+
+
+@dataclass(frozen=True)
+class AnalysisContext:
+    """What measuring needs (a ``speedup_search.ProbeContext``), and a scratch folder for the exports."""
+
+    config: BuildConfig
+    dataset: Dataset
+    reporter: Reporter
+    workdir: Path
 
 
 @dataclass
@@ -216,7 +220,7 @@ class _Analysis:
     """The unpruned model and what pruning and measuring one group needs."""
 
     model: nn.Module
-    context: StageContext
+    context: AnalysisContext
     protected: set[str]
     groups: list[LayerGroup]
     guard: Guard
@@ -225,18 +229,13 @@ class _Analysis:
     @functools.cached_property
     def dense(self) -> dict[str, Any]:
         """The unpruned model's top-1 on the test split and its MACs (measured once per analysis)."""
-        from edgeprune.stages.common import count_macs_params, example_input
-        from edgeprune.training import evaluate
-
         dataset = self.context.dataset
         return {
             "accuracy": evaluate(self.model, dataset.x_test, dataset.y_test),
-            "macs": count_macs_params(self.model, example_input(self.context))["macs"],
+            "macs": count_macs_params(self.model, example_batch(dataset))["macs"],
         }
 
     def dense_p50(self, cache_dir: Path) -> float:
-        from edgeprune.executors import device_slot
-
         with device_slot(self.probe.device, cache_dir):
             return self.probe.p50_ms(self.dense_export, repeats=max(1, self.probe.rounds))
 
@@ -259,19 +258,12 @@ class _Analysis:
 
     def measure_blocks(self, cache_dir: Path) -> list[dict[str, Any]]:
         """One row per residual block the model can lose whole, removed alone."""
-        from edgeprune.blocks import drop_blocks, residual_blocks
-
-        names = residual_blocks(self.model, self.guard.sample, self.protected)
+        names = residual_blocks(self.model, self.guard.sample, self.protected, Budget(self.context.config.prune.analysis_seconds))
         return self.measured_rows([({"block": name}, drop_blocks(self.model, [name])) for name in names], cache_dir)
 
     def measured_rows(self, candidates: list[tuple[dict[str, Any], nn.Module]], cache_dir: Path) -> list[dict[str, Any]]:
         """Each ``(row, model)`` candidate's row completed with its top-1 (after BatchNorm re-estimation when the build
         re-estimates; the stale-statistics top-1 beside it), MAC reduction and paired speed-up against the dense export."""
-        from edgeprune.executors import device_slot
-        from edgeprune.latency_target import measure_pairs, pairs_summary
-        from edgeprune.stages.common import count_macs_params, example_input
-        from edgeprune.training import evaluate, recalibrate_batchnorm
-
         config, dataset, dense = self.context.config, self.context.dataset, self.dense
         rows, paths = [], []
         for index, (row, candidate) in enumerate(candidates):
@@ -279,7 +271,7 @@ class _Analysis:
             stale = evaluate(candidate, dataset.x_test, dataset.y_test)
             recalibrated = config.prune.recalibrate_batchnorm and recalibrate_batchnorm(candidate, dataset.x_train[:RECALIBRATION_IMAGES])
             accuracy = evaluate(candidate, dataset.x_test, dataset.y_test) if recalibrated else stale
-            macs = count_macs_params(candidate, example_input(self.context))["macs"]
+            macs = count_macs_params(candidate, example_batch(dataset))["macs"]
             rows.append(
                 {
                     **row,
@@ -316,30 +308,6 @@ def add_weights(groups: list[dict[str, Any]]) -> None:
     for group in groups:
         efficiency = group["efficiency"]
         group["weight"] = round(min(efficiency / mean, MAX_WEIGHT), 4) if mean > 0 and efficiency is not None else 1.0
-
-
-def group_sensitivity(path: Path, groups: list[str]) -> dict[str, tuple[float, float]]:
-    """Per group of ``groups`` that a ``sensitivity.json`` covers: (weight, the largest ratio it measured).
-
-    Raises InputError for a missing or unreadable file, ConfigError when it names none of ``groups``
-    (an analysis of another model).
-    """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if data.get("format") != FORMAT:
-            raise InputError(f"prune.ratios_from: {path} is not an edgeprune sensitivity file (write one with 'edgeprune analyze')")
-        measured = {group["layer"]: (float(group["weight"]), largest_ratio(group)) for group in data["groups"]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise InputError(f"prune.ratios_from: cannot read {path} ({error})") from None
-    known = {name: (max(weight, 0.0), cap) for name, (weight, cap) in measured.items() if name in groups}
-    if not known:
-        raise ConfigError(f"prune.ratios_from: {path} names none of this model's layer groups ({', '.join(groups)}); analyze this model")
-    return known
-
-
-def largest_ratio(group: dict[str, Any]) -> float:
-    """The largest ratio a group's analysis measured (1.0, no limit, for a group without results)."""
-    return max((float(result["ratio"]) for result in group["results"]), default=1.0)
 
 
 def markdown_table(data: dict[str, Any]) -> str:

@@ -22,12 +22,21 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from edgeprune.config import PruneConfig
+from edgeprune.data import Dataset
+from edgeprune.deadline import AnalysisTimeout, Budget
 from edgeprune.errors import ConfigError
+from edgeprune.progress import Reporter
+from edgeprune.pruning import verify_pruned_model
+from edgeprune.training import RECALIBRATION_IMAGES, count_macs_params, evaluate, example_batch, recalibrate_batchnorm
+
+HELD_OUT_IMAGES = 1000  # the last training images: blocks for drop_block_count are ranked by top-1 on them
 
 TOLERANCE = 1e-5  # |output - input| of a block with its parameters zeroed, relative to the input's largest value
 
@@ -45,21 +54,31 @@ class BlockScore:
     macs_removed: int
 
 
-def residual_blocks(model: nn.Module, sample: torch.Tensor, protected: Iterable[str] = ()) -> list[str]:
-    """Names of the blocks of ``model`` that can be removed whole, in the model's order (see the module doc)."""
-    protected = set(protected)
-    calls = _single_tensor_calls(model, sample)
-    passing = [
+def residual_blocks(model: nn.Module, sample: torch.Tensor, protected: Iterable[str] = (), budget: Budget | None = None) -> list[str]:
+    """Names of the blocks of ``model`` that can be removed whole, in the model's order (see the module doc).
+
+    Past ``budget`` (``budget.expired()`` then tells) the modules not checked yet are not blocks: never removed.
+    """
+    protected, passing = set(protected), []
+    try:
+        with (budget or Budget()).deadline():
+            calls = _single_tensor_calls(model, sample)
+            for name, module in model.named_modules():
+                if _may_be_block(name, module, calls, protected) and all(_is_identity_when_zeroed(module, x) for x in calls[name]):
+                    passing.append(name)
+    except AnalysisTimeout:
+        pass
+    return [name for name in passing if not any(other.startswith(f"{name}.") for other in passing)]
+
+
+def _may_be_block(name: str, module: nn.Module, calls: dict[str, list[torch.Tensor]], protected: set[str]) -> bool:
+    return bool(
         name
-        for name, module in model.named_modules()
-        if name
         and name in calls
         and not isinstance(module, DroppedBlock)
         and any(True for _ in module.parameters())
         and not any(layer == name or layer.startswith(f"{name}.") for layer in protected)
-        and all(_is_identity_when_zeroed(module, inputs) for inputs in calls[name])
-    ]
-    return [name for name in passing if not any(other.startswith(f"{name}.") for other in passing)]
+    )
 
 
 def _single_tensor_calls(model: nn.Module, sample: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -141,15 +160,69 @@ def score_blocks(
     macs_of: Callable[[nn.Module], int],
     held_out: tuple[np.ndarray, np.ndarray],
     recalibration: np.ndarray | None,
+    budget: Budget | None = None,
 ) -> list[BlockScore]:
     """Each candidate removed alone: top-1 on ``held_out`` images (after re-estimating BatchNorm statistics on
-    ``recalibration`` when given) and the MACs removed (``macs_of``); best first (highest top-1, then most MACs removed)."""
-    from edgeprune.training import evaluate, recalibrate_batchnorm
-
-    dense_macs, scores = macs_of(model), []
-    for name in candidates:
-        candidate = drop_blocks(model, [name])
-        if recalibration is not None:
-            recalibrate_batchnorm(candidate, recalibration)
-        scores.append(BlockScore(name, evaluate(candidate, *held_out), dense_macs - macs_of(candidate)))
+    ``recalibration`` when given) and the MACs removed (``macs_of``); best first (highest top-1, then most MACs removed).
+    Past ``budget`` the candidates not scored yet are left out."""
+    scores: list[BlockScore] = []
+    try:
+        with (budget or Budget()).deadline():
+            dense_macs = macs_of(model)
+            for name in candidates:
+                candidate = drop_blocks(model, [name])
+                if recalibration is not None:
+                    recalibrate_batchnorm(candidate, recalibration)
+                score = BlockScore(name, evaluate(candidate, *held_out), dense_macs - macs_of(candidate))
+                scores.append(score)
+    except AnalysisTimeout:
+        pass
     return sorted(scores, key=lambda score: (-score.accuracy, -score.macs_removed))
+
+
+def depth_prune(
+    model: nn.Module, config: PruneConfig, dataset: Dataset, protected: set[str], num_classes: int, reporter: Reporter
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` without the residual blocks ``config.drop_blocks`` names and the ``config.drop_block_count`` cheapest
+    others (a copy; ``model`` itself when none), and what was removed: the blocks, the MAC reduction and top-1 after.
+
+    Blocks are ranked by top-1 on the last ``HELD_OUT_IMAGES`` training images; with ``config.recalibrate_batchnorm``
+    BatchNorm statistics are re-estimated first. Raises ConfigError for a name that is not a removable block, or
+    more blocks asked for than the model has.
+    """
+    named, count = list(config.drop_blocks), config.drop_block_count
+    if not named and not count:
+        return model, {"blocks": [], "mac_reduction": 1.0}
+    example, sample = example_batch(dataset), example_batch(dataset, batch=4)
+    budget, seconds = Budget(config.analysis_seconds), config.analysis_seconds
+    candidates = residual_blocks(model, sample, protected, budget)
+    if budget.expired():
+        reporter.warn(f"prune_structured: block detection ran past prune.analysis_seconds ({seconds:g} s): {len(candidates)} found by then")
+    check_droppable(named, candidates)
+    others = [name for name in candidates if name not in named]
+    if count > len(others) and not budget.expired():
+        raise ConfigError(
+            f"prune.drop_block_count = {count}, but the model has {len(others)} more removable residual blocks "
+            f"({', '.join(others) or 'none'})"
+        )
+    rows = [{"block": name, "chosen_by": "prune.drop_blocks"} for name in named]
+    if count:
+        macs_of = lambda candidate: count_macs_params(candidate, example)["macs"]  # noqa: E731
+        held_out = (dataset.x_train[-HELD_OUT_IMAGES:], dataset.y_train[-HELD_OUT_IMAGES:])
+        recalibration = dataset.x_train[:RECALIBRATION_IMAGES] if config.recalibrate_batchnorm else None
+        scores = score_blocks(model, others, macs_of, held_out, recalibration, Budget(seconds))
+        if len(scores) < min(count, len(others)):
+            reporter.warn(f"prune_structured: ranking blocks ran past prune.analysis_seconds ({seconds:g} s): {len(scores)} ranked")
+        for score in scores[:count]:
+            chosen = {"block": score.block, "chosen_by": "prune.drop_block_count", "held_out_accuracy": score.accuracy}
+            rows.append({**chosen, "macs_removed": score.macs_removed})
+    order = {name: index for index, name in enumerate(candidates)}
+    rows.sort(key=lambda row: order[row["block"]])
+    shallower = drop_blocks(model, [row["block"] for row in rows])
+    verify_pruned_model(shallower, sample, num_classes)
+    if config.recalibrate_batchnorm:
+        recalibrate_batchnorm(shallower, dataset.x_train[:RECALIBRATION_IMAGES])
+    for row in rows:
+        reporter.info(f"prune_structured: removing residual block {row['block']} ({row['chosen_by']})")
+    reduction = count_macs_params(model, example)["macs"] / max(count_macs_params(shallower, example)["macs"], 1)
+    return shallower, {"blocks": rows, "mac_reduction": reduction, "accuracy": evaluate(shallower, dataset.x_test, dataset.y_test)}

@@ -21,25 +21,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.qdq_loss_debug import (
+    collect_activations,
+    create_activation_matching,
+    modify_model_output_intermediate_tensors,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from edgeprune.config import QuantizeConfig
-from edgeprune.onnx_weights import float16_constants, quantize_weights
-from edgeprune.quant_search import Mix, TensorError
+from edgeprune.export.onnx import INPUT_NAME
+from edgeprune.onnx_compaction import float16_constants, quantize_weights
 from edgeprune.quant_sensitivity import (
     TensorNoise,
     channel_sqnr_db,
+    cosine,
     onnx_activations,
     onnx_layers_by_tensor,
     onnx_rounded_tensors,
     onnx_rounded_weights,
     onnx_tensor_noise,
 )
-from edgeprune.stages.export_onnx import INPUT_NAME
+from edgeprune.quantization.search import Mix, TensorError
 
 RANKING_SAMPLES = 16  # calibration images of the two ranking runs (every activation of each is held in memory)
 SENSITIVITY_SAMPLES = 64  # calibration images on which each tensor's effect alone on the logits is measured
-PERCENTILES = (0.01, 99.99)
-CLEAN_INPUT_DB = 20.0  # a layer's added noise is measured only where its inputs are at least this clean  # the percentile rung's range
+PERCENTILES = (0.01, 99.99)  # the percentile rung's range
+CLEAN_INPUT_DB = 20.0  # a layer's added noise is measured only where its inputs are at least this clean
 
 
 class CalibrationReader:
@@ -60,8 +71,6 @@ class OnnxQuantizer:
     """
 
     def __init__(self, fp32_path: Path, calibration: np.ndarray, config: QuantizeConfig, scratch: Path) -> None:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
         self.calibration, self.config, self.scratch = calibration, config, scratch
         self.layout = None
         self.prepared = scratch / "preprocessed.onnx"
@@ -75,14 +84,10 @@ class OnnxQuantizer:
     @property
     def layers(self) -> dict[str, tuple[str, ...]]:
         if self._layers is None:
-            import onnx
-
             self._layers = onnx_layers_by_tensor(onnx.load(str(self.prepared)).graph)
         return self._layers
 
     def quantize(self, path: Path, mix: Mix) -> None:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         self.path, config = path, self.config
         keep_float = float_layers(mix, self.layers)
         if config.activation_type == "float":
@@ -102,8 +107,6 @@ class OnnxQuantizer:
         self._quantize_static(path, keep_float, tensor_overrides(mix, self._ranges))
 
     def _quantize_static(self, path: Path, keep_float: tuple[str, ...], overrides: dict[str, list[dict[str, Any]]]) -> None:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
         cache = self.scratch / f"calibration-{self.config.calibration}.json"
         reader = None if cache.is_file() else CalibrationReader(self.calibration)
@@ -151,8 +154,6 @@ class OnnxQuantizer:
         return sorted(candidates, key=lambda item: (alone.get(item.tensor, item.sqnr_db), item.tensor))
 
     def mix_cost(self, mix: Mix) -> dict[str, Any]:
-        import onnx
-
         graph = onnx.load(str(self.prepared)).graph
         macs = node_macs(graph)
         total = max(sum(macs.values()), 1)
@@ -191,8 +192,6 @@ def float_layers(mix: Mix, layers: Mapping[str, tuple[str, ...]]) -> tuple[str, 
 
 def tensor_overrides(mix: Mix, ranges: Mapping[str, tuple[float, float]]) -> dict[str, list[dict[str, Any]]]:
     """onnxruntime ``TensorQuantOverrides`` for the ``percentile`` and ``int16`` tensors of ``mix``."""
-    from onnxruntime.quantization import QuantType
-
     overrides: dict[str, list[dict[str, Any]]] = {}
     for tensor, rung in mix.items():
         if rung == "int16":
@@ -207,12 +206,6 @@ def two_run_errors(
     float_path: Path, qdq_path: Path, images: np.ndarray, scratch: Path, layers: Mapping[str, tuple[str, ...]]
 ) -> tuple[list[TensorError], dict[str, tuple[float, float]]]:
     """Each QDQ activation's noise from one float and one QDQ run, worst first; and the float activations' percentile ranges."""
-    from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations,
-        create_activation_matching,
-        modify_model_output_intermediate_tensors,
-    )
-
     producers = _producers(float_path)
     feeds = [{INPUT_NAME: images[i : i + 1]} for i in range(len(images))]
     runs = {}
@@ -234,11 +227,11 @@ def two_run_errors(
     for name, values in flat.items():
         chain, sources = _compute_chain(name, producers, set(matching))
         added = _added_sqnr(model_before.get(name), [model_after.get(source) for source in sources])
-        cosine = _cosine(values["float"].ravel(), values["post_qdq"].ravel()) if "float" in values else None
+        similarity = cosine(values["float"], values["post_qdq"]) if "float" in values else None
         own = channel_sqnr_db(values["pre_qdq"], values["post_qdq"])
         touching = layers.get(name, ()) if own <= added else tuple(dict.fromkeys([*chain, *layers.get(name, ())]))
         cause = "rounding" if own <= added else "compute"
-        ranked.append(TensorError(name, min(own, added), model_after.get(name), cosine, touching, cause))
+        ranked.append(TensorError(name, min(own, added), model_after.get(name), similarity, touching, cause))
     ranges = {name: _percentile_range(values) for name, values in runs["float"].items() if name in matching}
     return sorted(ranked, key=lambda item: (item.sqnr_db, item.tensor)), ranges
 
@@ -253,8 +246,6 @@ def _by_channel(values: list[np.ndarray], channels: int) -> np.ndarray:
 
 def _channel_counts(model_path: Path) -> dict[str, int]:
     """Axis 1 of each rank >= 3 float tensor (a feature map's channels); others count as one channel."""
-    import onnx
-
     graph = onnx.load(str(model_path)).graph
     counts = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
@@ -280,8 +271,6 @@ def _added_sqnr(output_db: float | None, input_dbs: list[float | None]) -> float
 
 def _producers(model_path: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
     """Each tensor's producing node: (node name, its inputs)."""
-    import onnx
-
     return {output: (node.name, tuple(node.input)) for node in onnx.load(str(model_path)).graph.node for output in node.output}
 
 
@@ -309,24 +298,12 @@ def _percentile_range(values: list[np.ndarray]) -> tuple[float, float]:
     return min(float(low), 0.0), max(float(high), 0.0)
 
 
-def _cosine(reference: np.ndarray, value: np.ndarray) -> float:
-    a, b = reference.astype(np.float64), value.astype(np.float64)
-    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return 1.0 if norm == 0 else float(a @ b / norm)
-
-
-def _finite(value: float | None) -> float | None:
-    return None if value is None or not np.isfinite(value) else float(value)
-
-
 def as_error(noise: TensorNoise) -> TensorError:
     return TensorError(noise.tensor, noise.sqnr_db, layers=noise.layers)
 
 
 def node_macs(graph) -> dict[str, int]:
     """Multiply-accumulates per image of each Conv, Gemm and MatMul node (shapes from shape inference; unknown dims count 1)."""
-    from onnx import numpy_helper
-
     shapes = {info.name: [d.dim_value or 1 for d in info.type.tensor_type.shape.dim] for info in [*graph.value_info, *graph.output]}
     weights = {item.name: numpy_helper.to_array(item).shape for item in graph.initializer}
     macs = {}
@@ -340,3 +317,8 @@ def node_macs(graph) -> dict[str, int]:
             transposed = any(item.name == "transB" and item.i for item in node.attribute)
             macs[node.name] = int(np.prod(out[1:]) * weight[-1 if transposed else 0])
     return macs
+
+
+def convert_onnx_fp16(source: Path, target: Path) -> None:
+    """fp16 weights and activations with float32 model I/O (onnxruntime's converter)."""
+    onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeprune import parity
 from edgeprune.errors import ExportError
 
 # The modules onnx2tf imports (it declares no dependencies of its own).
@@ -61,8 +62,6 @@ def convert_onnx(onnx_path: Path, tflite_path: Path, samples: np.ndarray, channe
     The input stays NCHW unless ``channels_last``. Raises ExportError naming
     the ONNX node onnx2tf failed on, or the missing packages.
     """
-    from edgeprune.parity import input_layout
-
     missing = missing_requirements()
     if missing:
         raise ExportError(f"the onnx2tf fallback needs {', '.join(missing)}; {INSTALL_HINT}")
@@ -84,7 +83,7 @@ def convert_onnx(onnx_path: Path, tflite_path: Path, samples: np.ndarray, channe
             raise ExportError(f"onnx2tf wrote no {produced.name} for {Path(onnx_path).name}; rerun with --debug and report the model")
         input_shape = builtin_interpreter(produced, Path(onnx_path).name).get_input_details()[0]["shape"]
         os.replace(produced, tflite_path)
-    return input_layout(tflite_path, input_shape, samples.shape)  # the layout onnx2tf really gave it (it may transpose despite -k)
+    return parity.input_layout(tflite_path, input_shape, samples.shape)  # the layout onnx2tf really gave it (it may transpose despite -k)
 
 
 def builtin_interpreter(tflite_path: Path, filename: str):
@@ -92,10 +91,8 @@ def builtin_interpreter(tflite_path: Path, filename: str):
 
     ExportError when it needs TensorFlow select (Flex) ops that interpreter lacks, or does not load at all.
     """
-    from edgeprune.parity import tflite_interpreter
-
     try:
-        interpreter = tflite_interpreter(tflite_path, 1)
+        interpreter = parity.tflite_interpreter(tflite_path, 1)
         interpreter.allocate_tensors()
         return interpreter
     except (RuntimeError, ValueError) as error:

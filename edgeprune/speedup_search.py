@@ -1,4 +1,4 @@
-"""Latency-aware pruning: prune in steps until the speed-up *measured* on the target's runtime is reached.
+"""The speed-up search: prune in steps until the speed-up *measured* on the target's runtime is reached.
 
 A speed-up is never estimated from MACs here. After each pruning step the candidate is
 exported to the target's format (the first of ``export.formats``: ONNX for onnxruntime
@@ -28,17 +28,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 from torch import nn
 
-from edgeprune.config import PruneConfig
+from edgeprune.config import BuildConfig, PruneConfig
+from edgeprune.data import Dataset
 from edgeprune.errors import ConfigError, StageError
-from edgeprune.pipeline import StageContext
+from edgeprune.export.onnx import export_onnx
+from edgeprune.export.tflite import convert_for_target
+from edgeprune.progress import Reporter
 from edgeprune.runtimes import BenchSettings, benchmark, benchmark_pair, paired_speedup
+from edgeprune.training import example_batch
+
+
+class ProbeContext(Protocol):
+    """What a probe reads: the target's config (name, ``export`` and ``benchmark``), its data (the test
+    images exports trace and onnx2tf checks on) and where to report. A stage's ``StageContext`` is one."""
+
+    config: BuildConfig
+    dataset: Dataset
+    reporter: Reporter
 
 
 class SteppedPruning(Protocol):
-    """What the speed-up loop drives (``edgeprune.stages.prune_structured.PruningRun``)."""
+    """What the speed-up loop drives (``edgeprune.structured_pruning.PruningRun``)."""
 
     model: nn.Module
     dense: nn.Module
@@ -74,11 +86,11 @@ class LatencyProbe:
     fmt: str
     device: str
     settings: BenchSettings
-    context: StageContext
+    context: ProbeContext
     rounds: int = 1
 
     @classmethod
-    def for_target(cls, context: StageContext) -> LatencyProbe:
+    def for_target(cls, context: ProbeContext) -> LatencyProbe:
         """The target's first export format and its ``[benchmark]`` settings; ConfigError without an export format."""
         config = context.config
         if not config.export.formats:
@@ -94,15 +106,12 @@ class LatencyProbe:
 
         The suffix is appended, never substituted: stems ``candidate-0.25`` and ``candidate-0.5`` stay two files.
         """
-        from edgeprune.stages.export_onnx import export_onnx
-        from edgeprune.stages.export_tflite import convert_for_target
-
         path = stem.with_name(f"{stem.name}.{self.fmt}")
+        config, images, reporter = self.context.config.export, self.context.dataset.x_test, self.context.reporter
         if self.fmt == "onnx":
-            example = torch.from_numpy(self.context.dataset.x_test[:1].copy())
-            export_onnx(model, example, path, self.context.config.export, reporter=self.context.reporter)
+            export_onnx(model, example_batch(self.context.dataset), path, config, reporter=reporter)
         else:
-            convert_for_target(model, path, self.context)
+            convert_for_target(model, path, config, images, reporter)
         return path
 
     def p50_ms(self, path: Path, repeats: int = 1) -> float:

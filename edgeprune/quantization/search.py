@@ -1,6 +1,6 @@
 """The accuracy-budget search: which tensors to treat how, cheapest fix first, within a time limit.
 
-One quantized model is built and judged (``edgeprune.accuracy_gate``). When it misses the
+One quantized model is built and judged (``edgeprune.quantization.gate``). When it misses the
 budget, the format's quantizer ranks its tensors from two runs — the float model's and the
 quantized model's, every activation exposed and matched — by the rounding noise each adds
 (SQNR in dB, lower is worse), and the search climbs a ladder on the worst 1, 2, 4, … tensors,
@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgeprune.accuracy_gate import GateResult
 from edgeprune.progress import SILENT, Reporter
+from edgeprune.quantization.gate import GateResult
 
 LADDER = ("percentile", "int16", "float")  # cheapest first
 Mix = Mapping[str, str]  # tensor name -> rung; tensors not in it stay plain int8
@@ -119,7 +119,7 @@ class SearchOutcome:
     plain: Candidate
     rounds: list[dict[str, Any]]
     ranking: list[TensorError]
-    stopped: str  # "plain int8 passed" | "budget met" | "time limit" | "ladder exhausted" | why it is hopeless
+    stopped: str  # "plain int8 passed" | "budget met" | "time limit" | "ladder exhausted" | "float layer limit" | why it is hopeless
     elapsed_s: float
 
 
@@ -222,9 +222,14 @@ class _Search:
             first_ranking = first_ranking or ranking
             if not ranking:
                 return "ladder exhausted", first_ranking
-            step_best: Candidate | None = None
             base_float = tuple(self.quantizer.mix_cost(base)["float_layers"]) if base else ()
-            for mix in step_mixes(base, ranking[:size], self.quantizer.rungs, limits, base_float):
+            mixes = step_mixes(base, ranking[:size], self.quantizer.rungs, limits, base_float)
+            if not mixes:  # only the float rung is left, and it would pass quantize.max_float_layers
+                return "float layer limit", first_ranking
+            worst = ", ".join(f"{item.tensor} {item.sqnr_db:.1f} dB" for item in ranking[:size])
+            self.reporter.info(f"  {self.label} ranked {len(ranking)} tensors from two runs; trying {worst} ({self.elapsed():.1f}s)")
+            step_best: Candidate | None = None
+            for mix in mixes:
                 if time.monotonic() - self.start >= limits.max_search_seconds:
                     return "time limit", first_ranking
                 candidate = self.attempt(mix)
