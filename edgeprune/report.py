@@ -110,7 +110,7 @@ QUANTIZATION_HEADER = [
     "tensors changed",
     "layers kept float",
     "MACs off int8 %",
-    "size cost KiB",
+    "size KiB (+ over plain int8)",
     "p50 ms (fp32 parent)",
 ]
 
@@ -118,7 +118,7 @@ QUANTIZATION_HEADER = [
 def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
     """One row per quantized artefact: the accuracy budget's figures and verdict, the per-tensor mix and its cost.
 
-    The size cost is what the mix adds to the plain int8 file; MACs off int8 is the share of the model's
+    The size is the file's, with what the mix adds to the plain int8 file; MACs off int8 is the share of the model's
     multiply-accumulates in 16-bit or float layers; the latency is the artefact's measured p50 beside its
     fp32 parent's (the mix's latency cost is inside it, measured, never estimated).
     """
@@ -143,7 +143,7 @@ def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
                 ", ".join(f"{count} {rung}" for rung, count in by_rung.items()) or "none",
                 ", ".join(layers) if layers else "none",
                 " / ".join(f"{rung} {100 * share:.1f}" for rung, share in off_int8.items()) or "-",
-                f"{entry.get('float_layers_size_bytes', 0) / 1024:.1f}",
+                f"{entry.get('size_bytes', 0) / 1024:.1f} (+{entry.get('float_layers_size_bytes', 0) / 1024:.1f})",
                 f"{_num(p50)} ({_num(parent_p50)})",
             ]
         )

@@ -259,7 +259,9 @@ def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_laye
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[2] == f"{int8['budget']['accuracy_drop']:+.2f}" and cells[4] == "0.5 / 0" and cells[5] == "pass"
     assert cells[7] == (", ".join(int8["float_layers"]) or "none")
-    assert float(cells[9]) == pytest.approx(int8["float_layers_size_bytes"] / 1024, abs=0.05)
+    size, cost = cells[9].rstrip(")").split(" (+")
+    assert float(size) == pytest.approx(int8["size_bytes"] / 1024, abs=0.05)
+    assert float(cost) == pytest.approx(int8["float_layers_size_bytes"] / 1024, abs=0.05)
     html = (workdir / "dist/cpu-x86/report.html").read_text()
     assert "Quantization accuracy budget" in html and "within budget" not in html.split("Quantization accuracy budget")[0]
 
@@ -431,6 +433,7 @@ def test_the_report_lists_each_quantized_artefacts_budget_float_layers_and_their
                 "quant_mix": {"/stem/Relu_output_0": "float", "/head/Gemm_output_0": "float", "/b3/Relu_output_0": "int16"},
                 "macs_off_int8": {"int16": 0.012, "float": 0.034},
                 "float_layers_size_bytes": 3072,
+                "size_bytes": 40960,
                 "benchmark": {"latency_p50_ms": 0.11},
             },
             "tflite_int8": {
@@ -452,8 +455,8 @@ def test_the_report_lists_each_quantized_artefacts_budget_float_layers_and_their
             "2 float, 1 int16",
             "/stem/Conv, <b>head</b>",
             "int16 1.2 / float 3.4",
-            "3.0",
+            "40.0 (+3.0)",
             "0.11 (0.08)",
         ],
-        ["model_int8.tflite", "tflite_fp32", "-0.20", "0.9935", "0.5 / 0.99", "MISSED", "none", "none", "-", "0.0", "- (-)"],
+        ["model_int8.tflite", "tflite_fp32", "-0.20", "0.9935", "0.5 / 0.99", "MISSED", "none", "none", "-", "0.0 (+0.0)", "- (-)"],
     ]
