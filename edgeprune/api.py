@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from edgeprune import executors
 from edgeprune.artifacts import MANIFEST, Artifact, copy_into, staged_directory, write_bytes_atomic, write_json_atomic
-from edgeprune.budgets import Violation, check_budgets, exit_code
+from edgeprune.budgets import Violation, check_budgets, exit_code, unchecked_budgets
 from edgeprune.cache import Cache
 from edgeprune.config import BuildConfig
 from edgeprune.data import Dataset, load_dataset
@@ -298,6 +298,7 @@ def write_output(config: BuildConfig, dataset: Dataset, result: PipelineResult, 
         violations = check_budgets(config.budgets, manifest)
         limits = config.to_dict()["budgets"]
         manifest["budgets"] = {"limits": limits, "violations": [v.to_dict() for v in violations], "passed": not violations}
+        manifest["budgets"]["unchecked"] = unchecked_budgets(config.budgets, manifest)
         write_json_atomic(staging / MANIFEST, seal(manifest))
         write_reports(manifest, staging, previous=out)
         check_output(staging)  # never publish a manifest its files contradict

@@ -14,6 +14,7 @@ from typing import Any
 from edgeprune.config import BudgetConfig
 
 EXIT_CODES = {"accuracy": 10, "latency": 11, "size": 12, "speedup": 13}
+TIMED_KINDS = ("latency", "speedup")  # budgets on timings, which an emulated device's say nothing about
 SEVERAL_KINDS = 14
 # Command-line sugar for ``--set budgets.KEY=VALUE``: (flag, budget key, help).
 BUDGET_FLAGS = (
@@ -45,7 +46,8 @@ def budget_overrides(values: dict[str, float | None]) -> tuple[str, ...]:
 
 
 def check_budgets(budgets: BudgetConfig, manifest: dict[str, Any]) -> list[Violation]:
-    """Every budget the manifest's primary artefact breaks (an unmeasured figure breaks its budget)."""
+    """Every budget the manifest's primary artefact breaks (an unmeasured figure breaks its budget); timing budgets
+    are left unchecked when the benchmark device was emulated (``unchecked_budgets`` says so)."""
     primary = manifest["primary_artifact"]
     artifact = manifest["artifacts"].get(primary, {})
     measured = artifact.get("benchmark", {})
@@ -59,7 +61,7 @@ def check_budgets(budgets: BudgetConfig, manifest: dict[str, Any]) -> list[Viola
     violations = []
     for kind, key, value, what, unit, bound in checks:
         limit = getattr(budgets, key)
-        if not limit:
+        if not limit or (manifest.get("benchmark_emulated") and kind in TIMED_KINDS):
             continue
         if value is None:
             violations.append(Violation(kind, f"{what} of {primary} was not measured (budget {limit} {unit})", key, limit))
@@ -80,6 +82,16 @@ def quantization_violations(manifest: dict[str, Any]) -> list[Violation]:
             limit, value = budget["max_accuracy_drop"], budget["accuracy_drop"]
             violations.append(Violation("accuracy", message, "quantize.max_accuracy_drop", limit, value))
     return violations
+
+
+def unchecked_budgets(budgets: BudgetConfig, manifest: dict[str, Any]) -> list[str]:
+    """One line per timing budget set but left unchecked because the benchmark device was emulated."""
+    emulated = manifest.get("benchmark_emulated")
+    if not emulated:
+        return []
+    device = manifest.get("benchmark_device")
+    timed = [key for key in ("max_latency_p50_ms", "max_latency_p90_ms", "min_speedup") if getattr(budgets, key)]
+    return [f"budgets.{key} not checked: {device} is emulated ({emulated}), its timings say nothing about the device" for key in timed]
 
 
 def exit_code(violations: Iterable[Violation | str]) -> int:

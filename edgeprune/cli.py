@@ -29,7 +29,7 @@ from edgeprune.diff import Thresholds, markdown
 from edgeprune.errors import EdgepruneError
 from edgeprune.progress import Reporter
 from edgeprune.report import summary_table
-from edgeprune.runtimes.figures import bench_line, caveats, memory_text
+from edgeprune.runtimes.figures import bench_line, caveats, device_text, memory_text
 from edgeprune.versions import __version__
 
 
@@ -333,6 +333,8 @@ def _build_dict(result) -> dict[str, Any]:
 
 
 def _print_violations(result) -> None:
+    for line in (result.manifest or {}).get("budgets", {}).get("unchecked", []):
+        print(f"edgeprune: {result.target}: {line}", file=sys.stderr)
     for violation in result.violations:
         print(f"edgeprune: {result.target}: budget violated ({violation.kind}): {violation.message}", file=sys.stderr)
 
@@ -423,7 +425,7 @@ def _bench(args) -> int:
     result = api.bench(
         args.artifact, args.device, args.threads, args.iterations, args.repeats, args.warmup, tuple(args.shape), args.max_spread
     )
-    _print(args, result, lambda: f"{args.artifact} on {args.device}: {bench_line(result)}")
+    _print(args, result, lambda: f"{args.artifact} on {args.device} ({device_text(result)}): {bench_line(result)}")
     return 0
 
 

@@ -106,6 +106,7 @@ BUILD_METRICS = (
     ("macs", "MACs", "", ("model", "macs")),
     ("params", "params", "", ("model", "params")),
 )
+TIMED_METRICS = ("latency_p50_ms", "latency_p90_ms", "speedup")
 UNITS = {key: unit for key, _, unit, _ in ARTIFACT_METRICS + BUILD_METRICS}
 LABELS = {key: label for key, label, _, _ in ARTIFACT_METRICS + BUILD_METRICS}
 
@@ -136,12 +137,21 @@ def diff_manifests(old_path: Path, new_path: Path, thresholds: Thresholds = Thre
         result.notes.append("same content_sha256: the new build reproduces the old one (only volatile fields differ)")
     for key, _, _, (section, name) in BUILD_METRICS:
         result.changes.append(Change("build", key, old.get(section, {}).get(name), new.get(section, {}).get(name)))
+    timed = bool(old.get("benchmark_emulated")) == bool(new.get("benchmark_emulated"))
+    if not timed:
+        emulated = old if old.get("benchmark_emulated") else new
+        result.notes.append(
+            f"timings not compared: {emulated['benchmark_device']} is emulated ({emulated['benchmark_emulated']}), "
+            "the other build's device is not"
+        )
     for name in list(old["artifacts"]) + [n for n in new["artifacts"] if n not in old["artifacts"]]:
-        result.changes += _artifact_changes(name, old, new, thresholds, result.notes)
+        result.changes += _artifact_changes(name, old, new, thresholds, result.notes, timed)
     return result
 
 
-def _artifact_changes(name: str, old: dict[str, Any], new: dict[str, Any], thresholds: Thresholds, notes: list[str]) -> list[Change]:
+def _artifact_changes(
+    name: str, old: dict[str, Any], new: dict[str, Any], thresholds: Thresholds, notes: list[str], timed: bool = True
+) -> list[Change]:
     before, after = old["artifacts"].get(name), new["artifacts"].get(name)
     if before is None or after is None:
         notes.append(f"{name}: {'added' if before is None else 'removed'} in the new build")
@@ -150,6 +160,8 @@ def _artifact_changes(name: str, old: dict[str, Any], new: dict[str, Any], thres
         notes.append(f"{name}: file changed (sha256 {str(before.get('sha256'))[:12]} → {str(after.get('sha256'))[:12]})")
     changes = []
     for key, _, _, read in ARTIFACT_METRICS:
+        if not timed and key in TIMED_METRICS:
+            continue
         change = Change(name, key, read(before, old.get("speedups", {}).get(name)), read(after, new.get("speedups", {}).get(name)))
         changes.append(_flag(change, thresholds))
     return changes

@@ -18,10 +18,13 @@ from typing import Any
 from edgeprune.plots import Plot
 from edgeprune.report import (
     DELEGATION_HEADER,
+    DEVICE_PARITY_HEADER,
     QUANTIZATION_HEADER,
     benchmark_caveats,
     checkpoint_lines,
     delegation_rows,
+    device_parity_rows,
+    emulation_line,
     left_unpruned_rows,
     quantization_rows,
 )
@@ -59,6 +62,7 @@ def html_report(manifest: dict[str, Any], plots: list[Plot]) -> str:
         *_plots(plots),
         *_stages(manifest),
         *_artifacts(manifest),
+        *_device_parity(manifest),
         *_delegation(manifest),
         *_quantization(manifest),
         *_loaded(manifest),
@@ -90,6 +94,8 @@ def _summary(manifest: dict[str, Any]) -> list[str]:
         f"MACs {model['macs_dense']:,} → {model['macs']:,}; params {model['params_dense']:,} → {model['params']:,}",
         f"built {_e(manifest.get('created_at', '-'))} with edgeprune {_e(manifest['tools'].get('edgeprune', '-'))}",
     ]
+    if emulation_line(manifest):
+        items.append(f'<span class="bad">{_e(emulation_line(manifest))}</span>')
     if speedup:
         items.append(f"measured speed-up of {_e(primary)} on <code>{_e(manifest.get('benchmark_device'))}</code>: {speedup:.2f}×")
     return ["<ul>", *[f"<li>{item}</li>" for item in items], "</ul>"]
@@ -158,6 +164,11 @@ def _loaded(manifest: dict[str, Any]) -> list[str]:
     return html + (["<h2>Layer groups not pruned</h2>", _table(["layer group", "why"], rows)] if rows else [])
 
 
+def _device_parity(manifest: dict[str, Any]) -> list[str]:
+    rows = device_parity_rows(manifest)
+    return ["<h2>Parity on the device</h2>", _table(DEVICE_PARITY_HEADER, rows)] if rows else []
+
+
 def _delegation(manifest: dict[str, Any]) -> list[str]:
     rows = delegation_rows(manifest)
     return ["<h2>ExecuTorch delegation (XNNPACK)</h2>", _table(DELEGATION_HEADER, rows)] if rows else []
@@ -165,10 +176,12 @@ def _delegation(manifest: dict[str, Any]) -> list[str]:
 
 def _budgets(manifest: dict[str, Any]) -> list[str]:
     violations = manifest.get("budgets", {}).get("violations", [])
+    unchecked = [f"<li>{_e(line)}</li>" for line in manifest.get("budgets", {}).get("unchecked", [])]
     if not violations:
-        return ["<h2>Budgets</h2>", '<p class="ok">All budgets met.</p>']
+        met = "All checked budgets met." if unchecked else "All budgets met."
+        return ["<h2>Budgets</h2>", f'<p class="ok">{met}</p>', *(["<ul>", *unchecked, "</ul>"] if unchecked else [])]
     items = [f'<li><span class="bad">{_e(v["kind"])}</span>: {_e(v["message"])}</li>' for v in violations]
-    return ["<h2>Budgets</h2>", "<ul>", *items, "</ul>"]
+    return ["<h2>Budgets</h2>", "<ul>", *items, *unchecked, "</ul>"]
 
 
 def _reproduce(manifest: dict[str, Any]) -> list[str]:

@@ -41,6 +41,8 @@ VOLATILE_FIELDS = (
     "stages.*.reason",
     "stages.*.metrics.results",
     "stages.*.metrics.speedups",
+    "stages.*.metrics.parity_on_device.*.seconds",
+    "artifacts.*.parity_on_device.*.seconds",
     "stages.*.metrics.dependency_analysis.seconds",
     "artifacts.*.benchmark",
     "parity_data.path",
@@ -84,6 +86,7 @@ def make_manifest(config: BuildConfig, dataset: Dataset, result: PipelineResult,
         "model": model_summary(stages, artifacts),
         "speedups": benchmark.get("speedups", {}),
         "benchmark_device": benchmark.get("device"),
+        "benchmark_emulated": benchmark.get("emulated"),
         "preprocessing": preprocessing(config, dataset),
         "inputs": input_hashes(config, dataset),
         "parity_data": parity_data(config, dataset),
@@ -182,6 +185,9 @@ def describe_artifact(artifact: Artifact, benchmark: dict[str, Any]) -> dict[str
     if measured is not None:  # without the cache path the runner measured, which means nothing to a reader
         entry["benchmark"] = {key: value for key, value in measured.items() if key != "artifact"}
         entry["benchmark"]["memory_measured_in"] = MEMORY_SCOPE
+    on_device = benchmark.get("parity_on_device", {}).get(artifact.name)
+    if on_device is not None:  # keyed by device: the same artefact's parity on each device it ran on
+        entry["parity_on_device"] = {benchmark["device"]: on_device}
     return entry
 
 

@@ -17,7 +17,8 @@ PLOTS_DIR = "plots"
 def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] = ()) -> str:
     """The report; ``plots`` are (file stem, title) pairs of PNGs written to ``plots/``."""
     lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
-    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _delegation(manifest) + _quantization(manifest)
+    lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _device_parity(manifest)
+    lines += _delegation(manifest) + _quantization(manifest)
     lines += _loaded(manifest) + _left_unpruned(manifest) + _channels(manifest) + _budgets(manifest)
     lines += [
         "## Preprocessing (a device app must repeat it)",
@@ -43,6 +44,8 @@ def _summary(manifest: dict[str, Any]) -> list[str]:
         f"params {model['params_dense']:,} → {model['params']:,}",
     ]
     lines += _sparsity(manifest)
+    if emulation_line(manifest):
+        lines.append(f"- **{_escape(emulation_line(manifest))}**")
     if speedup:
         device = _escape(manifest["benchmark_device"])
         lines.append(f"- measured speed-up of {primary} over the dense fp32 export on {device}: {speedup:.2f}×")
@@ -91,6 +94,43 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
             f"| {_num(bench.get('peak_rss_mb'))} | {_num(bench.get('model_memory_mb'))} |"
         )
     return lines + [""] + benchmark_caveats(manifest)
+
+
+def emulation_line(manifest: dict[str, Any]) -> str | None:
+    """What the report says when the benchmark device was emulated (None when it was not)."""
+    emulated = manifest.get("benchmark_emulated")
+    if not emulated:
+        return None
+    return (
+        f"benchmark device {manifest['benchmark_device']} is emulated ({emulated}): its timings are not representative of "
+        "the device and feed no speed-up and no latency or speed-up budget"
+    )
+
+
+DEVICE_PARITY_HEADER = ["file", "device", "machine", "CPU", "runtime", "top-1 agree", "max abs err", "samples", "emulated"]
+
+
+def device_parity_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """One row per artefact and device its parity was measured on (the device's own runtime against PyTorch)."""
+    rows = []
+    for entry in manifest["artifacts"].values():
+        for device, run in entry.get("parity_on_device", {}).items():
+            if "skipped" in run:
+                rows.append([entry["file"], device, "-", "-", "-", "-", "-", "-", f"skipped: {run['skipped']}"])
+                continue
+            runtime = f"{run.get('runtime')} {run.get('runtime_version')}"
+            where = [entry["file"], device, str(run.get("machine")), str(run.get("cpu_model")), runtime]
+            figures = [_num(run["top1_agreement"]), _num(run["max_abs_error"]), str(run["samples"])]
+            rows.append([*where, *figures, "yes" if run.get("emulated") else "no"])
+    return rows
+
+
+def _device_parity(manifest: dict[str, Any]) -> list[str]:
+    rows = device_parity_rows(manifest)
+    if not rows:
+        return []
+    lines = ["## Parity on the device", "", "| " + " | ".join(DEVICE_PARITY_HEADER) + " |", "|---|---|---|---|---|---:|---:|---:|---|"]
+    return lines + ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows] + [""]
 
 
 def benchmark_caveats(manifest: dict[str, Any]) -> list[str]:
@@ -227,9 +267,10 @@ def _channels(manifest: dict[str, Any]) -> list[str]:
 
 def _budgets(manifest: dict[str, Any]) -> list[str]:
     budgets = manifest.get("budgets", {})
+    unchecked = [f"- {_escape(line)}" for line in budgets.get("unchecked", [])]
     if not budgets.get("violations"):
-        return ["## Budgets", "", "All budgets met.", ""]
-    return ["## Budgets", ""] + [f"- **{v['kind']}**: {_escape(v['message'])}" for v in budgets["violations"]] + [""]
+        return ["## Budgets", "", "All checked budgets met.", *unchecked, ""] if unchecked else ["## Budgets", "", "All budgets met.", ""]
+    return ["## Budgets", ""] + [f"- **{v['kind']}**: {_escape(v['message'])}" for v in budgets["violations"]] + unchecked + [""]
 
 
 def summary_table(manifests: list[dict[str, Any]], failures: dict[str, str] | None = None) -> str:

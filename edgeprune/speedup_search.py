@@ -115,8 +115,15 @@ class LatencyProbe:
         return path
 
     def p50_ms(self, path: Path, repeats: int = 1) -> float:
-        """Median latency (ms) over ``repeats`` fresh processes (DeviceError on failure)."""
-        return benchmark(path, self.device, dataclasses.replace(self.settings, repeats=repeats)).latency_p50_ms
+        """Median latency (ms) over ``repeats`` fresh processes (DeviceError on failure; ConfigError on an emulated
+        device, whose timings say nothing about the device's: the search stops at its first measurement)."""
+        result = benchmark(path, self.device, dataclasses.replace(self.settings, repeats=repeats))
+        if result.emulated:
+            raise ConfigError(
+                f"prune.speedup measures speed on {self.device}, which is emulated ({result.emulated}): emulated timings say "
+                "nothing about the real device; set benchmark.device to the real board (or local), or prune.amount instead"
+            )
+        return result.latency_p50_ms
 
     def compare(self, dense: Path, candidate: Path) -> list[tuple[float, float]] | None:
         """``rounds`` (dense p50, candidate p50) pairs, each from one process timing both in alternation, where the

@@ -12,7 +12,14 @@ the device) and the adapters import onnxruntime / ai-edge-litert only when they 
 from edgeprune.runtimes import adb, gpu, local, ssh  # noqa: F401
 from edgeprune.runtimes.base import BenchResult, BenchSettings, RuntimeAdapter
 from edgeprune.runtimes.benchmark_model_output import parse_benchmark_model_output
-from edgeprune.runtimes.benchmarking import benchmark, benchmark_many, benchmark_pair, paired_speedup
+from edgeprune.runtimes.benchmarking import (
+    benchmark,
+    benchmark_many,
+    benchmark_pair,
+    device_computes_outputs,
+    device_outputs,
+    paired_speedup,
+)
 from edgeprune.runtimes.registry import open_adapter
 
 __all__ = [
@@ -22,6 +29,8 @@ __all__ = [
     "benchmark",
     "benchmark_many",
     "benchmark_pair",
+    "device_computes_outputs",
+    "device_outputs",
     "open_adapter",
     "paired_speedup",
     "parse_benchmark_model_output",

@@ -106,7 +106,7 @@ _RUNNER_NUMBERS = (  # latency_mean_ms is required, the others may be absent or 
     "iterations",
     "threads",
 )
-_RUNNER_TEXTS = ("python_version", "platform", "machine", "cpu_model")
+_RUNNER_TEXTS = ("python_version", "platform", "machine", "cpu_model", "emulated")
 
 
 def _checked_runner_json(run: object, where: str) -> dict:
@@ -176,7 +176,8 @@ class BenchResult:
     When more repeats were taken because the first spread more than the settings allow, the figures
     come from the ``kept`` repeats whose p50s lie closest together (``repeats_taken`` in all);
     ``noisy`` says the spread stayed above the limit. ``threads_requested`` is the thread count asked
-    for when the host ran fewer (``threads``), else None.
+    for when the host ran fewer (``threads``), else None. ``emulated`` says how the device was emulated (qemu-user,
+    say) where it was: its timings then say nothing about the real device's speed.
     """
 
     device: str
@@ -211,6 +212,7 @@ class BenchResult:
     repeats_taken: int = 0
     max_spread_pct: float = 0.0
     noisy: bool = False
+    emulated: str | None = None
 
     @classmethod
     def from_runner_json(
@@ -266,6 +268,7 @@ class BenchResult:
             repeats_taken=len(taken),
             max_spread_pct=max_spread_pct,
             noisy=0 < max_spread_pct < spread,
+            emulated=first.get("emulated"),
         )
 
     def to_dict(self) -> dict:

@@ -10,6 +10,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from edgeprune.errors import DeviceError
 from edgeprune.runtimes.base import BenchResult, BenchSettings
@@ -41,14 +42,36 @@ def benchmark_pair(
 
     Raises DeviceError like ``benchmark``.
     """
+    return _on_device(device, settings, "compare", Path(baseline), Path(artifact), settings)
+
+
+def _on_device(device: str, settings: BenchSettings, method: str, *args: object) -> Any:
+    """The adapter's ``method(*args)`` under the device's lock, the device cleaned up after; None where the adapter
+    has no such method."""
     adapter = open_adapter(device, settings)
-    if not hasattr(adapter, "compare"):
+    if not hasattr(adapter, method):
         return None
     with device_lock(device):
         try:
-            return adapter.compare(Path(baseline), Path(artifact), settings)
+            return getattr(adapter, method)(*args)
         finally:
             adapter.cleanup()
+
+
+def device_computes_outputs(device: str) -> bool:
+    """Whether ``device``'s adapter runs artefacts on samples and returns their outputs (a remote device does;
+    this machine's parity runs in process). Raises DeviceError for an unknown or malformed device."""
+    return hasattr(open_adapter(device), "outputs")
+
+
+def device_outputs(artifact: Path, samples: Path, device: str, local_dir: Path, settings: BenchSettings = BenchSettings()) -> dict | None:
+    """The artefact's first outputs on each of ``samples`` (.npy) computed on ``device``: the runner's JSON with
+    ``outputs_path``, a ``.npy`` in ``local_dir``; None where the device is this machine (parity already ran here)
+    or its adapter cannot return outputs. The device's temporary files are removed whatever happens.
+
+    Raises DeviceError like ``benchmark``.
+    """
+    return _on_device(device, settings, "outputs", Path(artifact), Path(samples), Path(local_dir), settings)
 
 
 def paired_speedup(pairs: Sequence[tuple[float, float]]) -> float:

@@ -23,8 +23,11 @@ def memory_text(bench: dict[str, Any]) -> str:
 
 
 def caveats(bench: dict[str, Any]) -> list[str]:
-    """What a reader should know before trusting the figures: fewer threads than asked, a spread that stayed high."""
+    """What a reader should know before trusting the figures: an emulated device, fewer threads than asked, a spread
+    that stayed high."""
     notes = []
+    if bench.get("emulated"):
+        notes.append(f"EMULATED ({bench['emulated']}): these timings say nothing about the real device's speed")
     if bench.get("threads_requested"):
         ran = bench.get("threads")
         notes.append(f"ran {ran} threads, not the {bench['threads_requested']} asked: the host has {ran} cores")
@@ -41,6 +44,13 @@ def latency_text(bench: dict[str, Any]) -> str:
     names = ("p50", "p90", "p99")
     values = [(name, bench.get(f"latency_{name}_ms")) for name in names]
     return ", ".join(f"{name} {value:.3f} ms" for name, value in values if value is not None)
+
+
+def device_text(bench: dict[str, Any]) -> str:
+    """``aarch64, Cortex-A76, Python 3.11.2, ai-edge-litert 2.3.0``: what ran the artefact, as the device reported it."""
+    parts = [bench.get("machine"), bench.get("cpu_model"), bench.get("python_version") and f"Python {bench['python_version']}"]
+    parts.append(f"{bench.get('runtime')} {bench.get('runtime_version')}")
+    return ", ".join(str(part) for part in parts if part)
 
 
 def bench_line(bench: dict[str, Any]) -> str:

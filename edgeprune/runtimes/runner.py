@@ -9,6 +9,7 @@ imports) so it can be copied alone to a Raspberry Pi, a phone or a remote server
     python3 runner.py --model model.onnx --providers CUDAExecutionProvider,CPUExecutionProvider
     python3 runner.py --model pruned.onnx --baseline dense.onnx --iterations 500
     python3 runner.py --model model.pte --threads 4       # ExecuTorch (pip install executorch)
+    python3 runner.py --model model.tflite --samples images.npy --outputs logits.npy   # outputs, for parity
 
 Stdout carries exactly one JSON object (anything the runtimes print to stdout is
 redirected to stderr). Times are milliseconds, memory is MiB. On any failure the
@@ -99,7 +100,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--input", default=None, help=".npy (one input) or .npz (by name)")
     parser.add_argument("--shape", action="append", default=[], metavar="INPUT=1,3,224,224", help="an input's shape (repeatable)")
     parser.add_argument("--baseline", default=None, help="a second .onnx/.tflite/.pte timed in alternation with --model")
+    parser.add_argument("--samples", default=None, help=".npy of samples for the first input: save their outputs, time nothing")
+    parser.add_argument("--outputs", default=None, help="where --samples' first outputs go (.npy, float32)")
     args = parser.parse_args(argv)
+    if bool(args.samples) != bool(args.outputs):
+        raise RunnerError("--samples and --outputs go together")
     if args.threads < 1 or args.warmup < 0 or args.iterations < 1 or args.min_seconds < 0:
         raise RunnerError("need --threads >= 1, --warmup >= 0, --iterations >= 1, --min-seconds >= 0")
     return args
@@ -170,23 +175,62 @@ def _difference(after: float | None, before: float | None) -> float | None:
     return after - before if after is not None and before is not None else None
 
 
-def cpu_model() -> str:
-    """Human CPU name from /proc/cpuinfo (x86, Arm boards, RISC-V) or platform."""
-    keys = ("model name", "hardware", "model", "uarch", "cpu model", "isa")
+_ARM_CORES = {  # /proc/cpuinfo "CPU part" of Arm Ltd. ("CPU implementer" 0x41) cores: arm64 kernels print no CPU name
+    "0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76", "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77",
+    "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78", "0xd44": "Cortex-X1", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710",
+    "0xd48": "Cortex-X2", "0xd49": "Neoverse-N2", "0xd4d": "Cortex-A715", "0xd4e": "Cortex-X3",
+}  # fmt: skip
+_ARCH_FAMILIES = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "x86", "aarch64": "arm", "arm64": "arm"}
+
+
+def cpuinfo_fields() -> dict[str, str]:
+    """The first value of each key of /proc/cpuinfo (lower-case keys), empty off Linux."""
     found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 key, sep, value = line.partition(":")
                 key = key.strip().lower()
-                if sep and key in keys and value.strip() and key not in found:
+                if sep and value.strip() and key not in found:
                     found[key] = value.strip()
     except OSError:
         pass
-    for key in keys:
+    return found
+
+
+def cpu_model() -> str:
+    """Human CPU name from /proc/cpuinfo (x86, Arm boards, RISC-V) or platform; an Arm core named from its part
+    number ("Raspberry Pi 5 Model B Rev 1.0 (Cortex-A76)", or "Cortex-A76" where the board names itself nowhere)."""
+    found = cpuinfo_fields()
+    core = _ARM_CORES.get(found.get("cpu part", "")) if found.get("cpu implementer") == "0x41" else None
+    for key in ("model name", "hardware", "model", "uarch", "cpu model", "isa"):
         if key in found:
-            return found[key]
-    return platform.processor() or platform.machine() or "unknown"
+            return f"{found[key]} ({core})" if core and core not in found[key] else found[key]
+    return core or platform.processor() or platform.machine() or "unknown"
+
+
+def _machine_family(machine: str) -> str:
+    machine = machine.lower()
+    return "arm" if machine.startswith("arm") else _ARCH_FAMILIES.get(machine, machine)
+
+
+def emulation() -> str | None:
+    """How this process is emulated, None where nothing says it is. Under user-mode emulation (qemu-user through
+    binfmt_misc) uname names the guest's machine while the kernel's own sysctl (/proc/sys/kernel/arch) names the
+    host's, and an unbound /proc/cpuinfo describes the host's CPU. Timings taken so say nothing about the device."""
+    machine = platform.machine()
+    try:
+        with open("/proc/sys/kernel/arch") as arch:
+            kernel = arch.read().strip()
+    except OSError:
+        kernel = ""
+    if kernel and _machine_family(kernel) != _machine_family(machine):
+        return f"user-mode emulation: a {machine} process on a {kernel} kernel"
+    found = cpuinfo_fields()
+    if _machine_family(machine) != "x86" and "vendor_id" in found and "flags" in found:
+        return f"user-mode emulation: a {machine} process on an x86 CPU ({found['vendor_id']})"
+    return None
 
 
 def cpu_affinity() -> list[int] | None:
@@ -205,6 +249,7 @@ def host_facts() -> dict:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": cpu_affinity(),
+        "emulated": emulation(),
     }
 
 
@@ -222,6 +267,7 @@ class OpenedModel(NamedTuple):
     runtime_memory: tuple = (None, "")
     guessed: tuple = ()
     shapes: dict = {}
+    predict: object = None
 
 
 def random_input(shape: list[int], dtype: type, rng: np.random.Generator) -> np.ndarray:
@@ -351,8 +397,12 @@ def open_onnx(args: argparse.Namespace, ort) -> tuple:
     def run_once() -> None:
         session.run(None, feeds)
 
+    def predict(samples: np.ndarray) -> np.ndarray:
+        first = specs[0]
+        return session.run([session.get_outputs()[0].name], {**feeds, first[0]: samples.astype(first[2])})[0].astype(np.float32)
+
     # onnxruntime reports no memory figure of its own through its Python API.
-    return OpenedModel(run_once, used, guessed=guessed, shapes=shapes)
+    return OpenedModel(run_once, used, guessed=guessed, shapes=shapes, predict=predict)
 
 
 def paired_thread_pool(ort, threads: int) -> str:
@@ -447,9 +497,35 @@ def open_tflite(args: argparse.Namespace, module) -> OpenedModel:
             interpreter.set_tensor(index, value)
         interpreter.invoke()
 
+    def predict(samples: np.ndarray) -> np.ndarray:
+        first, output = details[0], interpreter.get_output_details()[0]
+        interpreter.set_tensor(first["index"], quantized(samples, first))
+        for index, value in indexed[1:]:
+            interpreter.set_tensor(index, value)
+        interpreter.invoke()
+        return dequantized(interpreter.get_tensor(output["index"]), output)
+
     delegates = ["builtin"] if args.no_xnnpack else ["xnnpack"]
     memory = (tflite_tensor_mb(interpreter), "sum of the interpreter's tensor sizes")
-    return OpenedModel(run_once, delegates, memory, guessed, {name: shape for name, shape, _ in specs})
+    return OpenedModel(run_once, delegates, memory, guessed, {name: shape for name, shape, _ in specs}, predict)
+
+
+def quantized(samples: np.ndarray, detail: dict) -> np.ndarray:
+    """Float samples as the tensor type a TFLite input wants (int8/uint8 through its scale and zero-point)."""
+    dtype = np.dtype(detail["dtype"])
+    scale, zero_point = detail["quantization"]
+    if np.issubdtype(dtype, np.floating) or not scale:
+        return samples.astype(dtype)
+    info = np.iinfo(dtype)
+    return np.clip(np.round(samples / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
+def dequantized(values: np.ndarray, detail: dict) -> np.ndarray:
+    """A TFLite output as float32 (int8/uint8 through its scale and zero-point)."""
+    scale, zero_point = detail["quantization"]
+    if np.issubdtype(np.dtype(detail["dtype"]), np.floating) or not scale:
+        return values.astype(np.float32)
+    return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
 def tflite_tensor_mb(interpreter) -> float | None:
@@ -501,8 +577,12 @@ def open_pte(args: argparse.Namespace, runtime) -> OpenedModel:
     def run_once() -> None:
         method.execute(tensors)
 
+    def predict(samples: np.ndarray) -> np.ndarray:
+        first = torch.from_numpy(np.ascontiguousarray(samples.astype(dtypes["input_0"])))
+        return method.execute([first, *tensors[1:]])[0].detach().numpy().astype(np.float32)
+
     backends = pte_backends(args.model, runtime.Runtime.get().backend_registry.registered_backend_names)
-    return OpenedModel(run_once, backends, guessed=guessed, shapes=shapes)
+    return OpenedModel(run_once, backends, guessed=guessed, shapes=shapes, predict=predict)
 
 
 def pte_backends(path: str, registered: list[str]) -> list[str]:
@@ -647,13 +727,54 @@ def benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
+def in_layout(samples: np.ndarray, shape: list[int]) -> tuple[np.ndarray, str]:
+    """``samples`` (N, ...) as the model's first input takes them: as given, or NCHW images moved to channels-last."""
+    if list(samples.shape[1:]) == list(shape):
+        return samples, "as given"
+    if samples.ndim == 4 and [samples.shape[2], samples.shape[3], samples.shape[1]] == list(shape):
+        return samples.transpose(0, 2, 3, 1), "NCHW samples fed channels-last"
+    given = list(samples.shape[1:])
+    raise RunnerError(f"samples of shape {given} fit neither the model's input {list(shape)} nor their channels-last order")
+
+
+def predictions(args: argparse.Namespace) -> dict:
+    """Feed each of ``--samples`` to the model (one batch of its first input's size at a time, the last one padded),
+    save the first output of each to ``--outputs`` as float32, and describe the run; nothing is timed but the whole."""
+    if np is None:
+        raise RunnerError("numpy is not installed for this Python: pip install numpy")
+    import_runtime, open_runtime = runtime_for(args.model)
+    module, runtime_facts = import_runtime()
+    opened = open_runtime(args, module)
+    shape = list(opened.shapes.values())[0]
+    samples, layout = in_layout(np.load(args.samples), shape[1:])
+    start, outputs = time.perf_counter_ns(), []
+    for index in range(0, len(samples), shape[0]):
+        chunk = samples[index : index + shape[0]]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], shape[0] - len(chunk), axis=0)]) if len(chunk) < shape[0] else chunk
+        outputs.append(np.asarray(opened.predict(padded))[: len(chunk)])
+    logits = np.concatenate(outputs).astype(np.float32)
+    np.save(args.outputs, logits)
+    return {
+        "outputs": os.path.basename(args.outputs),
+        "samples": int(len(samples)),
+        "output_shape": list(logits.shape),
+        "layout": layout,
+        "seconds": (time.perf_counter_ns() - start) / 1e9,
+        "model": os.path.basename(args.model),
+        **runtime_facts,
+        "providers": opened.providers,
+        **host_facts(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: print one JSON object on the real stdout; 0 on success, 2 on error."""
     sys.stdout.flush()
     real_stdout = os.dup(1)
     os.dup2(2, 1)  # native runtime chatter must not corrupt the JSON on stdout
     try:
-        result = benchmark(parse_args(sys.argv[1:] if argv is None else argv))
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        result = predictions(args) if args.samples else benchmark(args)
         code = 0
     except Exception as error:  # every failure becomes one JSON line
         message = one_line(str(error) if isinstance(error, RunnerError) else f"{type(error).__name__}: {error}")

@@ -8,9 +8,12 @@ edgeprune's own known_hosts file, not the user's. Options in the query string:
                  onnxruntime, ai-edge-litert/tflite-runtime, or the executorch wheel (.pte)
 ``key``          a private key file (default: ssh's own choice / agent)
 ``known_hosts``  the known_hosts file to use (default ``~/.cache/edgeprune/known_hosts``)
+``emulated``     ``yes`` / ``no``: whether the host is emulated (qemu, say), where the runner's own detection
+                 (``emulated`` in its JSON) is wrong; an emulated device's timings are marked not representative
 
 Each benchmark copies the artefact and ``runner.py`` into a ``mktemp -d`` directory,
-runs one remote process per repeat and removes the directory in ``cleanup``.
+runs one remote process per repeat and removes the directory in ``cleanup``. ``outputs`` copies a
+``.npy`` of samples there too and copies the artefact's outputs on them back (parity on the device).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ _PERMANENT = re.compile(
     r"|could not resolve hostname",
     re.IGNORECASE,
 )
+_DISK_FULL = re.compile(r"no space left on device|disk quota exceeded", re.IGNORECASE)
+_HOST_KEY = re.compile(r"host key verification failed|identification has changed", re.IGNORECASE)
 _SAFE_REMOTE_DIR = re.compile(r"^/[A-Za-z0-9._/-]+$")
 
 
@@ -96,10 +101,18 @@ class SshTarget:
     def scp_argv(self, local_files: list[Path], remote_dir: str) -> list[str]:
         return ["scp", "-q", *self.options(), "-P", str(self.port), *map(str, local_files), f"{self.destination()}:{remote_dir}/"]
 
+    def fetch_argv(self, remote_file: str, local_file: Path) -> list[str]:
+        return ["scp", "-q", *self.options(), "-P", str(self.port), f"{self.destination()}:{remote_file}", str(local_file)]
+
 
 def _connection_failure(completed: subprocess.CompletedProcess[str], what: str) -> DeviceError:
-    """A dropped or refused connection is transient; bad keys or host keys are not."""
+    """A dropped or refused connection is transient; bad keys, host keys or a full disk are not."""
     detail = stderr_tail(completed.stderr)
+    if _DISK_FULL.search(completed.stderr):
+        return DeviceError(f"{what}: the device's disk is full ({detail}): free space in its temp folder")
+    if _HOST_KEY.search(completed.stderr):
+        return DeviceError(f"{what}: the device's host key is not the one known for it ({detail}): if the device was "
+                           "reinstalled, remove its old key with ssh-keygen -R from the known_hosts file")  # fmt: skip
     error_class = DeviceError if _PERMANENT.search(completed.stderr) else TransientDeviceError
     return error_class(f"{what}: {detail}")
 
@@ -107,9 +120,12 @@ def _connection_failure(completed: subprocess.CompletedProcess[str], what: str) 
 class SshAdapter:
     """Benchmarks on one SSH host; ``remote_dir`` is the temp dir while prepared."""
 
-    def __init__(self, target: SshTarget, settings: BenchSettings = BenchSettings(), device: str = "") -> None:
+    def __init__(
+        self, target: SshTarget, settings: BenchSettings = BenchSettings(), device: str = "", emulated: bool | None = None
+    ) -> None:
         self.target = target
         self.settings = settings
+        self.emulated = emulated  # None: the runner's own detection
         self.name = device or f"ssh://{target.label}"
         self.remote_dir: str | None = None
         self._prepared_artifact: Path | None = None
@@ -134,8 +150,24 @@ class SshAdapter:
     def _copy(self, files: list[Path], remote_dir: str) -> None:
         what = self._stage("copy " + ", ".join(f.name for f in files))
         completed = run_command(self.target.scp_argv(files, remote_dir), self.settings.timeout_s, what)
-        if completed.returncode != 0:
-            raise _connection_failure(completed, what)
+        if completed.returncode == 0:
+            return
+        free_kib = self._free_kib(remote_dir) if completed.returncode != SSH_CONNECTION_FAILED else None
+        needed_kib = sum(f.stat().st_size for f in files) / 1024
+        if free_kib is not None and free_kib < needed_kib:
+            raise DeviceError(
+                f"{what}: the device's disk is full ({free_kib} KiB free in {remote_dir}, {needed_kib:.0f} KiB needed): free space there"
+            )
+        raise _connection_failure(completed, what)
+
+    def _free_kib(self, remote_dir: str) -> int | None:
+        """KiB free in ``remote_dir`` on the host (POSIX ``df -Pk``), None where that cannot be read: the sftp
+        protocol of today's scp reports a full disk as a bare "Failure"."""
+        try:
+            completed = self._ssh(f"df -Pk -- {shlex.quote(remote_dir)}", min(self.settings.timeout_s, 30.0), self._stage("df"))
+            return int(completed.stdout.strip().splitlines()[-1].split()[3])
+        except (DeviceError, IndexError, ValueError):
+            return None
 
     def prepare(self, artifact: Path) -> None:
         """Make the remote temp dir and copy the artefact and runner.py into it.
@@ -156,12 +188,38 @@ class SshAdapter:
         self._prepared_artifact = artifact
 
     def _run_once(self, artifact: Path, settings: BenchSettings, what: str) -> dict:
-        remote_model = f"{self.remote_dir}/{artifact.name}"
-        argv = [self.target.python, f"{self.remote_dir}/{RUNNER_PATH.name}", *settings.runner_args(remote_model)]
+        return self._runner(settings.runner_args(f"{self.remote_dir}/{artifact.name}"), settings, what)
+
+    def _runner(self, runner_args: list[str], settings: BenchSettings, what: str) -> dict:
+        argv = [self.target.python, f"{self.remote_dir}/{RUNNER_PATH.name}", *runner_args]
         completed = self._ssh(shlex.join(argv), settings.timeout_s, what)
         if completed.returncode == 127:  # the shell's "command not found"
             raise DeviceError(f"{what}: {self.target.python!r} not found on the host; pass ?python=/path/to/python3")
-        return parse_runner_stdout(completed, what)
+        result = parse_runner_stdout(completed, what)
+        if self.emulated is not None:
+            result["emulated"] = f"declared by the device URL ({self.name})" if self.emulated else None
+        return result
+
+    def outputs(self, artifact: Path, samples: Path, local_dir: Path, settings: BenchSettings) -> dict:
+        """Run ``artifact`` on each sample of ``samples`` (.npy) on the host; its first outputs are copied back to
+        ``local_dir/outputs.npy`` (``outputs_path``), with the runner's JSON (runtime, machine, emulation).
+
+        Raises:
+            DeviceError: naming the host and the stage (copy, run, fetch) that failed.
+        """
+        self.prepare(artifact)
+        remote_dir = self.remote_dir
+        with_retries(partial(self._copy, [samples], remote_dir), settings.retries, self._stage("copy samples"))
+        args = [*settings.runner_args(f"{remote_dir}/{artifact.name}"), "--samples", f"{remote_dir}/{samples.name}"]
+        what = self._stage(f"outputs of {artifact.name} on {samples.name}")
+        result = with_retries(
+            partial(self._runner, [*args, "--outputs", f"{remote_dir}/outputs.npy"], settings, what), settings.retries, what
+        )
+        local_file = local_dir / "outputs.npy"
+        completed = run_command(self.target.fetch_argv(f"{remote_dir}/outputs.npy", local_file), settings.timeout_s, what)
+        if completed.returncode != 0:
+            raise _connection_failure(completed, f"{what}: copy back")
+        return {**result, "outputs_path": str(local_file)}
 
     def run(self, artifact: Path, settings: BenchSettings) -> BenchResult:
         """One remote runner process per repeat, each retried after a dropped connection.
@@ -192,7 +250,7 @@ def open_ssh(url: DeviceUrl, settings: BenchSettings) -> SshAdapter:
     """``ssh://[user@]host[:port][?python=...&key=...&known_hosts=...]``."""
     if not url.host:
         raise DeviceError(f"device {url.text!r}: no host; use ssh://user@host[:port]")
-    url.check_options(("python", "key", "known_hosts"))
+    url.check_options(("python", "key", "known_hosts", "emulated"))
     key = url.options.get("key")
     if key and not Path(key).expanduser().is_file():
         raise DeviceError(f"device {url.text!r}: key file {key} not found")
@@ -206,4 +264,15 @@ def open_ssh(url: DeviceUrl, settings: BenchSettings) -> SshAdapter:
         known_hosts=Path(known_hosts).expanduser() if known_hosts else None,
         connect_timeout_s=max(1, min(10, int(settings.timeout_s))),
     )
-    return SshAdapter(target, settings, url.text)
+    return SshAdapter(target, settings, url.text, declared_emulation(url))
+
+
+def declared_emulation(url: DeviceUrl) -> bool | None:
+    """The URL's ``emulated=yes|no`` (None when absent). Raises DeviceError for another value."""
+    value = url.options.get("emulated")
+    if value is None:
+        return None
+    answers = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
+    if value.lower() not in answers:
+        raise DeviceError(f"device {url.text!r}: emulated={value!r}; use emulated=yes or emulated=no")
+    return answers[value.lower()]

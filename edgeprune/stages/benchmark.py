@@ -7,6 +7,9 @@ artefacts in one process (the local device), each artefact's speed-up comes from
 ``benchmark.repeats`` such processes timing it and the dense export in alternation
 (the median of their ratios): separate processes on a shared machine can differ by
 tens of percent for the same file. ``speedup_method`` in the metrics says which.
+
+On a remote device each shipped artefact's parity is also measured there (``edgeprune.device_parity``):
+``parity_on_device`` in the metrics. An emulated device's timings (``emulated``) feed no speed-up.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 from edgeprune.config import BuildConfig
+from edgeprune.device_parity import parity_on_device
 from edgeprune.errors import DeviceError
-from edgeprune.runtimes import BenchSettings, benchmark, benchmark_pair, paired_speedup
+from edgeprune.runtimes import BenchSettings, benchmark, benchmark_pair, device_computes_outputs, paired_speedup
 from edgeprune.stages.base import StageContext, StageOutput
+from edgeprune.stages.common import read_model
+from edgeprune.training import predict_logits
 
 EXPORTED = (
     "onnx_fp32", "onnx_int8", "onnx_fp16", "onnx_fp32_dense", "tflite_fp32", "tflite_int8", "tflite_fp32_dense",
@@ -26,9 +32,9 @@ EXPORTED = (
 
 class Benchmark:
     name = "benchmark"
-    version = "5"  # 5: the measuring process's own peak memory, threads within the host's cores, repeats until steady
-    sections = ("benchmark",)
-    consumes = EXPORTED
+    version = "6"  # 6: parity on a remote device, emulated devices' timings feed no speed-up
+    sections = ("benchmark", "parity")
+    consumes = ("model", *EXPORTED)
     trains = False
 
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
@@ -56,10 +62,36 @@ class Benchmark:
                     raise
                 context.reporter.warn(f"benchmark of {name} on {config.device} skipped: {error}")
                 results[name] = {"skipped": str(error)}
-        paired = paired_speedups(context, settings, [name for name in present if "skipped" not in results[name]])
+        measured = [name for name in present if "skipped" not in results[name]]
+        paired = paired_speedups(context, settings, measured)
         metrics = {"device": config.device, "results": results, "speedups": {**speedups(results), **paired}}
         metrics["speedup_method"] = "paired in one process" if paired else "separate processes"
+        emulated = next((result["emulated"] for result in results.values() if result.get("emulated")), None)
+        if emulated:  # an emulator's speed says nothing about the device's: no speed-up, no budget reads these
+            metrics.update(emulated=emulated, speedups={}, speedup_method=f"none: {config.device} is emulated")
+        on_device = parity_on_board(context, settings, [name for name in measured if not name.endswith("_dense")])
+        if on_device:
+            metrics["parity_on_device"] = on_device
         return StageOutput([], metrics)
+
+
+def parity_on_board(context: StageContext, settings: BenchSettings, names: list[str]) -> dict[str, Any]:
+    """Each artefact's parity against the PyTorch model, run by the remote device's runtime (empty for this machine)."""
+    config = context.config
+    if not names or "model" not in context.inputs or not device_computes_outputs(config.benchmark.device):
+        return {}
+    images = context.dataset.x_test[: config.parity.samples]
+    samples = (images, predict_logits(read_model(context), images), context.dataset.y_test[: len(images)])
+    reports: dict[str, Any] = {}
+    for name in context.reporter.track(names, len(names), f"parity on {config.benchmark.device}"):
+        try:
+            reports[name] = parity_on_device(name, context.inputs[name].path, config.benchmark.device, samples, config.parity, settings)
+        except DeviceError as error:
+            if config.benchmark.required:
+                raise
+            context.reporter.warn(f"parity of {name} on {config.benchmark.device} skipped: {error}")
+            reports[name] = {"skipped": str(error)}
+    return reports
 
 
 def paired_speedups(context: StageContext, settings: BenchSettings, present: list[str]) -> dict[str, float]:
