@@ -110,6 +110,9 @@ class ScriptedQuantizer:
     def good(self) -> bool:
         return all(self.calls[-1].get(tensor) in rungs for tensor, rungs in self.fixing.items())
 
+    def half_wrong(self) -> bool:
+        return False
+
     def tensor_errors(self) -> list[TensorError]:
         ranking = [TensorError("act_b", 0.5, layers=("relu_b", "conv_c")), TensorError("act_a", 1.0, layers=("conv_a",)),
                    TensorError("w", 40.0, layers=("gemm",))]  # fmt: skip
@@ -131,6 +134,19 @@ class ScriptedQuantizer:
     def close(self) -> None: ...
 
 
+class HurtingQuantizer(ScriptedQuantizer):
+    """Plain int8 gets half the images wrong; act_b ranks worst but any rung of it gets them all wrong; act_a at int16 fixes it."""
+
+    def __init__(self) -> None:
+        super().__init__({"act_a": {"int16"}})
+
+    def good(self) -> bool:
+        return super().good() and "act_b" not in self.calls[-1]
+
+    def half_wrong(self) -> bool:
+        return not self.good() and "act_b" not in self.calls[-1]
+
+
 @pytest.fixture
 def scripted_logits(monkeypatch):
     """artifact_logits of the scripted artefact: right when the fixing tensors are at a fixing rung, else every label shifted."""
@@ -138,7 +154,10 @@ def scripted_logits(monkeypatch):
     fp32 = np.eye(10, dtype=np.float32)[labels]
 
     def fake_logits(path, images, layout=None):
-        return fp32 if fake_logits.quantizer.good() else np.roll(fp32, 1, axis=1)
+        if fake_logits.quantizer.good():
+            return fp32
+        wrong = np.roll(fp32, 1, axis=1)
+        return np.where(np.arange(len(fp32))[:, None] % 2 == 0, wrong, fp32) if fake_logits.quantizer.half_wrong() else wrong
 
     monkeypatch.setattr(quantize, "artifact_logits", fake_logits)
     return fake_logits, fp32, labels
@@ -160,6 +179,16 @@ def test_the_ladder_picks_16_bit_activations_before_float_where_they_suffice(tmp
     fake_logits.quantizer = quantizer = ScriptedQuantizer({"act_b": {"float"}, "act_a": {"float", "int16"}})
     _, meta = quantize_within_budget("onnx_int8", "onnx_fp32", quantizer, tmp_path / "q.onnx", fp32, fp32, labels, QuantizeConfig())
     assert meta["quant_mix"] == {"act_b": "float", "act_a": "int16"} and meta["budget"]["passed"]
+
+
+def test_a_step_that_only_made_it_worse_is_not_built_on(tmp_path, scripted_logits):
+    fake_logits, fp32, labels = scripted_logits
+    fake_logits.quantizer = quantizer = HurtingQuantizer()
+    _, meta = quantize_within_budget("onnx_int8", "onnx_fp32", quantizer, tmp_path / "q.onnx", fp32, fp32, labels, QuantizeConfig())
+    assert meta["plain_int8"]["accuracy_drop"] == 50.0 and [r["accuracy_drop"] for r in meta["search"]["rounds"][1:4]] == [100.0] * 3
+    # act_b's three rungs all lost more than plain int8: the next step starts from plain int8 again, act_b left out
+    assert quantizer.calls[4:] == [{}, {"act_a": "percentile"}, {"act_a": "int16"}]
+    assert meta["quant_mix"] == {"act_a": "int16"} and meta["budget"]["passed"]
 
 
 def test_a_missed_budget_is_a_verdict_with_the_best_candidate_and_the_time_limit_is_honoured(tmp_path, scripted_logits):

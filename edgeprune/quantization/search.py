@@ -166,9 +166,11 @@ def search(
 ) -> SearchOutcome:
     """Quantize into ``path`` the best mix found (see the module docstring); never raises on a missed budget.
 
-    Each step re-ranks the tensors of the best candidate so far (a fix can move the damage
-    upstream) and adds its worst new ones at each rung. ``hopeless`` is asked once plain int8
-    has missed: a reason there is no point searching (the search stops with it), or None.
+    Each step re-ranks the tensors of the model it builds on (a fix can move the damage upstream) and
+    adds its worst new ones at each rung; the step's best candidate is the next step's base unless it
+    lost more than that base, when those tensors are left as they were and not tried again. ``hopeless``
+    is asked once plain int8 has missed: a reason there is no point searching (the search stops with
+    it), or None.
     """
     run = _Search(quantizer, path, judge, reporter, label)
     plain = run.attempt({})
@@ -212,13 +214,14 @@ class _Search:
         """Steps up the ladder until a candidate passes, the tensors run out, or time does."""
         first_ranking: list[TensorError] = []
         base: dict[str, str] = {}
+        base_drop, tried = self.best.gate.accuracy_drop, set()  # plain int8's drop; tensors whose every rung made it worse
         for size in chunk_sizes(limits.max_tensors):
             if time.monotonic() - self.start >= limits.max_search_seconds:
                 return "time limit", first_ranking
             if self.built != base:
                 self.quantizer.quantize(self.path, base)  # rank the model the step builds on
                 self.built = base
-            ranking = [item for item in rank(self.quantizer, limits) if item.tensor not in base]
+            ranking = [item for item in rank(self.quantizer, limits) if item.tensor not in base and item.tensor not in tried]
             first_ranking = first_ranking or ranking
             if not ranking:
                 return "ladder exhausted", first_ranking
@@ -237,7 +240,10 @@ class _Search:
                     return "budget met", first_ranking
                 if step_best is None or candidate.gate.accuracy_drop <= step_best.gate.accuracy_drop:
                     step_best = candidate  # a tie goes to the higher rung: the cheaper ones did not help
-            base = step_best.mix if step_best is not None else base
+            if step_best is not None and step_best.gate.accuracy_drop <= base_drop:
+                base, base_drop = step_best.mix, step_best.gate.accuracy_drop
+            else:  # every rung of these tensors lost more than the base: the next step builds on the base without them
+                tried.update(item.tensor for item in ranking[:size])
         return "ladder exhausted", first_ranking
 
     def restore_best(self) -> None:
