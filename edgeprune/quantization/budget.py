@@ -134,7 +134,9 @@ def quantize_within_budget(
         logits = artifact_logits(candidate, images, layout=quantizer.layout)
         return logits, judge_logits(fp32_logits, logits, labels, config.max_accuracy_drop, config.min_top1_agreement, config.significance)
 
-    limits = SearchLimits(config.max_search_seconds, config.max_float_layers, refine_candidates=config.refine_candidates)
+    limits = SearchLimits(
+        config.max_search_seconds, config.max_float_layers, refine_candidates=config.refine_candidates, worse_by=config.max_accuracy_drop
+    )
     reporter.info(f"  {name}: quantizing against {fp32_name} (budget: drop <= {config.max_accuracy_drop:g} points)")
     outcome = search(
         quantizer,

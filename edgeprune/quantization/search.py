@@ -98,6 +98,7 @@ class SearchLimits:
     max_float_layers: int = 8  # layers the float rung may leave float
     max_tensors: int = 32  # tensors one candidate may change
     refine_candidates: int = 0  # the top tensors re-ranked by ``MixQuantizer.refine`` (0: off)
+    worse_by: float = 0.5  # top-1 points a step may lose against its base and still be built on (run-to-run noise)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ def search(
 
     Each step re-ranks the tensors of the model it builds on (a fix can move the damage upstream) and
     adds its worst new ones at each rung; the step's best candidate is the next step's base unless it
-    lost more than that base, when those tensors are left as they were and not tried again. ``hopeless``
+    lost more than ``limits.worse_by`` points over that base, when those tensors are left as they were
+    and not tried again. ``hopeless``
     is asked once plain int8 has missed: a reason there is no point searching (the search stops with
     it), or None.
     """
@@ -240,9 +242,9 @@ class _Search:
                     return "budget met", first_ranking
                 if step_best is None or candidate.gate.accuracy_drop <= step_best.gate.accuracy_drop:
                     step_best = candidate  # a tie goes to the higher rung: the cheaper ones did not help
-            if step_best is not None and step_best.gate.accuracy_drop <= base_drop:
+            if step_best is not None and step_best.gate.accuracy_drop <= base_drop + limits.worse_by:
                 base, base_drop = step_best.mix, step_best.gate.accuracy_drop
-            else:  # every rung of these tensors lost more than the base: the next step builds on the base without them
+            else:  # every rung of these tensors lost clearly more than the base: the next step builds on the base without them
                 tried.update(item.tensor for item in ranking[:size])
         return "ladder exhausted", first_ranking
 
