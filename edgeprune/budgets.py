@@ -69,7 +69,7 @@ def check_budgets(budgets: BudgetConfig, manifest: dict[str, Any]) -> list[Viola
             relation = "exceeds" if bound is max else "is below"
             message = f"{what} of {primary} = {value:.3f} {unit} {relation} the budget {limit} {unit}"
             violations.append(Violation(kind, message, key, limit, value))
-    return violations + search_violations(manifest)
+    return violations + search_violations(manifest) + quantization_violations(manifest)
 
 
 def search_violations(manifest: dict[str, Any]) -> list[Violation]:
@@ -81,6 +81,18 @@ def search_violations(manifest: dict[str, Any]) -> list[Violation]:
         if search and not search.get("reached", True):
             found.append(Violation("speedup", search["verdict"], "prune.speedup", search["target"], search["measured_speedup"]))
     return found
+
+
+def quantization_violations(manifest: dict[str, Any]) -> list[Violation]:
+    """An accuracy violation per quantized artefact whose quantization budget was missed (its verdict says why)."""
+    violations = []
+    for name, artifact in manifest["artifacts"].items():
+        budget = artifact.get("budget")
+        if budget and not budget.get("passed", True):
+            message = f"{name}: quantization {budget.get('verdict', 'missed its budget')}"
+            limit, value = budget["max_accuracy_drop"], budget["accuracy_drop"]
+            violations.append(Violation("accuracy", message, "quantize.max_accuracy_drop", limit, value))
+    return violations
 
 
 def unchecked_budgets(budgets: BudgetConfig, manifest: dict[str, Any]) -> list[str]:

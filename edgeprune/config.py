@@ -174,10 +174,14 @@ class QuantizeConfig:
     embeddings) as float16 cast back to float32 at load, where each tensor survives that rounding
     (half the bytes, compute unchanged). ``tflite_io`` is the TFLite model's
     input/output type (``int8``: scale/zero-point in the manifest; ``float``: a Quantize and a
-    Dequantize op at the ends). An int8/dynamic artefact must stay within ``max_accuracy_drop``
-    top-1 points and ``min_top1_agreement`` of its fp32 sibling on the test split; otherwise the
-    layers with the loudest quantization noise are kept in float, at most ``max_float_layers``
-    of them (0 = no fallback: the build fails).
+    Dequantize op at the ends). The accuracy budget: an int8/dynamic artefact may lose at most
+    ``max_accuracy_drop`` top-1 points against its fp32 sibling on the test split, or more while
+    McNemar's paired test (one-sided, level ``significance``; 0 = off) calls the loss noise;
+    ``min_top1_agreement`` > 0 also gates the fraction of identical predictions. When missed, the
+    search (``edgeprune.quantization.search``) tries percentile ranges, 16-bit activations and float
+    layers (at most ``max_float_layers``) on the noisiest tensors for up to ``max_search_seconds``;
+    ``refine_candidates`` re-ranks that many top tensors by their rounding's effect alone on the
+    logits (slower). A budget still missed is written with its verdict and fails the build (exit 10).
     """
 
     scheme: Literal["none", "int8", "fp16", "dynamic"] = "int8"
@@ -188,8 +192,11 @@ class QuantizeConfig:
     float_constants: Literal["float32", "float16"] = "float32"
     tflite_io: Literal["int8", "float"] = "int8"
     max_accuracy_drop: float = field(default=0.5, metadata=_range(0.0, 100.0))
-    min_top1_agreement: float = field(default=0.99, metadata=_range(0.0, 1.0))
+    min_top1_agreement: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    significance: float = field(default=0.05, metadata=_range(0.0, 0.5))
     max_float_layers: int = field(default=8, metadata=_range(0, 10_000))
+    max_search_seconds: float = field(default=300.0, metadata=_range(0.0, 86_400.0))
+    refine_candidates: int = field(default=0, metadata=_range(0, 1_000))
 
 
 @dataclass(frozen=True)

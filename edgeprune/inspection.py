@@ -29,8 +29,8 @@ from edgeprune.export.tflite import litert_failure, try_litert
 from edgeprune.modelio import create_model, load_model, load_weights, save_model
 from edgeprune.progress import Reporter
 from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers, rounded_width
+from edgeprune.quantization.onnx import OnnxQuantizer
 from edgeprune.rounding import allowed_widths, kept_whole_by_rounding
-from edgeprune.stages.quantize import OnnxQuantizer
 
 CONVERSION_TIMEOUT_S = 300.0
 TRIAL_RATIO = 0.5  # the trial prune narrows every movable group to about half its width
@@ -137,7 +137,7 @@ def _int8(_model: nn.Module, _example: torch.Tensor, calibration: np.ndarray, co
     import onnxruntime as ort
 
     quantizer = OnnxQuantizer(folder / "model.onnx", calibration, config.quantize, folder)
-    quantizer.quantize(folder / "model.int8.onnx", ())
+    quantizer.quantize(folder / "model.int8.onnx", {})
     ort.InferenceSession(str(folder / "model.int8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": calibration[:1]})
     graph = onnx.load(str(folder / "model.int8.onnx")).graph
     dequantized = {output for node in graph.node if node.op_type == "DequantizeLinear" for output in node.output}

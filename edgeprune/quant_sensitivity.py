@@ -58,6 +58,18 @@ def sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
     return 200.0 if noise <= 0 else min(200.0, 10 * math.log10(max(float(np.sum(reference**2)), 1e-30) / noise))
 
 
+def channel_sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
+    """The mean over channels (axis 0 of a (channels, values) array) of each channel's SQNR in dB, each held to [-20, 60].
+
+    One SQNR over the whole tensor is ruled by its loudest channel: a 1000x outlier channel
+    kept exact hides every other channel rounded to zero. Per channel, those count.
+    """
+    signal = np.sum(np.square(reference, dtype=np.float64), axis=1)
+    noise = np.sum(np.square(reference.astype(np.float64) - value), axis=1)
+    per_channel = 10 * np.log10(np.maximum(signal, 1e-30) / np.maximum(noise, 1e-30))
+    return float(np.mean(np.clip(np.where(noise > 0, per_channel, 60.0), -20.0, 60.0)))
+
+
 def fake_quantize(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
     """Round ``values`` to the per-tensor integer grid of (scale, zero-point) and back."""
     info = np.iinfo(zero_point.dtype)
@@ -153,7 +165,7 @@ def onnx_tensor_noise(float_path: Path, rounded: dict[str, np.ndarray], images: 
     from onnx import numpy_helper
 
     model = onnx.load(str(float_path))
-    graph, layers = model.graph, _onnx_layers_by_tensor(model.graph)
+    graph, layers = model.graph, onnx_layers_by_tensor(model.graph)
     output = graph.output[0].name
     reference = _run_onnx(model, images)[output]
     weights = {item.name for item in graph.initializer}
@@ -198,7 +210,7 @@ def _fed_from_outside(model, tensor: str):
     return variant
 
 
-def _onnx_layers_by_tensor(graph) -> dict[str, tuple[str, ...]]:
+def onnx_layers_by_tensor(graph) -> dict[str, tuple[str, ...]]:
     touching: dict[str, list[str]] = defaultdict(list)
     for node in graph.node:
         for tensor in [*node.output, *node.input]:
@@ -258,8 +270,8 @@ def _run_rounding(converted: torch.fx.GraphModule, images: np.ndarray, batch: in
 class _OnlyTheseRound(torch.fx.Interpreter):
     """Runs a converted graph with every quantize op outside ``rounding`` (and its dequantize ops) as the identity."""
 
-    def __init__(self, module: torch.fx.GraphModule, rounding: frozenset) -> None:
-        super().__init__(module)
+    def __init__(self, module: torch.fx.GraphModule, rounding: frozenset, keep_values: bool = False) -> None:
+        super().__init__(module, garbage_collect_values=not keep_values)
         self.rounding = rounding
 
     def run_node(self, node: torch.fx.Node):
@@ -297,3 +309,67 @@ def _pt2e_layers(quantize_nodes: list[torch.fx.Node]) -> tuple[str, ...]:
     readers = [reader for node in quantize_nodes for dequantize in node.users for reader in dequantize.users]
     paths = [module_path(node) for node in [producer, *readers] if node.op == "call_function"]
     return tuple(dict.fromkeys(path for path in paths if path))
+
+
+def pt2e_tensor_errors(
+    converted: torch.fx.GraphModule, images: np.ndarray, batch: int = 1
+) -> list[tuple[str, float, float, float, tuple[str, ...]]]:
+    """Two runs of a converted PT2E graph — every tensor rounding, then none — each rounded tensor matched across them.
+
+    Returns (tensor, local SQNR dB: before vs after its own rounding in the quantized run, model SQNR dB
+    and cosine: the quantized run's rounded tensor vs the float run's, layers), worst local SQNR first.
+    """
+    tensors: dict[str, list[torch.fx.Node]] = defaultdict(list)
+    for node in converted.graph.nodes:
+        if _is_quantize(node):
+            tensors[_tensor_name(node.args[0])].append(node)
+    firsts = {name: nodes[0] for name, nodes in tensors.items()}
+    rounding = frozenset(node for nodes in tensors.values() for node in nodes)
+    quantized = _capture(converted, images, batch, rounding, firsts)
+    floating = _capture(converted, images, batch, frozenset(), firsts)
+    rows = []
+    for name, nodes in tensors.items():
+        (before, after), reference = quantized[name], floating[name][0]
+        rows.append(
+            (name, channel_sqnr_db(before, after), channel_sqnr_db(reference, after), cosine(reference, after), _pt2e_layers(nodes))
+        )
+    return sorted(rows, key=lambda row: (row[1], row[0]))
+
+
+def _capture(converted, images, batch, rounding: frozenset, firsts: dict[str, torch.fx.Node]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each named quantize node: the tensor it reads and its dequantized copy over ``images``, as (channels, values).
+
+    Channels are a weight's output channels (axis 0) and a feature map's channels (axis 1 of a rank >= 3
+    activation); any other tensor is one channel. A per-tensor grid set by one loud channel rounds the
+    others away, which only a per-channel SQNR sees.
+    """
+    interpreter = _OnlyTheseRound(converted, rounding, keep_values=True)
+    seen: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            interpreter.run(torch.from_numpy(images[start : start + batch]))
+            for name, node in firsts.items():
+                dequantized = next(iter(node.users), None)
+                after = interpreter.env.get(dequantized, interpreter.env[node]) if dequantized is not None else interpreter.env[node]
+                axis = 0 if node.args[0].op == "get_attr" else 1
+                seen[name].append((_by_channel(interpreter.env[node.args[0]], axis), _by_channel(after, axis)))
+    return {name: (np.concatenate([a for a, _ in pairs], 1), np.concatenate([b for _, b in pairs], 1)) for name, pairs in seen.items()}
+
+
+def _by_channel(value, axis: int) -> np.ndarray:
+    """``value`` as a (channels, values) array: ``axis`` first for weights and feature maps, else one row."""
+    array = _numpy(value)
+    if array.ndim >= (2 if axis == 0 else 3):
+        return np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+    return array.reshape(1, -1)
+
+
+def _numpy(value) -> np.ndarray:
+    return value.detach().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
+
+
+def cosine(reference: np.ndarray, value: np.ndarray) -> float:
+    """Cosine similarity of two tensors, flattened (1.0 when either is all zeros)."""
+    a, b = np.asarray(reference, np.float64).ravel(), np.asarray(value, np.float64).ravel()
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return 1.0 if norm == 0 else float(a @ b / norm)

@@ -146,17 +146,21 @@ QUANTIZATION_HEADER = [
     "top-1 drop (points)",
     "top-1 agreement",
     "budget (drop / agreement)",
+    "verdict",
+    "tensors changed",
     "layers kept float",
-    "size cost KiB",
+    "MACs off int8 %",
+    "size KiB (+ over plain int8)",
     "p50 ms (fp32 parent)",
 ]
 
 
 def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
-    """One row per quantized artefact: the accuracy budget's figures, the layers the fallback kept float and their cost.
+    """One row per quantized artefact: the accuracy budget's figures and verdict, the per-tensor mix and its cost.
 
-    The size cost is what the float layers add to the all-int8 file; the latency is the artefact's measured p50
-    beside its fp32 parent's (the float layers' latency cost is inside it, measured, never estimated).
+    The size is the file's, with what the mix adds to the plain int8 file; MACs off int8 is the share of the model's
+    multiply-accumulates in 16-bit or float layers; the latency is the artefact's measured p50 beside its
+    fp32 parent's (the mix's latency cost is inside it, measured, never estimated).
     """
     artifacts, rows = manifest["artifacts"], []
     for entry in artifacts.values():
@@ -165,7 +169,9 @@ def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
             continue
         parent = artifacts.get(entry.get("parent", ""), {})
         p50, parent_p50 = entry.get("benchmark", {}).get("latency_p50_ms"), parent.get("benchmark", {}).get("latency_p50_ms")
-        layers = entry.get("float_layers", [])
+        layers, mix = entry.get("float_layers", []), entry.get("quant_mix", {})
+        by_rung = {rung: sum(1 for value in mix.values() if value == rung) for rung in dict.fromkeys(mix.values())}
+        off_int8 = entry.get("macs_off_int8", {})
         rows.append(
             [
                 entry["file"],
@@ -173,8 +179,11 @@ def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
                 f"{budget['accuracy_drop']:+.2f}",
                 f"{budget['top1_agreement']:.4f}",
                 f"{budget['max_accuracy_drop']:g} / {budget['min_top1_agreement']:g}",
+                "pass" if budget.get("passed", True) else "MISSED",
+                ", ".join(f"{count} {rung}" for rung, count in by_rung.items()) or "none",
                 ", ".join(layers) if layers else "none",
-                f"{entry.get('float_layers_size_bytes', 0) / 1024:.1f}",
+                " / ".join(f"{rung} {100 * share:.1f}" for rung, share in off_int8.items()) or "-",
+                f"{entry.get('size_bytes', 0) / 1024:.1f} (+{entry.get('float_layers_size_bytes', 0) / 1024:.1f})",
                 f"{_num(p50)} ({_num(parent_p50)})",
             ]
         )
@@ -183,7 +192,10 @@ def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
 
 def _quantization(manifest: dict[str, Any]) -> list[str]:
     return _section(
-        "Quantization accuracy budget", QUANTIZATION_HEADER, "|---|---|---:|---:|---|---|---:|---:|", quantization_rows(manifest)
+        "Quantization accuracy budget",
+        QUANTIZATION_HEADER,
+        "|---|---|---:|---:|---|---|---|---|---|---:|---:|",
+        quantization_rows(manifest),
     )
 
 

@@ -35,7 +35,9 @@ from edgeprune.export.onnx import export_onnx
 from edgeprune.export.tflite import convert_tflite
 from edgeprune.models import create_model, list_models
 from edgeprune.parity import artifact_logits, parity_report
-from edgeprune.stages.quantize import OnnxQuantizer, TfliteQuantizer, quantize_within_budget
+from edgeprune.quantization.budget import quantize_within_budget
+from edgeprune.quantization.onnx import OnnxQuantizer
+from edgeprune.quantization.tflite import TfliteQuantizer
 from edgeprune.training import TrainSettings, predict_logits, train
 
 COLUMNS = ("model", "format", "precision", "converter", "seconds", "max_abs_error", "top1_agreement", "float")
@@ -125,14 +127,21 @@ def quantize(fmt: str, quantizer, folder: Path, images: np.ndarray, labels: np.n
     fp32_logits = artifact_logits(folder / f"fp32.{fmt}", images)
     try:
         _, meta = quantize_within_budget(
-            f"{fmt}_int8", f"{fmt}_fp32", quantizer, folder / f"int8.{fmt}", fp32_logits, images, labels, QuantizeConfig()
+            f"{fmt}_int8",
+            f"{fmt}_fp32",
+            quantizer,
+            folder / f"int8.{fmt}",
+            fp32_logits,
+            images,
+            labels,
+            QuantizeConfig(min_top1_agreement=0.99),
         )
-    except StageError as error:
-        print(f"  {fmt} int8 budget not met: {error}", flush=True)
-        return {"float": "FAILED"}
     finally:
         quantizer.close()
     budget = meta["budget"]
+    if not budget["passed"]:
+        print(f"  {fmt} int8 budget not met: {budget['verdict']}", flush=True)
+        return {"float": "FAILED"}
     return {"float": f"{len(meta['float_layers'])} ({budget['accuracy_drop']:+.2f}/{budget['top1_agreement']:.3f})"}
 
 

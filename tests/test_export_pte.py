@@ -21,8 +21,9 @@ from edgeprune.parity import artifact_logits, parity_report
 from edgeprune.training import TrainSettings, predict_logits, train
 
 pytest.importorskip("executorch")
-from edgeprune.export.executorch import PteQuantizer, export_pte  # noqa: E402 - needs the extra
-from edgeprune.stages.quantize import quantize_within_budget  # noqa: E402
+from edgeprune.export.executorch import export_pte  # noqa: E402 - needs the extra
+from edgeprune.quantization.budget import quantize_within_budget  # noqa: E402
+from edgeprune.quantization.pte import PteQuantizer  # noqa: E402
 
 PARITY_IMAGES = 200
 # A loose budget: this proves the int8 path on briefly trained models, not their accuracy (the float
@@ -66,17 +67,18 @@ def test_layers_kept_float_are_left_out_of_the_quantizer(example_data, tmp_path:
     model = briefly_trained("small_cnn", example_data)
     example, calibration = torch.from_numpy(example_data.x_test[:1].copy()), example_data.calibration_batches(32, seed=0)
     quantizer = PteQuantizer(model, example, calibration, QuantizeConfig())
-    quantizer.quantize(tmp_path / "all.pte", ())
-    all_int8, all_noise = dict(quantizer.delegation), quantizer.tensor_noise()
-    quantizer.quantize(tmp_path / "head.pte", ("head.1",))  # the classifier Linear kept float
-    kept = quantizer.delegation
-    noise = quantizer.tensor_noise()
+    quantizer.quantize(tmp_path / "all.pte", {})
+    all_int8, all_errors = dict(quantizer.delegation), quantizer.tensor_errors()
+    weight = {item.tensor: "float" for item in all_errors if item.layers == ("head.1",)}  # the classifier's weight and output
+    quantizer.quantize(tmp_path / "head.pte", weight)  # its Linear kept float
+    kept, errors, cost = quantizer.delegation, quantizer.tensor_errors(), quantizer.mix_cost(weight)
     quantizer.close()
+    assert "head.1.weight" in weight and cost["float_layers"] == ["head.1"] and 0 < cost["macs_off_int8"]["float"] < 0.1
     float_weights = model.head[1].weight.numel() * 3  # float32 instead of int8: 3 more bytes a weight
     grown = (tmp_path / "head.pte").stat().st_size - (tmp_path / "all.pte").stat().st_size
     assert 0.9 * float_weights < grown < 1.1 * float_weights + 4096
     assert kept["delegated_operators"] < all_int8["delegated_operators"]  # its quantize/dequantize ops are gone
-    assert 0 < len(noise) < len(all_noise)  # its weight is not rounded any more
+    assert 0 < len(errors) < len(all_errors) and not set(weight) & {item.tensor for item in errors}  # its weight is not rounded any more
 
 
 @pytest.mark.slow
