@@ -120,7 +120,7 @@ def quantize_within_budget(
     config: QuantizeConfig,
     reporter: Reporter = SILENT,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Quantize into ``path`` the best per-tensor mix the budget search finds (``edgeprune.quant_search``).
+    """Quantize into ``path`` the best per-tensor mix the budget search finds (``edgeprune.quantization.search``).
 
     ``fp32_logits`` are the fp32 sibling's logits for the test split (``images``, ``labels``).
     Returns the artefact's test-split logits and its meta: ``budget`` (the limits, the gate's

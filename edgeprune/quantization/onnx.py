@@ -1,6 +1,6 @@
 """onnxruntime QDQ quantization with a per-tensor mix, and the two-run tensor ranking.
 
-A mix (``edgeprune.quant_search``) gives tensors a rung: ``percentile`` (an int8 range from the
+A mix (``edgeprune.quantization.search``) gives tensors a rung: ``percentile`` (an int8 range from the
 0.01/99.99 percentiles of the float activations, through ``TensorQuantOverrides`` rmin/rmax),
 ``int16`` (A16W8: ``TensorQuantOverrides`` quant_type QInt16; below opset 21 onnxruntime writes
 com.microsoft Q/DQ ops for those) or ``float`` (the layers reading or writing the tensor go to
