@@ -32,8 +32,10 @@ LOOSE = QuantizeConfig(max_accuracy_drop=5.0, min_top1_agreement=0.9, max_float_
 
 
 def briefly_trained(name: str, data) -> torch.nn.Module:
+    """One epoch on 2000 images: real logit margins. (On 256 images ShuffleNet stays at chance, its logits near-tied, and
+    int8 agreement with such a model measures rounding ties, not the int8 path: 0.715 on one build, 0.9 on another.)"""
     torch.manual_seed(0)
-    return train(create_model(name), data.x_train[:256], data.y_train[:256], TrainSettings(1, 5e-3, 128, 0)).eval()
+    return train(create_model(name), data.x_train[:2000], data.y_train[:2000], TrainSettings(1, 5e-3, 128, 0)).eval()
 
 
 @pytest.mark.slow
