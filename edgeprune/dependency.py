@@ -17,7 +17,11 @@ the permuted channel removed after it, and the op (which reads its sizes from th
 would then permute differently. Such an op is a *channel-mixing barrier*: its edges are cut
 before any group is built, so every walk ends, and each group that reaches a barrier is kept
 whole (never pruned), as are groups not yet built when the budget (``prune.analysis_seconds``)
-runs out. Both are listed, with the reason, as ``KeptWhole``. Groups elsewhere are unchanged:
+runs out. A functional ``pad`` that puts channels in front of the first one (an option-A ResNet shortcut
+padding both sides by a hard-coded count) is a barrier too: Torch-Pruning reads it as elementwise and would
+join the 16-, 32- and 64-channel residual streams into one group whose indices shift at every pad. All are
+listed, with the reason, as ``KeptWhole``.
+Groups elsewhere are unchanged:
 a walk that never reaches a barrier is the same walk with or without the cut, which is why the
 pruner (built later on the uncut graph) computes those groups exactly as analysed here.
 """
@@ -41,6 +45,7 @@ CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm)
 RESHAPES = {"ViewBackward", "ReshapeAliasBackward", "UnsafeViewBackward"}
 PERMUTES = {"PermuteBackward", "TransposeBackward"}
 SHUFFLES = {"PixelShuffleBackward", "PixelUnshuffleBackward", "ChannelShuffleBackward", "NativeChannelShuffleBackward"}
+PADS = {"ConstantPadNdBackward"}
 IMAGE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 NEIGHBOURHOOD = 64  # nodes searched around an op for the conv/BatchNorm that says its dim 1 holds channels
 
@@ -171,6 +176,12 @@ class _GroupBuilder:
         mixing = next((op for dep, _ in group for cut, op in self.barriers.get(dep.target, ()) if cut.is_triggered_by(dep.handler)), None)
         if mixing is not None:
             reason = f"its channels pass through a channel-mixing {mixing}, a permutation no group can follow"
+            if mixing.startswith("pad"):
+                reason = (
+                    f"its channels pass through a {mixing} that puts a hard-coded number of channels in front of them "
+                    "(an option-A shortcut padding both sides): their indices shift there, which the dependency graph "
+                    "reads as elementwise, so no group can follow it"
+                )
             self.kept_whole.append(KeptWhole(name, members, reason))
             return
         normalized = any(isinstance(dep.target.module, CHANNEL_NORMS) for dep, _ in group)
@@ -202,17 +213,18 @@ def _cut_channel_mixing(graph) -> dict[object, list[tuple[object, str]]]:
 
 def channel_mixing(node) -> str | None:
     """``op (in shape → out shape)`` when the graph node is a reshape, permute or shuffle that moves the channel
-    axis of an image tensor (next to a conv or BatchNorm); None otherwise."""
+    axis of an image tensor, or a pad that changes its channel count (next to a conv or BatchNorm); None otherwise."""
     grad_fn = getattr(node, "grad_fn", None)
     if grad_fn is None or isinstance(node.module, nn.Module) and not type(node.module).__module__.startswith("torch_pruning"):
         return None
     op = re.sub(r"\d+$", "", grad_fn.name())
-    if op not in RESHAPES | PERMUTES | SHUFFLES:
+    if op not in RESHAPES | PERMUTES | SHUFFLES | PADS:
         return None
     source, output = _input_shape(grad_fn), _output_shape(grad_fn)
     if source is None or output is None or not _moves_channels(op, grad_fn, source, output) or not _near_image_layers(node):
         return None
-    return f"{op.removesuffix('Backward').lower()} {list(source)} → {list(output)}"
+    word = "pad" if op in PADS else op.removesuffix("Backward").lower()
+    return f"{word} {list(source)} → {list(output)}"
 
 
 def _moves_channels(op: str, grad_fn, source: tuple[int, ...], output: tuple[int, ...]) -> bool:
@@ -220,6 +232,8 @@ def _moves_channels(op: str, grad_fn, source: tuple[int, ...], output: tuple[int
         return False  # (N, L, C) token tensors keep their features last: attention reshapes, handled by Torch-Pruning
     if op in SHUFFLES:
         return True
+    if op in PADS:
+        return _pads_channels_in_front(grad_fn, len(source))
     if op in PERMUTES:
         dims = getattr(grad_fn, "_saved_dims", None)
         if dims is None:
@@ -227,6 +241,15 @@ def _moves_channels(op: str, grad_fn, source: tuple[int, ...], output: tuple[int
         return dims is None or dims[1] != 1
     flatten = len(output) == 2 and output[0] == source[0]  # (N, C, H, W) → (N, C·H·W) into a linear layer
     return source[:2] != output[:2] and not flatten
+
+
+def _pads_channels_in_front(grad_fn, rank: int) -> bool:
+    """A pad that adds (or crops) channels before the first one: every channel index after it shifts. Zeros appended
+    after the last channel keep the indices, which Torch-Pruning's elementwise reading gets right (and the guarded
+    pruning checks); ``F.pad`` lists (before, after) pairs from the last dimension back, dim 1 is pair ``rank - 2``."""
+    pad = getattr(grad_fn, "_saved_pad", None)
+    pair = 2 * (rank - 2)
+    return pad is None or (len(pad) > pair and pad[pair] != 0)
 
 
 def _transposed(grad_fn, rank: int) -> list[int] | None:

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from edgeprune.cli import main
+from edgeprune.config import PruneConfig
 from edgeprune.depth_pruning import residual_blocks
 from edgeprune.modelio import load_weights
+from edgeprune.pruning import layer_groups, protected_layers
 from tests.checkpoint_files import WRITERS
 from tests.conftest import FAST
 from tests.zoo import load_zoo
@@ -63,6 +65,17 @@ def test_option_a_resnet_identity_blocks_are_removable_and_its_padded_ones_are_n
     blocks = residual_blocks(model, torch.randn(4, 1, 28, 28), protected=("conv1", "linear"))
     identity = [f"layer{stage}.{index}" for stage in (1, 2, 3) for index in range(3) if (stage, index) not in {(2, 0), (3, 0)}]
     assert blocks == identity
+
+
+def test_option_a_pad_shortcuts_keep_the_residual_streams_whole_and_say_why():
+    # The shortcut pads planes // 4 channels on both sides: every index shifts, so no group can cross it.
+    model = ZOO["resnet20_a"].factory().eval()
+    analysis = layer_groups(model, torch.randn(1, 1, 28, 28), PruneConfig(), protected_layers(model, (), 10))
+    kept = {item.layer: item for item in analysis.kept_whole}
+    assert sorted(kept) == ["conv1", "layer2.0.conv2", "layer3.0.conv2"]  # the 16-, 32- and 64-channel streams
+    assert set(kept["layer3.0.conv2"].members) == {f"layer3.{i}.{kind}" for i in range(3) for kind in ("conv2", "bn2")}
+    assert "pad [1, 32, 7, 7] → [1, 64, 7, 7] that puts a hard-coded number of channels in front" in kept["layer3.0.conv2"].reason
+    assert sorted(group.name for group in analysis.groups) == [f"layer{s}.{i}.conv1" for s in (1, 2, 3) for i in range(3)]
 
 
 class ZooCheckpoints:
