@@ -136,6 +136,10 @@ def test_every_registered_architecture_quantizes_to_int8_within_parity(name, fmt
     # One epoch leaves small logit margins: 97 % agreement here (the 99 % default is measured on fully
     # trained models by scripts/bench_export_parity.py).
     budget = QuantizeConfig(max_accuracy_drop=0.5, min_top1_agreement=0.97)
+    if fmt == "tflite" and name in LITERT_INT8_BUGS:
+        # The damage is in the converted file, not in the PT2E graph the TFLite search ranks (every tensor there is at
+        # 38-45 dB): the search finds it only by widening its float set, 17 layers on an AVX-512 VNNI host.
+        budget = QuantizeConfig(max_accuracy_drop=0.5, min_top1_agreement=0.97, max_float_layers=24)
     try:  # the quantize stage's search: plain int8, then the ladder on the noisiest tensors until the budget holds
         _, meta = quantize_within_budget(f"{fmt}_int8", f"{fmt}_fp32", quantizer, int8, fp32_logits, images, labels, budget)
     finally:
