@@ -25,7 +25,7 @@ from torch import nn
 
 from edgeprune.depth_pruning import DroppedBlock, drop_blocks, residual_blocks
 from edgeprune.latency_table import LatencyTable, ProfiledRun, block_of, layer_signatures
-from edgeprune.pruning import MAX_RATIO, Guard, guarded_prune, root_channels, verify_pruned_model
+from edgeprune.pruning import MAX_RATIO, Guard, guarded_prune, protected_layers, root_channels, verify_pruned_model
 from edgeprune.rounding import allowed_widths
 from edgeprune.structured_pruning import TAYLOR_SAMPLES, PruningRun
 from edgeprune.training import count_macs_params, evaluate, example_batch, recalibrate_batchnorm
@@ -185,8 +185,14 @@ def next_width(original: int, current: int, round_to: int) -> int:
 
 
 def removable_blocks(run: PruningRun, model: nn.Module | None = None) -> list[str]:
-    """The residual blocks of ``model`` (default ``run.model``) that can be removed whole (``depth_pruning.residual_blocks``)."""
-    return residual_blocks(run.model if model is None else model, example_batch(run.dataset, batch=4), run.protected)
+    """The residual blocks of ``model`` (default ``run.model``) that can be removed whole (``depth_pruning.residual_blocks``).
+
+    Only the layers the user protects (and the classifier) keep their block: ``run.protected`` also holds the layers
+    the dependency analysis keeps whole channel-wise (e.g. the residual streams an option-A pad joins), and a block
+    made of them is still removed whole, its input passed through unchanged."""
+    model = run.model if model is None else model
+    protected = protected_layers(model, run.config.prune.ignored_layers, run.config.model.num_classes)
+    return residual_blocks(model, example_batch(run.dataset, batch=4), protected)
 
 
 def kept_whole_blocks(model: nn.Module, removable: list[str]) -> list[dict[str, str]]:
