@@ -10,11 +10,15 @@ to the per-precision tolerances of ``ParityConfig``:
 
 | precision | checked against the parent (and, with ``reference``, the fp32 artefact) |
 |---|---|
-| fp32 | max abs error <= ``fp32_max_abs`` and top-1 agreement >= ``fp32_min_top1_agreement`` |
-| fp16 | max abs error <= ``fp16_max_abs`` and top-1 agreement >= ``fp16_min_top1_agreement`` |
+| fp32 | max abs error <= ``fp32_max_abs`` and top-1 agreement beyond near-ties >= ``fp32_min_top1_agreement`` |
+| fp16 | max abs error <= ``fp16_max_abs`` and top-1 agreement beyond near-ties >= ``fp16_min_top1_agreement`` |
 | int8 | top-1 agreement >= ``int8_min_top1_agreement`` (logit errors are expected) |
 
-Any NaN or infinite logit fails every precision.
+A near-tie is a changed prediction where the parent's own top two logits (its class and the artefact's) were
+within ``NEAR_TIE_MARGIN[precision]`` of that image's logit range: rounding at that precision may flip it
+without the artefact computing anything else. fp32/fp16 agreement is gated with those flips set aside, so
+one near-tied image of a briefly trained model does not refuse a faithful file; ``top1_agreement`` (every
+flip counted) and ``near_tie_flips`` are always reported. Any NaN or infinite logit fails every precision.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from edgeprune.pte_runtime import pte_logits
 
 BATCH = 256  # chunk size for ONNX files with a dynamic batch dimension
 Layout = Literal["NCHW", "NHWC"]
+# the parent's top-two margin, as a fraction of the image's logit range, under which a changed prediction is a near-tie:
+# float32 reordering errors are ~1e-6 of the logits' scale, float16 rounding ~1e-3 (2^-11 per operation, accumulated)
+NEAR_TIE_MARGIN = {"fp32": 1e-3, "fp16": 1e-2}
 
 
 def artifact_logits(path: Path, images: np.ndarray, threads: int = 2, layout: Layout | None = None) -> np.ndarray:
@@ -145,7 +152,8 @@ def dequantize_output(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
 
 
 def parity_report(parent_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Max/mean abs error, top-1 agreement (fraction), sample and non-finite logit counts.
+    """Max/mean abs error, top-1 agreement (fraction), sample and non-finite logit counts, and the flips that are
+    near-ties at fp32 and at fp16 (``near_tie_flips``: ``{"fp32": n, "fp16": n}``).
 
     Both arrays are (samples, classes); non-finite logits make both errors infinite.
     """
@@ -157,9 +165,29 @@ def parity_report(parent_logits: np.ndarray, logits: np.ndarray, labels: np.ndar
         "max_abs_error": float(error.max()),
         "mean_abs_error": float(error.mean()),
         "top1_agreement": float((parent_logits.argmax(1) == logits.argmax(1)).mean()),
+        "near_tie_flips": {precision: near_tie_flips(parent_logits, logits, margin) for precision, margin in NEAR_TIE_MARGIN.items()},
         "samples": int(len(labels)),
         "nonfinite": nonfinite,
     }
+
+
+def near_tie_flips(parent_logits: np.ndarray, logits: np.ndarray, relative_margin: float) -> int:
+    """Changed predictions where the parent's logits for its class and the artefact's class differ by at most
+    ``relative_margin`` of that image's logit range (max - min)."""
+    parent = parent_logits.astype(np.float64)
+    ours, theirs = parent.argmax(1), logits.argmax(1)
+    flipped = np.flatnonzero(ours != theirs)
+    if flipped.size == 0:
+        return 0
+    margin = parent[flipped, ours[flipped]] - parent[flipped, theirs[flipped]]
+    spread = parent[flipped].max(1) - parent[flipped].min(1)
+    return int((margin <= relative_margin * spread).sum())
+
+
+def agreement_beyond_near_ties(report: dict[str, Any], precision: str) -> float:
+    """Top-1 agreement with the precision's near-tie flips counted as agreeing (reports without the count: as measured)."""
+    ties = (report.get("near_tie_flips") or {}).get(precision, 0)
+    return min(1.0, report["top1_agreement"] + ties / max(report["samples"], 1))
 
 
 def check_parity(name: str, precision: str, report: dict[str, float], config: ParityConfig, against: str = "") -> None:
@@ -184,10 +212,13 @@ def check_parity(name: str, precision: str, report: dict[str, float], config: Pa
             f"raise parity.{precision}_max_abs only if this error is acceptable"
         )
     limit = config.fp16_min_top1_agreement if precision == "fp16" else config.fp32_min_top1_agreement
-    if agreement < limit:
+    beyond = agreement_beyond_near_ties(report, precision)
+    if beyond < limit:
+        ties = (report.get("near_tie_flips") or {}).get(precision, 0)
         raise ParityError(
-            f"{where}: top-1 agreement {agreement:.4f} < {limit} on {samples} test images (max abs error {max_abs:.4g}); "
-            f"lower parity.{precision}_min_top1_agreement only if near-tied logits explain it"
+            f"{where}: top-1 agreement {beyond:.4f} < {limit} on {samples} test images, not counting {ties} near-tied "
+            f"prediction(s) (all flips: {agreement:.4f}; max abs error {max_abs:.4g}); lower parity.{precision}_min_top1_agreement "
+            "only if these flips are expected"
         )
 
 

@@ -348,6 +348,31 @@ def test_parity_failures_name_the_artefact_the_numbers_and_the_knob():
         check_parity("onnx_fp16", "fp16", flipped, ParityConfig(fp16_max_abs=10.0, fp16_min_top1_agreement=0.8))
 
 
+def test_a_near_tied_prediction_does_not_refuse_a_faithful_fp32_file_but_a_real_flip_does():
+    rng = np.random.default_rng(0)
+    parent = rng.normal(0.0, 3.0, (500, 10)).astype(np.float32)
+    parent[7, 3] = parent[7].max() + 2e-6  # image 7: classes 3 and its runner-up tied to 2e-6 (logit range ~15)
+    runner_up = int(np.argsort(parent[7])[-2])
+    artefact = parent + rng.normal(0.0, 1e-6, parent.shape).astype(np.float32)
+    artefact[7, runner_up] = parent[7, 3] + 1e-6  # the artefact's rounding flips the tie: one of 500 predictions changes
+    labels = np.zeros(500, int)
+    report = parity_report(parent, artefact, labels)
+    assert report["top1_agreement"] == pytest.approx(499 / 500)
+    assert report["near_tie_flips"] == {"fp32": 1, "fp16": 1}
+    check_parity("onnx_fp32", "fp32", report, ParityConfig())  # 0.998 < 0.999, but the one flip is a near-tie: passes
+
+    artefact[11] = parent[11]
+    second = int(np.argsort(parent[11])[-2])
+    artefact[11, second] = parent[11].max() + 1e-4  # a flip the parent's margin (~1, far beyond 0.1 % of ~15) cannot explain
+    real = parity_report(parent, artefact, labels)
+    assert real["top1_agreement"] == pytest.approx(498 / 500) and real["near_tie_flips"]["fp32"] == 1
+    margin = parent[11].max() - parent[11, second]
+    assert margin > 1e-3 * (parent[11].max() - parent[11].min())
+    expected = r"^onnx_fp32: fp32 parity failed: top-1 agreement 0\.9980 < 0\.999 on 500 test images, not counting 1 near-tied"
+    with pytest.raises(ParityError, match=expected):
+        check_parity("onnx_fp32", "fp32", real, ParityConfig(fp32_max_abs=10.0))
+
+
 def test_nan_logits_fail_parity_at_every_precision():
     parent = np.ones((3, 4), np.float32)
     broken = parent.copy()
