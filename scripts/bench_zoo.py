@@ -9,8 +9,8 @@ Each architecture is trained (``--epochs`` on ``--train-images`` of the bundled 
 the checkpoint layout the corpus gives it (legacy pickle, CUDA-tagged tensors, EMA wrapper, safetensors ...), and
 built for ``--target`` through ``edgeprune.api.build`` exactly as ``edgeprune build --model --weights --data`` does.
 Columns: the checkpoint format and how many adaptations loading it took; layer groups pruned / kept whole; MACs
-dense / pruned; the onnxruntime speed-up of the shipped artefact over the dense fp32 export (paired in one process
-by the benchmark stage); top-1 before → after; parity of every exported artefact; the int8 budget; whether the
+dense / pruned; the onnxruntime speed-up of the pruned fp32 and int8 files over the dense fp32 export (paired in one
+process by the benchmark stage); top-1 before → after; parity of every exported artefact; the int8 budget; whether the
 pruned model converts to TFLite (litert-torch).
 
 It then prunes the option-A ResNet-56 with plain Torch-Pruning (``MagnitudePruner``, no guard) and prints
@@ -88,13 +88,14 @@ def manifest_cells(manifest: dict[str, Any]) -> list[str]:
     parity = "ok" if exported and all(entry["parity"].get("top1_agreement", 0) > 0 for entry in exported) else "-"
     budgets = [entry["budget"] for entry in manifest["artifacts"].values() if "budget" in entry]
     int8 = ", ".join(f"{budget['accuracy_drop']:+.2f} pt (≤ {budget['max_accuracy_drop']:g})" for budget in budgets) or "-"
-    speedup = manifest["speedups"].get(manifest["primary_artifact"])
+    speedups = manifest["speedups"]
+    measured = " / ".join(f"{name.split('_', 1)[1]} {speedups[name]:.2f}x" for name in ("onnx_fp32", "onnx_int8") if name in speedups)
     blocks = len(model.get("blocks_removed", []))
     return [
         f"{checkpoint['format']} ({len(checkpoint['adapted'])} adapted)",
         f"{moved} / {whole}" + (f" + {blocks} blocks" if blocks else ""),
         f"{model['macs_dense'] / 1e6:.1f}M → {model['macs'] / 1e6:.1f}M ({model['macs_dense'] / max(model['macs'], 1):.2f}x)",
-        "-" if speedup is None else f"{speedup:.2f}x",
+        measured or "-",
         f"{accuracy['baseline']:.2f} → {accuracy['primary']:.2f} %",
         parity,
         int8,
