@@ -182,9 +182,14 @@ class QuantizeConfig:
     layers (at most ``max_float_layers``) on the noisiest tensors for up to ``max_search_seconds``;
     ``refine_candidates`` re-ranks that many top tensors by their rounding's effect alone on the
     logits (slower). A budget still missed is written with its verdict and fails the build (exit 10).
+    ``select``: which file of the first export format is the primary artefact: ``quantized`` the
+    ``scheme``'s; ``fastest`` the fastest on ``benchmark.device`` among its fp32 and quantized files
+    within the accuracy budget, timed side by side (``edgeprune.primary_selection``); a quantized file
+    left out for a missed budget then fails no build.
     """
 
     scheme: Literal["none", "int8", "fp16", "dynamic"] = "int8"
+    select: Literal["quantized", "fastest"] = "quantized"
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
     activation_type: Literal["int8", "uint8", "float"] = "int8"

@@ -15,11 +15,19 @@ from its torch layers' signatures, without exporting it: ``predict_us`` adds
 
 The sum is in profiled microseconds; ``LatencyPredictor`` scales it to the p50 the device's benchmark
 measures and records how far each prediction was from the measurement that confirmed it.
+
+A stored table has a *lineage*: an id given when the table file is created, kept while builds add to it.
+``table_lineage`` is what a stage's cache key holds: a table deleted, replaced by another file or of an
+older format starts a new lineage, so a search result cached with the old table runs again; a table that
+only grew does not (the cached result's speed-up was measured, not predicted, and a key that followed
+every addition would make each search's own profiling invalidate it).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import statistics
 import tempfile
 from collections.abc import Iterable
@@ -34,7 +42,7 @@ from torch import nn
 from edgeprune.artifacts import write_json_atomic
 from edgeprune.cache import cache_key
 
-TABLE_FORMAT = "edgeprune-latency-table/1"
+TABLE_FORMAT = "edgeprune-latency-table/2"  # 2: lineage
 MAX_SAMPLES = 9  # per signature: the newest runs' medians are kept
 CONV_OPS = {"Conv": "conv", "FusedConv": "conv", "NhwcFusedConv": "conv", "Gemm": "gemm", "FusedGemm": "gemm"}
 
@@ -178,6 +186,7 @@ class LatencyTable:
     key: dict[str, Any]
     entries: dict[str, list[float]] = field(default_factory=dict)
     profiled: list[str] = field(default_factory=list)  # fingerprints of the models profiled into it
+    lineage: str = field(default_factory=lambda: secrets.token_hex(8))  # kept while the stored table grows
 
     def add(self, run: ProfiledRun, fingerprint: str = "") -> None:
         for sig, times in run.layers.items():
@@ -195,7 +204,7 @@ class LatencyTable:
         return fitted_cost(points, layer_macs(sig))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": TABLE_FORMAT, "key": self.key, "entries": self.entries, "profiled": self.profiled}
+        return {"format": TABLE_FORMAT, "key": self.key, "entries": self.entries, "profiled": self.profiled, "lineage": self.lineage}
 
 
 def fitted_cost(points: list[tuple[int, float]], macs: int) -> float:
@@ -228,13 +237,44 @@ def cached_table(cache_root: Path | None, key: dict[str, Any]) -> LatencyTable:
     """The table stored for ``key`` under ``cache_root`` (a fresh one when none, unreadable, or no cache folder)."""
     if cache_root is None:
         return LatencyTable(key)
+    return stored_table(table_path(cache_root, key), key) or LatencyTable(key)
+
+
+def stored_table(path: Path, key: dict[str, Any]) -> LatencyTable | None:
+    """The table in ``path`` when it is one of this format for ``key``; None when absent, unreadable or another."""
     try:
-        data = json.loads(table_path(cache_root, key).read_text())
-        if data.get("format") == TABLE_FORMAT and data.get("key") == key:
-            return LatencyTable(key, {sig: [float(t) for t in times] for sig, times in data["entries"].items()}, list(data["profiled"]))
+        data = json.loads(path.read_text())
+        if data.get("format") == TABLE_FORMAT and data.get("key") == key and isinstance(data.get("lineage"), str):
+            entries = {sig: [float(t) for t in times] for sig, times in data["entries"].items()}
+            return LatencyTable(key, entries, list(data["profiled"]), data["lineage"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    return LatencyTable(key)
+    return None
+
+
+def table_lineage(cache_root: Path, key: dict[str, Any]) -> str:
+    """The lineage of the table stored for ``key`` under ``cache_root``; when none is stored (or it is unreadable or of
+    an older format), an empty table with a new lineage is stored first, so the build that fills it keeps its id.
+    Two builds creating it at once agree: the first file linked into place wins."""
+    path = table_path(cache_root, key)
+    table = stored_table(path, key)
+    if table is not None:
+        return table.lineage
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = LatencyTable(key)
+    staging = path.with_name(f".{path.name}.{fresh.lineage}.new")
+    write_json_atomic(staging, fresh.to_dict())
+    try:
+        if path.exists():  # a damaged or older table: replaced by the fresh one
+            os.replace(staging, path)
+            return fresh.lineage
+        os.link(staging, path)
+    except FileExistsError:
+        pass
+    finally:
+        staging.unlink(missing_ok=True)
+    table = stored_table(path, key)
+    return table.lineage if table is not None else fresh.lineage
 
 
 def store_table(cache_root: Path | None, table: LatencyTable) -> None:

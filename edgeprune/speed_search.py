@@ -35,8 +35,16 @@ import onnxruntime
 from torch import nn
 
 from edgeprune.cache import cache_key
-from edgeprune.config import PruneConfig
-from edgeprune.latency_table import LatencyTable, cached_table, layer_signatures, profile_onnx, store_table
+from edgeprune.config import BuildConfig, PruneConfig
+from edgeprune.latency_table import (
+    TABLE_FORMAT,
+    LatencyTable,
+    cached_table,
+    layer_signatures,
+    profile_onnx,
+    store_table,
+    table_lineage,
+)
 from edgeprune.pruning import guarded_prune, root_channels
 from edgeprune.runtimes import paired_speedup
 from edgeprune.runtimes.runner import cpu_model
@@ -206,13 +214,33 @@ def search_speedup(
     return SearchOutcome(trajectory, summary)
 
 
+def table_key(fmt: str, device: str, threads: int) -> dict[str, Any] | None:
+    """What a latency table is kept per: the device (this machine by its CPU), the runtime and its version, the
+    thread count; None where no per-node profiler runs (latency is then predicted from MACs)."""
+    if fmt != "onnx" or device != "local":
+        return None
+    return {"device": f"local: {cpu_model()}", "runtime": f"onnxruntime {onnxruntime.__version__}", "threads": threads}
+
+
+def latency_table_identity(config: BuildConfig, cache_root: Path | None) -> dict[str, Any]:
+    """The cache-key part of the latency table a profile's speed-up search would use: its key, format and lineage
+    (``latency_table.table_lineage``); empty where the profile runs no search or no table is kept."""
+    if config.prune.speedup <= 0 or config.prune.speedup_moves == "uniform" or not config.export.formats:
+        return {}
+    key = table_key(config.export.formats[0], config.benchmark.device, config.benchmark.threads)
+    if key is None:
+        return {}
+    lineage = table_lineage(cache_root, key) if cache_root is not None else None
+    return {"latency_table": {**key, "format": TABLE_FORMAT, "lineage": lineage}}
+
+
 def open_table(run: PruningRun, probe: LatencyProbe, cache_root: Path | None, folder: Path) -> tuple[LatencyTable | None, str]:
     """The latency table of the probe's device (cached per device, runtime and threads), with the uniform narrowings of
     the model profiled into it unless an earlier build did; None where onnxruntime's profiler cannot run (remote
     devices, TFLite): latency is then predicted from MACs."""
-    if probe.fmt != "onnx" or probe.device != "local":
+    key = table_key(probe.fmt, probe.device, probe.settings.threads)
+    if key is None:
         return None, f"MACs (no per-node profiler for {probe.describe()}); every accepted step measured"
-    key = {"device": f"local: {cpu_model()}", "runtime": f"onnxruntime {onnxruntime.__version__}", "threads": probe.settings.threads}
     table = cached_table(cache_root, key)
     example, round_to = example_batch(run.dataset), run.config.prune.round_to
     model_id = cache_key(sorted(layer_signatures(run.model, example).values()))
