@@ -13,6 +13,10 @@ from its torch layers' signatures, without exporting it: ``predict_us`` adds
   per residual block whose scope names them (a removed block's are gone) and for the rest of the graph,
 - the session's per-run overhead (a run's total less its nodes').
 
+On a remote device (adb, ssh) the table is read from TFLite's ``benchmark_model --enable_op_profiling``
+instead (``read_op_profile``): its rows name no layer, so they are matched to the torch layers by position,
+or where that fails each op type's time is shared among its layers by MACs.
+
 The sum is in profiled microseconds; ``LatencyPredictor`` scales it to the p50 the device's benchmark
 measures and records how far each prediction was from the measurement that confirmed it.
 
@@ -45,6 +49,7 @@ from edgeprune.cache import cache_key
 TABLE_FORMAT = "edgeprune-latency-table/2"  # 2: lineage
 MAX_SAMPLES = 9  # per signature: the newest runs' medians are kept
 CONV_OPS = {"Conv": "conv", "FusedConv": "conv", "NhwcFusedConv": "conv", "Gemm": "gemm", "FusedGemm": "gemm"}
+TFLITE_OPS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "dwconv", "FULLY_CONNECTED": "gemm"}  # TFLite's builtin kernels
 
 
 def signature(kind: str, input_shape: Iterable[int], weight_shape: Iterable[int]) -> str:
@@ -137,6 +142,53 @@ def read_trace(events: list[dict[str, Any]], skip: int = 0, torch_layers: list[s
     for key, (_, median) in zip(keys, convs, strict=True):
         layers.setdefault(key, []).append(median)
     return ProfiledRun(layers, others, statistics.median(totals) if totals else 0.0)
+
+
+def op_kind(node_type: str) -> str | None:
+    """The layer kind a TFLite op-profile row times: ``conv``, ``dwconv`` (depthwise) or ``gemm``; None for the rest.
+    TFLite's own kernels are named by their builtin (``CONV_2D``), the ops XNNPACK runs by its operators
+    (``Convolution (NHWC, F32) IGEMM``, ``... DWConv``, ``Fully Connected (NC, QS8, QC8W) GEMM``)."""
+    if node_type in TFLITE_OPS:
+        return TFLITE_OPS[node_type]
+    if node_type.startswith("Convolution ("):
+        return "dwconv" if node_type.endswith("DWConv") else "conv"
+    return "gemm" if node_type.startswith("Fully Connected (") else None
+
+
+def torch_kind(sig: str) -> str:
+    """A torch layer signature's kind in ``op_kind``'s terms."""
+    kind, inputs, weights = sig.split(":")
+    depthwise = kind == "conv" and weights.split("x")[1] == "1" and inputs.split("x")[1] != "1"
+    return "dwconv" if depthwise else kind
+
+
+def read_op_profile(ops: list[dict[str, Any]], total_ms: float, torch_layers: list[str]) -> tuple[ProfiledRun, str] | None:
+    """A ``ProfiledRun`` from a TFLite op profile (``runtimes.benchmark_model_output.run_order``: rows in the order
+    they ran) of a model whose conv/linear signatures, in forward order, are ``torch_layers``; and how its rows were
+    matched to them. None when no row times a conv or linear layer (an old XNNPACK that reports its whole
+    subgraph as one row): no table can be read from it.
+
+    Neither TFLite's tensor names nor XNNPACK's (``Delegate/Convolution (NHWC, F32) IGEMM:3``) name the model's
+    layers, so the rows are matched by position: when the conv/linear rows, in order, have the kinds of the torch
+    layers in order, each row's time is that layer's ("by position"). When they do not (a converter fused, split or
+    reordered layers), each kind's total time is shared among its torch layers by their MACs ("by op type": the
+    table then knows what a MAC of each kind costs on the device, not each layer's own cost)."""
+    timed = [(kind, 1000.0 * float(op["avg_ms"])) for op in ops if (kind := op_kind(str(op["node_type"])))]
+    if not timed:
+        return None
+    others = {str(op["name"]): 1000.0 * float(op["avg_ms"]) for op in ops if op_kind(str(op["node_type"])) is None}
+    layers: dict[str, list[float]] = {}
+    if [kind for kind, _ in timed] == [torch_kind(sig) for sig in torch_layers]:
+        for sig, (_, micros) in zip(torch_layers, timed, strict=True):
+            layers.setdefault(sig, []).append(micros)
+        return ProfiledRun(layers, others, 1000.0 * total_ms), "by position"
+    for kind in {kind for kind, _ in timed}:
+        sigs = [sig for sig in torch_layers if torch_kind(sig) == kind]
+        macs = sum(layer_macs(sig) for sig in sigs)
+        spent = sum(micros for row_kind, micros in timed if row_kind == kind)
+        for sig in sigs:
+            layers.setdefault(sig, []).append(spent * layer_macs(sig) / max(macs, 1))
+    return ProfiledRun(layers, others, 1000.0 * total_ms), "by op type"
 
 
 def same_layer(torch_sig: str, trace_sig: str) -> bool:

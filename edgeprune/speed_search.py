@@ -10,8 +10,9 @@ lost is taken. Scores are reused across steps and only the leading ones re-score
 costs a few candidates, not all of them.
 
 Each accepted step is exported and measured on the device beside the unpruned model (paired, as the
-uniform loop measures); on the local onnxruntime device it is also profiled, which refreshes the
-predictor and grows the cached table. The row records the predicted and the measured latency. The search
+uniform loop measures); on the local onnxruntime device, and on an adb/ssh device whose URL names TFLite's
+``benchmark_model`` (its ``--enable_op_profiling`` output, ``latency_table.read_op_profile``), it is also
+profiled, which refreshes the predictor and grows the cached table. The row records the predicted and the measured latency. The search
 stops once the measured speed-up reaches the target (confirmed by as many pairs again).
 
 Accuracy is judged where it counts: the model the search stopped at is recovered (``prune.recover_epochs``
@@ -39,14 +40,16 @@ from edgeprune.config import BuildConfig, PruneConfig
 from edgeprune.latency_table import (
     TABLE_FORMAT,
     LatencyTable,
+    ProfiledRun,
     cached_table,
     layer_signatures,
     profile_onnx,
+    read_op_profile,
     store_table,
     table_lineage,
 )
 from edgeprune.pruning import guarded_prune, root_channels
-from edgeprune.runtimes import paired_speedup
+from edgeprune.runtimes import paired_speedup, profile_ops, profiles_ops
 from edgeprune.runtimes.runner import cpu_model
 from edgeprune.speed_moves import (
     LOSS_FLOOR,
@@ -152,8 +155,8 @@ class GreedySearch:
         if paired_speedup(pairs) >= self.target:
             pairs += measure_pairs(self.probe, self.dense_path, path)
         timing = pairs_summary(pairs)
-        if self.table is not None:
-            profiled = profile_onnx(path, self.probe.settings.threads, list(layer_signatures(run.model, predictor.example).values()))
+        profiled = profile_model(self.probe, path, list(layer_signatures(run.model, predictor.example).values()))[0] if self.table else None
+        if self.table is not None and profiled is not None:
             self.table.add(profiled)
             predictor.refresh(profiled)
         predictor.calibrate(run.model, timing["latency_p50_ms"])
@@ -215,11 +218,26 @@ def search_speedup(
 
 
 def table_key(fmt: str, device: str, threads: int) -> dict[str, Any] | None:
-    """What a latency table is kept per: the device (this machine by its CPU), the runtime and its version, the
-    thread count; None where no per-node profiler runs (latency is then predicted from MACs)."""
-    if fmt != "onnx" or device != "local":
-        return None
-    return {"device": f"local: {cpu_model()}", "runtime": f"onnxruntime {onnxruntime.__version__}", "threads": threads}
+    """What a latency table is kept per: the device (this machine by its CPU, a remote one by its URL), the runtime
+    (onnxruntime and its version here, TFLite's benchmark_model over adb/ssh), the thread count; None where no
+    per-node profiler runs (latency is then predicted from MACs)."""
+    if fmt == "onnx" and device == "local":
+        return {"device": f"local: {cpu_model()}", "runtime": f"onnxruntime {onnxruntime.__version__}", "threads": threads}
+    if profiles_ops(device, fmt):
+        return {"device": device, "runtime": "tflite benchmark_model --enable_op_profiling", "threads": threads}
+    return None
+
+
+def profile_model(probe: LatencyProbe, path: Path, torch_layers: list[str]) -> tuple[ProfiledRun | None, str]:
+    """One profiled run of ``path`` on the probe's device (onnxruntime's per-node profiler here, TFLite's op profile
+    over adb/ssh) and how its nodes were matched to ``torch_layers``; None when the profile times no layer."""
+    if probe.fmt == "onnx" and probe.device == "local":
+        return profile_onnx(path, probe.settings.threads, torch_layers), "onnxruntime's per-node profiler"
+    measured = profile_ops(path, probe.device, probe.settings)
+    read = read_op_profile(measured["run_order"], measured["inference_avg_ms"], torch_layers) if measured else None
+    if read is None:
+        return None, f"benchmark_model's op profile on {probe.device} timed no conv or linear layer"
+    return read[0], f"benchmark_model's op profile on {probe.device}, layers matched {read[1]}"
 
 
 def latency_table_identity(config: BuildConfig, cache_root: Path | None) -> dict[str, Any]:
@@ -236,12 +254,12 @@ def latency_table_identity(config: BuildConfig, cache_root: Path | None) -> dict
 
 def open_table(run: PruningRun, probe: LatencyProbe, cache_root: Path | None, folder: Path) -> tuple[LatencyTable | None, str]:
     """The latency table of the probe's device (cached per device, runtime and threads), with the uniform narrowings of
-    the model profiled into it unless an earlier build did; None where onnxruntime's profiler cannot run (remote
-    devices, TFLite): latency is then predicted from MACs."""
+    the model profiled into it unless an earlier build did; None where no per-node profiler runs (onnxruntime here,
+    benchmark_model's op profile over adb/ssh) or it times no layer: latency is then predicted from MACs."""
     key = table_key(probe.fmt, probe.device, probe.settings.threads)
     if key is None:
         return None, f"MACs (no per-node profiler for {probe.describe()}); every accepted step measured"
-    table = cached_table(cache_root, key)
+    table, how = cached_table(cache_root, key), "profiled by earlier builds"
     example, round_to = example_batch(run.dataset), run.config.prune.round_to
     model_id = cache_key(sorted(layer_signatures(run.model, example).values()))
     for steps in range(0, WIDTH_RUNS + 1):
@@ -250,8 +268,11 @@ def open_table(run: PruningRun, probe: LatencyProbe, cache_root: Path | None, fo
             continue
         narrowed = uniformly_narrowed(run, steps)
         path = probe.export(narrowed, folder / f"table-{steps}")
-        table.add(profile_onnx(path, probe.settings.threads, list(layer_signatures(narrowed, example).values())), fingerprint)
-    return table, f"latency table ({len(table.entries)} layer signatures, {len(table.profiled)} profiled models)"
+        profiled, how = profile_model(probe, path, list(layer_signatures(narrowed, example).values()))
+        if profiled is None:
+            return None, f"MACs ({how}); every accepted step measured"
+        table.add(profiled, fingerprint)
+    return table, f"latency table ({len(table.entries)} layer signatures, {len(table.profiled)} profiled models; {how})"
 
 
 def uniformly_narrowed(run: PruningRun, steps: int) -> nn.Module:
