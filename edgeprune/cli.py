@@ -351,6 +351,9 @@ def _build_summary(result) -> str:
     ]
     if p50:
         parts += [f"p50 {p50:.3f} ms", memory_text(entry["benchmark"]), *caveats(entry["benchmark"])]
+    selection = manifest.get("primary_selection") or {}
+    if selection.get("runner_up") and selection.get("margin"):
+        parts.append(f"fastest within the budget: {selection['margin']:.2f}x over {selection['runner_up']}")
     return " | ".join(parts)
 
 

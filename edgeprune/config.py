@@ -81,8 +81,8 @@ class PruneConfig:
     checked after each step's recovery) or every group is at its cap (with ``ratios_from``
     the levels go on until the held-back groups reach theirs too) with ``speedup_moves = "uniform"``; by default
     (``"search"``) one greedy search weighs removing a residual block against narrowing one group by one rounding
-    step, by latency saved per point of held-out top-1 lost, latency predicted from a per-device table
-    (``edgeprune.speed_search``); ``"depth"`` and ``"width"`` restrict it to one kind of move. ``prune_num_heads`` removes whole attention
+    step and dropping one attention head, by latency saved per point of held-out top-1 lost, latency predicted from
+    a per-device table (``edgeprune.speed_search``); ``"depth"`` and ``"width"`` restrict it to one kind of move. ``prune_num_heads`` removes whole attention
     heads instead of narrowing every head. ``recalibrate_batchnorm`` re-estimates BatchNorm statistics on
     training images after every structured step (the dense model's are stale once channels are gone), before
     the step's top-1 is measured and finetuning starts. ``round_to = "auto"`` (for a target benchmarked on this

@@ -52,18 +52,27 @@ CONV_OPS = {"Conv": "conv", "FusedConv": "conv", "NhwcFusedConv": "conv", "Gemm"
 TFLITE_OPS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "dwconv", "FULLY_CONNECTED": "gemm"}  # TFLite's builtin kernels
 
 
-def signature(kind: str, input_shape: Iterable[int], weight_shape: Iterable[int]) -> str:
-    """``conv:1x16x28x28:32x16x3x3``: a layer's cost key (batch normalised to 1)."""
-    shape = [1, *list(input_shape)[1:]]
-    return f"{kind}:{'x'.join(map(str, shape))}:{'x'.join(map(str, weight_shape))}"
+def signature(kind: str, input_shape: Iterable[int], weight_shape: Iterable[int], batch: int = 1) -> str:
+    """A layer's cost key: ``conv:1x16x28x28:32x16x3x3`` (batch normalised to 1); ``gemm:49x64:192x64``, the rows one
+    sample of ``batch`` feeds a linear layer (its tokens; 1 for a flat feature vector) by its input features: a
+    transformer's linear layer over 49 tokens is 49 rows whether the graph keeps them 3-D (torch) or flattened
+    (onnxruntime's Gemm)."""
+    shape = list(input_shape)
+    if kind == "gemm":
+        dims = [max(1, int(np.prod(shape[:-1])) // max(batch, 1)), shape[-1]]
+    else:
+        dims = [1, *shape[1:]]
+    return f"{kind}:{'x'.join(map(str, dims))}:{'x'.join(map(str, weight_shape))}"
 
 
 def layer_macs(sig: str) -> int:
-    """The weight's size times the input's pixels: proportional to the layer's multiply-accumulates among layers of one
-    class (``layer_class``: same kernel and input size), which is all the fitted cost compares."""
-    _, inputs, weights = sig.split(":")
-    spatial = int(np.prod([int(v) for v in inputs.split("x")[2:]] or [1]))
-    return int(np.prod([int(v) for v in weights.split("x")])) * spatial
+    """The weight's size times the input's pixels (a linear layer's rows): proportional to the layer's
+    multiply-accumulates among layers of one class (``layer_class``: same kernel and input size), which is all the
+    fitted cost compares."""
+    kind, inputs, weights = sig.split(":")
+    dims = [int(v) for v in inputs.split("x")]
+    positions = dims[0] if kind == "gemm" else int(np.prod(dims[2:] or [1]))
+    return int(np.prod([int(v) for v in weights.split("x")])) * positions
 
 
 def layer_class(sig: str) -> str:
@@ -215,7 +224,7 @@ def layer_signatures(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
     def hook(name: str):
         def record(module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
             kind = "conv" if isinstance(module, nn.Conv2d) else "gemm"
-            found[name] = signature(kind, args[0].shape, module.weight.shape)
+            found[name] = signature(kind, args[0].shape, module.weight.shape, batch=args[0].shape[0])
 
         return record
 

@@ -182,7 +182,7 @@ def search_speedup(
     keeps whole). Leaves the chosen model in ``run.model``, recovered. Raises what export and benchmark raise.
     """
     started = time.perf_counter()
-    kinds = ("depth", "width") if config.speedup_moves == "search" else (config.speedup_moves,)
+    kinds = ("depth", "width", "heads") if config.speedup_moves == "search" else (config.speedup_moves,)
     dense_widths = {group: root_channels(run.model, group) for group in run.plan.widths}
     with tempfile.TemporaryDirectory(prefix="edgeprune-search-") as scratch:
         folder = Path(scratch)
@@ -344,8 +344,8 @@ def untried_moves(run: PruningRun, kinds: tuple[str, ...], kept: list[dict[str, 
         found.append("removing residual blocks (prune.speedup_moves = 'width')")
     if "width" not in kinds:
         found.append("narrowing layer groups (prune.speedup_moves = 'depth')")
-    if run.config.prune.prune_num_heads or any(hasattr(module, "num_heads") for module in run.model.modules()):
-        found.append("dropping attention heads (not a move of this search)")
+    if "heads" not in kinds and any(hasattr(module, "num_heads") for module in run.model.modules()):
+        found.append(f"dropping attention heads (prune.speedup_moves = '{run.config.prune.speedup_moves}')")
     return found
 
 
@@ -353,7 +353,8 @@ def verdict(summary: dict[str, Any], probe: LatencyProbe, max_drop: float, stop:
     """One line: the target reached, or why not, with the fastest model within the budget and the moves not tried."""
     done = (
         f"{len(row.get('blocks_removed', []))} blocks removed, {row.get('channels_removed', 0)} channels removed, "
-        f"top-1 {summary['accuracy_after_recovery'] - summary['accuracy_before']:+.2f} points against the unpruned model after recovery"
+        + (f"{row['heads_removed']} attention heads dropped, " if row.get("heads_removed") else "")
+        + f"top-1 {summary['accuracy_after_recovery'] - summary['accuracy_before']:+.2f} points against the unpruned model after recovery"
     )
     if summary["reached"]:
         return f"prune.speedup={summary['target']:g} reached: measured {summary['measured_speedup']:.2f}x on {probe.describe()} ({done})"
