@@ -364,6 +364,7 @@ def _export(args) -> int:
         "benchmark.enabled=false",
         f"export.formats={json.dumps(formats)}",
         f"quantize.scheme='{'none' if args.precision == 'fp32' else args.precision}'",
+        "quantize.select='quantized'",  # nothing is benchmarked: the precision asked for is the primary file
         *args.overrides,
     )
     result = api.build(args.target, **_input_options(args, overrides), force=args.force)

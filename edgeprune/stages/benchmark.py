@@ -100,7 +100,7 @@ def fastest_primary(context: StageContext, settings: BenchSettings, results: dic
     except DeviceError as error:
         if config.benchmark.required:
             raise
-        context.reporter.warn(f"quantize.select = 'fastest' skipped, the primary artefact stays {found[-1].name}: {error}")
+        context.reporter.warn(f"quantize.select = 'fastest' skipped, the primary artefact stays the quantized file: {error}")
         return None
 
 
