@@ -23,7 +23,7 @@ from typing import Any
 
 from edgeprune.artifacts import Artifact
 from edgeprune.config import BuildConfig
-from edgeprune.errors import ConfigError
+from edgeprune.errors import ConfigError, DeviceError
 from edgeprune.runtimes import BenchSettings, benchmark_pair, paired_speedup
 
 PRECISIONS = ("fp32", "int8", "dynamic", "fp16")  # the order candidates are listed in
@@ -87,7 +87,8 @@ def select_fastest(
     ``speedup_vs_fp32``, ``accuracy``, ``within_budget``, ``reason``), ``selected``, ``method``,
     ``margin`` (the winner's speed-up over the next fastest) and ``runner_up``.
 
-    Raises DeviceError like ``benchmark_pair``.
+    Raises DeviceError like ``benchmark_pair``, and when a candidate within the budget (or the fp32 file) has no
+    timing: a choice is never made on what was not measured.
     """
     reference, rows, method = found[0], {}, "paired in one process"
     reference_p50s: list[float] = []
@@ -104,22 +105,19 @@ def select_fastest(
         reference_p50s += [fp32 for fp32, _ in pairs]
         rows[candidate.name] = row(candidate, statistics.median(p50 for _, p50 in pairs), paired_speedup(pairs))
     fp32_p50 = statistics.median(reference_p50s) if reference_p50s else _p50(results, reference.name)
+    untimed = [name for name, values in rows.items() if values["within_budget"] and values["speedup_vs_fp32"] is None]
+    if untimed or fp32_p50 is None:
+        raise DeviceError(f"quantize.select = 'fastest': {', '.join(untimed or [reference.name])} not timed on {device}")
     rows = {reference.name: row(reference, fp32_p50, 1.0), **rows}
     return {**ranking(rows), "method": method, "device": device}
 
 
 def ranking(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The fastest measured candidate within the budget (fp32 on a tie) and its margin over the next."""
-    timed = sorted(
-        ((values["speedup_vs_fp32"], name) for name, values in rows.items() if values["speedup_vs_fp32"] is not None),
-        key=lambda item: item[0],
-        reverse=True,
-    )
-    if not timed:
-        first = next(iter(rows))
-        return {"candidates": rows, "selected": first, "runner_up": None, "margin": None}
-    (best, selected), runner_up = timed[0], timed[1] if len(timed) > 1 else (None, None)
-    return {"candidates": rows, "selected": selected, "runner_up": runner_up[1], "margin": best / runner_up[0] if runner_up[0] else None}
+    """The fastest timed candidate (the first, fp32, on a tie: the sort is stable) and its margin over the next."""
+    timed = [(values["speedup_vs_fp32"], name) for name, values in rows.items() if values["speedup_vs_fp32"] is not None]
+    timed.sort(key=lambda item: item[0], reverse=True)
+    (best, selected), (second, runner_up) = timed[0], timed[1] if len(timed) > 1 else (None, None)
+    return {"candidates": rows, "selected": selected, "runner_up": runner_up, "margin": best / second if second else None}
 
 
 def row(candidate: Candidate, p50: float | None, speedup: float | None) -> dict[str, Any]:
