@@ -351,6 +351,9 @@ def _build_summary(result) -> str:
     ]
     if p50:
         parts += [f"p50 {p50:.3f} ms", memory_text(entry["benchmark"]), *caveats(entry["benchmark"])]
+    selection = manifest.get("primary_selection") or {}
+    if selection.get("runner_up") and selection.get("margin"):
+        parts.append(f"fastest within the budget: {selection['margin']:.2f}x over {selection['runner_up']}")
     return " | ".join(parts)
 
 
@@ -361,6 +364,7 @@ def _export(args) -> int:
         "benchmark.enabled=false",
         f"export.formats={json.dumps(formats)}",
         f"quantize.scheme='{'none' if args.precision == 'fp32' else args.precision}'",
+        "quantize.select='quantized'",  # nothing is benchmarked: the precision asked for is the primary file
         *args.overrides,
     )
     result = api.build(args.target, **_input_options(args, overrides), force=args.force)

@@ -80,14 +80,13 @@ class PruneConfig:
     speed-up measured on the target's runtime reaches it (``budgets.max_accuracy_drop``
     checked after each step's recovery) or every group is at its cap (with ``ratios_from``
     the levels go on until the held-back groups reach theirs too) with ``speedup_moves = "uniform"``; by default
-    (``"search"``) one greedy search weighs removing a residual block against narrowing one group by one rounding
-    step, by latency saved per point of held-out top-1 lost, latency predicted from a per-device table
-    (``edgeprune.speed_search``); ``"depth"`` and ``"width"`` restrict it to one kind of move. ``prune_num_heads`` removes whole attention
-    heads instead of narrowing every head. ``recalibrate_batchnorm`` re-estimates BatchNorm statistics on
-    training images after every structured step (the dense model's are stale once channels are gone), before
-    the step's top-1 is measured and finetuning starts. ``round_to = "auto"`` (for a target benchmarked on this
-    machine) takes the channel multiple from the host's vector width (``edgeprune.simd``: 16 with AVX-512, 8 with
-    AVX2/AVX); the resolved number replaces it and ``round_to_source`` records why.
+    (``"search"``) one greedy search weighs removing a residual block against narrowing one group by one rounding step and dropping one
+    attention head, by latency saved per point of held-out top-1 lost, latency predicted from a per-device table
+    (``edgeprune.speed_search``); ``"depth"`` and ``"width"`` restrict it to one kind of move. ``prune_num_heads`` removes whole
+    attention heads instead of narrowing every head. ``recalibrate_batchnorm`` re-estimates BatchNorm statistics on training images
+    after every structured step (the dense model's are stale once channels are gone), before the step's top-1 is measured and finetuning
+    starts. ``round_to = "auto"`` (for a target benchmarked on this machine) takes the channel multiple from the host's vector width
+    (``edgeprune.simd``: 16 with AVX-512, 8 with AVX2/AVX); the resolved number replaces it and ``round_to_source`` records why.
 
     Depth pruning removes whole residual blocks before any channel goes (``edgeprune.depth_pruning``): the blocks
     named in ``drop_blocks``, then ``drop_block_count`` more, those whose removal alone costs least top-1 on
@@ -182,9 +181,14 @@ class QuantizeConfig:
     layers (at most ``max_float_layers``) on the noisiest tensors for up to ``max_search_seconds``;
     ``refine_candidates`` re-ranks that many top tensors by their rounding's effect alone on the
     logits (slower). A budget still missed is written with its verdict and fails the build (exit 10).
+    ``select``: which file of the first export format is the primary artefact: ``quantized`` the
+    ``scheme``'s; ``fastest`` the fastest on ``benchmark.device`` among its fp32 and quantized files
+    within the accuracy budget, timed side by side (``edgeprune.primary_selection``); a quantized file
+    left out for a missed budget then fails no build.
     """
 
     scheme: Literal["none", "int8", "fp16", "dynamic"] = "int8"
+    select: Literal["quantized", "fastest"] = "quantized"
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
     activation_type: Literal["int8", "uint8", "float"] = "int8"

@@ -19,6 +19,7 @@ from edgeprune.plots import Plot
 from edgeprune.report import (
     DELEGATION_HEADER,
     DEVICE_PARITY_HEADER,
+    PRIMARY_SELECTION_HEADER,
     QUANTIZATION_HEADER,
     SPEED_SEARCH_HEADER,
     benchmark_caveats,
@@ -27,6 +28,8 @@ from edgeprune.report import (
     device_parity_rows,
     emulation_line,
     left_unpruned_rows,
+    primary_selection_line,
+    primary_selection_rows,
     quantization_rows,
     speed_search_rows,
 )
@@ -67,6 +70,7 @@ def html_report(manifest: dict[str, Any], plots: list[Plot]) -> str:
         *_device_parity(manifest),
         *_delegation(manifest),
         *_quantization(manifest),
+        *_primary_selection(manifest),
         *_loaded(manifest),
         *_speed_search(manifest),
     ]
@@ -157,6 +161,14 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
 def _quantization(manifest: dict[str, Any]) -> list[str]:
     rows = quantization_rows(manifest)
     return ["<h2>Quantization accuracy budget</h2>", _table(QUANTIZATION_HEADER, rows)] if rows else []
+
+
+def _primary_selection(manifest: dict[str, Any]) -> list[str]:
+    line = primary_selection_line(manifest)
+    if not line:
+        return []
+    table = _table(PRIMARY_SELECTION_HEADER, primary_selection_rows(manifest))
+    return ["<h2>Primary artefact chosen by measurement</h2>", f"<p>{_e(line)}.</p>", table]
 
 
 def _loaded(manifest: dict[str, Any]) -> list[str]:

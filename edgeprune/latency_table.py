@@ -13,13 +13,25 @@ from its torch layers' signatures, without exporting it: ``predict_us`` adds
   per residual block whose scope names them (a removed block's are gone) and for the rest of the graph,
 - the session's per-run overhead (a run's total less its nodes').
 
+On a remote device (adb, ssh) the table is read from TFLite's ``benchmark_model --enable_op_profiling``
+instead (``read_op_profile``): its rows name no layer, so they are matched to the torch layers by position,
+or where that fails each op type's time is shared among its layers by MACs.
+
 The sum is in profiled microseconds; ``LatencyPredictor`` scales it to the p50 the device's benchmark
 measures and records how far each prediction was from the measurement that confirmed it.
+
+A stored table has a *lineage*: an id given when the table file is created, kept while builds add to it.
+``table_lineage`` is what a stage's cache key holds: a table deleted, replaced by another file or of an
+older format starts a new lineage, so a search result cached with the old table runs again; a table that
+only grew does not (the cached result's speed-up was measured, not predicted, and a key that followed
+every addition would make each search's own profiling invalidate it).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import statistics
 import tempfile
 from collections.abc import Iterable
@@ -34,23 +46,33 @@ from torch import nn
 from edgeprune.artifacts import write_json_atomic
 from edgeprune.cache import cache_key
 
-TABLE_FORMAT = "edgeprune-latency-table/1"
+TABLE_FORMAT = "edgeprune-latency-table/2"  # 2: lineage
 MAX_SAMPLES = 9  # per signature: the newest runs' medians are kept
 CONV_OPS = {"Conv": "conv", "FusedConv": "conv", "NhwcFusedConv": "conv", "Gemm": "gemm", "FusedGemm": "gemm"}
+TFLITE_OPS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "dwconv", "FULLY_CONNECTED": "gemm"}  # TFLite's builtin kernels
 
 
-def signature(kind: str, input_shape: Iterable[int], weight_shape: Iterable[int]) -> str:
-    """``conv:1x16x28x28:32x16x3x3``: a layer's cost key (batch normalised to 1)."""
-    shape = [1, *list(input_shape)[1:]]
-    return f"{kind}:{'x'.join(map(str, shape))}:{'x'.join(map(str, weight_shape))}"
+def signature(kind: str, input_shape: Iterable[int], weight_shape: Iterable[int], batch: int = 1) -> str:
+    """A layer's cost key: ``conv:1x16x28x28:32x16x3x3`` (batch normalised to 1); ``gemm:49x64:192x64``, the rows one
+    sample of ``batch`` feeds a linear layer (its tokens; 1 for a flat feature vector) by its input features: a
+    transformer's linear layer over 49 tokens is 49 rows whether the graph keeps them 3-D (torch) or flattened
+    (onnxruntime's Gemm)."""
+    shape = list(input_shape)
+    if kind == "gemm":
+        dims = [max(1, int(np.prod(shape[:-1])) // max(batch, 1)), shape[-1]]
+    else:
+        dims = [1, *shape[1:]]
+    return f"{kind}:{'x'.join(map(str, dims))}:{'x'.join(map(str, weight_shape))}"
 
 
 def layer_macs(sig: str) -> int:
-    """The weight's size times the input's pixels: proportional to the layer's multiply-accumulates among layers of one
-    class (``layer_class``: same kernel and input size), which is all the fitted cost compares."""
-    _, inputs, weights = sig.split(":")
-    spatial = int(np.prod([int(v) for v in inputs.split("x")[2:]] or [1]))
-    return int(np.prod([int(v) for v in weights.split("x")])) * spatial
+    """The weight's size times the input's pixels (a linear layer's rows): proportional to the layer's
+    multiply-accumulates among layers of one class (``layer_class``: same kernel and input size), which is all the
+    fitted cost compares."""
+    kind, inputs, weights = sig.split(":")
+    dims = [int(v) for v in inputs.split("x")]
+    positions = dims[0] if kind == "gemm" else int(np.prod(dims[2:] or [1]))
+    return int(np.prod([int(v) for v in weights.split("x")])) * positions
 
 
 def layer_class(sig: str) -> str:
@@ -131,6 +153,53 @@ def read_trace(events: list[dict[str, Any]], skip: int = 0, torch_layers: list[s
     return ProfiledRun(layers, others, statistics.median(totals) if totals else 0.0)
 
 
+def op_kind(node_type: str) -> str | None:
+    """The layer kind a TFLite op-profile row times: ``conv``, ``dwconv`` (depthwise) or ``gemm``; None for the rest.
+    TFLite's own kernels are named by their builtin (``CONV_2D``), the ops XNNPACK runs by its operators
+    (``Convolution (NHWC, F32) IGEMM``, ``... DWConv``, ``Fully Connected (NC, QS8, QC8W) GEMM``)."""
+    if node_type in TFLITE_OPS:
+        return TFLITE_OPS[node_type]
+    if node_type.startswith("Convolution ("):
+        return "dwconv" if node_type.endswith("DWConv") else "conv"
+    return "gemm" if node_type.startswith("Fully Connected (") else None
+
+
+def torch_kind(sig: str) -> str:
+    """A torch layer signature's kind in ``op_kind``'s terms."""
+    kind, inputs, weights = sig.split(":")
+    depthwise = kind == "conv" and weights.split("x")[1] == "1" and inputs.split("x")[1] != "1"
+    return "dwconv" if depthwise else kind
+
+
+def read_op_profile(ops: list[dict[str, Any]], total_ms: float, torch_layers: list[str]) -> tuple[ProfiledRun, str] | None:
+    """A ``ProfiledRun`` from a TFLite op profile (``runtimes.benchmark_model_output.run_order``: rows in the order
+    they ran) of a model whose conv/linear signatures, in forward order, are ``torch_layers``; and how its rows were
+    matched to them. None when no row times a conv or linear layer (an old XNNPACK that reports its whole
+    subgraph as one row): no table can be read from it.
+
+    Neither TFLite's tensor names nor XNNPACK's (``Delegate/Convolution (NHWC, F32) IGEMM:3``) name the model's
+    layers, so the rows are matched by position: when the conv/linear rows, in order, have the kinds of the torch
+    layers in order, each row's time is that layer's ("by position"). When they do not (a converter fused, split or
+    reordered layers), each kind's total time is shared among its torch layers by their MACs ("by op type": the
+    table then knows what a MAC of each kind costs on the device, not each layer's own cost)."""
+    timed = [(kind, 1000.0 * float(op["avg_ms"])) for op in ops if (kind := op_kind(str(op["node_type"])))]
+    if not timed:
+        return None
+    others = {str(op["name"]): 1000.0 * float(op["avg_ms"]) for op in ops if op_kind(str(op["node_type"])) is None}
+    layers: dict[str, list[float]] = {}
+    if [kind for kind, _ in timed] == [torch_kind(sig) for sig in torch_layers]:
+        for sig, (_, micros) in zip(torch_layers, timed, strict=True):
+            layers.setdefault(sig, []).append(micros)
+        return ProfiledRun(layers, others, 1000.0 * total_ms), "by position"
+    for kind in {kind for kind, _ in timed}:
+        sigs = [sig for sig in torch_layers if torch_kind(sig) == kind]
+        macs = sum(layer_macs(sig) for sig in sigs)
+        spent = sum(micros for row_kind, micros in timed if row_kind == kind)
+        for sig in sigs:
+            layers.setdefault(sig, []).append(spent * layer_macs(sig) / max(macs, 1))
+    return ProfiledRun(layers, others, 1000.0 * total_ms), "by op type"
+
+
 def same_layer(torch_sig: str, trace_sig: str) -> bool:
     """Whether a trace node can be the torch layer: same kind, kernel and input size; channels padded, never fewer."""
     kind, inputs, weights = (part.split("x") for part in torch_sig.split(":"))
@@ -155,7 +224,7 @@ def layer_signatures(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
     def hook(name: str):
         def record(module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
             kind = "conv" if isinstance(module, nn.Conv2d) else "gemm"
-            found[name] = signature(kind, args[0].shape, module.weight.shape)
+            found[name] = signature(kind, args[0].shape, module.weight.shape, batch=args[0].shape[0])
 
         return record
 
@@ -178,6 +247,7 @@ class LatencyTable:
     key: dict[str, Any]
     entries: dict[str, list[float]] = field(default_factory=dict)
     profiled: list[str] = field(default_factory=list)  # fingerprints of the models profiled into it
+    lineage: str = field(default_factory=lambda: secrets.token_hex(8))  # kept while the stored table grows
 
     def add(self, run: ProfiledRun, fingerprint: str = "") -> None:
         for sig, times in run.layers.items():
@@ -195,7 +265,7 @@ class LatencyTable:
         return fitted_cost(points, layer_macs(sig))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": TABLE_FORMAT, "key": self.key, "entries": self.entries, "profiled": self.profiled}
+        return {"format": TABLE_FORMAT, "key": self.key, "entries": self.entries, "profiled": self.profiled, "lineage": self.lineage}
 
 
 def fitted_cost(points: list[tuple[int, float]], macs: int) -> float:
@@ -228,13 +298,44 @@ def cached_table(cache_root: Path | None, key: dict[str, Any]) -> LatencyTable:
     """The table stored for ``key`` under ``cache_root`` (a fresh one when none, unreadable, or no cache folder)."""
     if cache_root is None:
         return LatencyTable(key)
+    return stored_table(table_path(cache_root, key), key) or LatencyTable(key)
+
+
+def stored_table(path: Path, key: dict[str, Any]) -> LatencyTable | None:
+    """The table in ``path`` when it is one of this format for ``key``; None when absent, unreadable or another."""
     try:
-        data = json.loads(table_path(cache_root, key).read_text())
-        if data.get("format") == TABLE_FORMAT and data.get("key") == key:
-            return LatencyTable(key, {sig: [float(t) for t in times] for sig, times in data["entries"].items()}, list(data["profiled"]))
+        data = json.loads(path.read_text())
+        if data.get("format") == TABLE_FORMAT and data.get("key") == key and isinstance(data.get("lineage"), str):
+            entries = {sig: [float(t) for t in times] for sig, times in data["entries"].items()}
+            return LatencyTable(key, entries, list(data["profiled"]), data["lineage"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    return LatencyTable(key)
+    return None
+
+
+def table_lineage(cache_root: Path, key: dict[str, Any]) -> str:
+    """The lineage of the table stored for ``key`` under ``cache_root``; when none is stored (or it is unreadable or of
+    an older format), an empty table with a new lineage is stored first, so the build that fills it keeps its id.
+    Two builds creating it at once agree: the first file linked into place wins."""
+    path = table_path(cache_root, key)
+    table = stored_table(path, key)
+    if table is not None:
+        return table.lineage
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = LatencyTable(key)
+    staging = path.with_name(f".{path.name}.{fresh.lineage}.new")
+    write_json_atomic(staging, fresh.to_dict())
+    try:
+        if path.exists():  # a damaged or older table: replaced by the fresh one
+            os.replace(staging, path)
+            return fresh.lineage
+        os.link(staging, path)
+    except FileExistsError:
+        pass
+    finally:
+        staging.unlink(missing_ok=True)
+    table = stored_table(path, key)
+    return table.lineage if table is not None else fresh.lineage
 
 
 def store_table(cache_root: Path | None, table: LatencyTable) -> None:

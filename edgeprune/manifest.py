@@ -47,6 +47,8 @@ VOLATILE_FIELDS = (
     "artifacts.*.benchmark",
     "parity_data.path",
     "speedups",
+    "primary_selection",
+    "stages.*.metrics.primary_selection",
     "budgets.violations",
     "budgets.passed",
 )
@@ -62,9 +64,12 @@ SHIPPED = {  # artefact name in the pipeline -> file name in the output folder
 }
 
 
-def primary_artifact(config: BuildConfig) -> str:
+def primary_artifact(config: BuildConfig, benchmark: dict[str, Any] | None = None) -> str:
     """The artefact the target ships to its device: first export format, target precision (the PyTorch model file
-    when the profile exports nothing)."""
+    when the profile exports nothing); with ``quantize.select = "fastest"``, the file the benchmark chose."""
+    selection = (benchmark or {}).get("primary_selection")
+    if selection:
+        return selection["selected"]
     if not config.export.formats:
         return "model"
     precision = "fp32" if config.quantize.scheme == "none" else config.quantize.scheme
@@ -74,13 +79,14 @@ def primary_artifact(config: BuildConfig) -> str:
 def make_manifest(config: BuildConfig, dataset: Dataset, result: PipelineResult, shipped: dict[str, Artifact]) -> dict[str, Any]:
     stages = {record.name: record for record in result.records}
     benchmark = stages["benchmark"].metrics if "benchmark" in stages else {}
-    primary = primary_artifact(config)
+    primary = primary_artifact(config, benchmark)
     artifacts = {name: describe_artifact(artifact, benchmark) for name, artifact in shipped.items()}  # read from the files
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "target": config.name,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "primary_artifact": primary,
+        **({"primary_selection": benchmark["primary_selection"]} if "primary_selection" in benchmark else {}),
         "artifacts": artifacts,
         "accuracy": accuracy_summary(stages, artifacts, primary),
         "model": model_summary(stages, artifacts),

@@ -3,8 +3,9 @@
 The stage contract (``Stage``, ``StageContext``, ``StageOutput``) is in
 ``edgeprune.stages.base``. A stage's cache key is (name, version, its config
 sections, the hashes of what it consumes, the data fingerprint and
-preprocessing, the seed, tool versions, its ``fingerprint``, and torch's
-thread count when it ``trains``).
+preprocessing, the seed, tool versions, its ``fingerprint``, torch's
+thread count when it ``trains``, and its ``shared_inputs``: what it reuses
+from the cache folder across builds, e.g. a latency table's identity).
 
 A stage's files only become a cache entry when it returns: Ctrl-C, SIGTERM
 (see ``edgeprune.interrupts``), a full disk or a crash leave no entry behind,
@@ -25,6 +26,7 @@ from edgeprune.artifacts import Artifact, write_error
 from edgeprune.cache import Cache, cache_key
 from edgeprune.config import BuildConfig
 from edgeprune.data import Dataset
+from edgeprune.primary_selection import check_selectable
 from edgeprune.progress import Reporter
 from edgeprune.stages.base import PipelineResult, Stage, StageContext, StageOutput, StageRecord
 from edgeprune.stages.baseline import Baseline
@@ -56,13 +58,18 @@ def plan_for(config: BuildConfig) -> list[Stage]:
         plan.append(ExportPte.checked(config))  # a missing extra fails here, before any stage runs
     if config.quantize.scheme != "none":
         plan.append(Quantize())
+    check_selectable(config)  # quantize.select = "fastest" measures: fails here, before any stage runs
     if config.benchmark.enabled:
         plan.append(Benchmark())
     return plan
 
 
-def key_components(stage: Stage, config: BuildConfig, dataset: Dataset, inputs: dict[str, Artifact]) -> dict[str, Any]:
+def key_components(
+    stage: Stage, config: BuildConfig, dataset: Dataset, inputs: dict[str, Artifact], cache_root: Path | None = None
+) -> dict[str, Any]:
     sections = config.to_dict()
+    # What a stage reuses from the cache folder across builds (a speed-up search's latency table) joins its key.
+    shared = stage.shared_inputs(config, cache_root) if hasattr(stage, "shared_inputs") else {}
     return {
         "stage": stage.name,
         "version": stage.version,
@@ -74,6 +81,7 @@ def key_components(stage: Stage, config: BuildConfig, dataset: Dataset, inputs: 
         "tools": tool_versions(),
         # Training with 1 or 2 intra-op threads sums in another order: other weights, so another cache entry.
         **({"torch_threads": torch.get_num_threads()} if stage.trains else {}),
+        **({"shared": shared} if shared else {}),
     }
 
 
@@ -105,7 +113,7 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, 
 
 
 def _run_stage(stage, config, dataset, artifacts, cache, reporter, force, scope):
-    components = key_components(stage, config, dataset, artifacts)
+    components = key_components(stage, config, dataset, artifacts, cache.root)
     key = cache_key(components)
     started = time.perf_counter()
     with cache.entry_lock(stage.name, key):  # two builds never compute the same entry at once

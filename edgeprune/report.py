@@ -18,7 +18,7 @@ def markdown_report(manifest: dict[str, Any], plots: Iterable[tuple[str, str]] =
     """The report; ``plots`` are (file stem, title) pairs of PNGs written to ``plots/``."""
     lines = [f"# edgeprune build: {_escape(manifest['target'])}", ""]
     lines += _summary(manifest) + _plots(plots) + _stages(manifest) + _artifacts(manifest) + _device_parity(manifest)
-    lines += _delegation(manifest) + _quantization(manifest)
+    lines += _delegation(manifest) + _quantization(manifest) + _primary_selection(manifest)
     lines += _loaded(manifest) + _left_unpruned(manifest) + _speed_search(manifest) + _channels(manifest) + _budgets(manifest)
     lines += [
         "## Preprocessing (a device app must repeat it)",
@@ -250,6 +250,44 @@ def _left_unpruned(manifest: dict[str, Any]) -> list[str]:
         return []
     lines = ["## Layer groups not pruned", "", "| layer group | why |", "|---|---|"]
     return lines + [f"| `{_escape(layer)}` | {_escape(reason)} |" for layer, reason in rows] + [""]
+
+
+PRIMARY_SELECTION_HEADER = ["candidate", "p50 ms", "speed-up over fp32", "top-1", "within the accuracy budget"]
+
+
+def primary_selection_line(manifest: dict[str, Any]) -> str:
+    """``quantize.select = "fastest"``: which file won and by how much, in one sentence ("" without a selection)."""
+    selection = manifest.get("primary_selection")
+    if not selection:
+        return ""
+    winner, rows = selection["selected"], selection["candidates"]
+    p50 = rows[winner]["latency_p50_ms"]
+    chose = f"quantize.select = 'fastest' chose {winner}" + (f" at {p50:.3f} ms p50" if p50 else "")
+    where = f" on {selection['device']} (timed {selection['method']})"
+    other = selection.get("runner_up")
+    if other and selection.get("margin"):
+        other_p50 = rows[other]["latency_p50_ms"]
+        return f"{chose}, {selection['margin']:.2f}× faster than {other}" + (f" ({other_p50:.3f} ms)" if other_p50 else "") + where
+    left_out = [name for name, values in rows.items() if not values["within_budget"]]
+    return f"{chose}, the only file measured" + (f" ({', '.join(left_out)} out of the accuracy budget)" if left_out else "") + where
+
+
+def primary_selection_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """One row per candidate of the fastest-artefact choice: p50, speed-up over fp32, top-1, budget (or why not)."""
+    rows = []
+    for name, values in manifest.get("primary_selection", {}).get("candidates", {}).items():
+        speedup = values["speedup_vs_fp32"]
+        budget = "yes" if values["within_budget"] else f"no: {values['reason']}"
+        rows.append([name, _num(values["latency_p50_ms"]), "-" if speedup is None else f"{speedup:.2f}x", _pct(values["accuracy"]), budget])
+    return rows
+
+
+def _primary_selection(manifest: dict[str, Any]) -> list[str]:
+    line = primary_selection_line(manifest)
+    if not line:
+        return []
+    table = _section("", PRIMARY_SELECTION_HEADER, "|---|---:|---:|---:|---|", primary_selection_rows(manifest))[2:]
+    return ["## Primary artefact chosen by measurement", "", _escape(line) + ".", "", *table]
 
 
 SPEED_SEARCH_HEADER = ["step", "move", "predicted ms", "measured ms", "speed-up", "held-out top-1"]

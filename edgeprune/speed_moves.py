@@ -1,8 +1,11 @@
 """The moves a speed-up search weighs, and what each costs in accuracy and gains in predicted latency.
 
-Two kinds of move change a model: removing a residual block whole (``edgeprune.depth_pruning``: every
-operator of the block is gone) and narrowing one layer group by one step of ``prune.round_to``
-(``edgeprune.rounding.allowed_widths``; at most ``MAX_RATIO`` of its channels go). A move is *scored* by
+Three kinds of move change a model: removing a residual block whole (``edgeprune.depth_pruning``: every
+operator of the block is gone), narrowing one layer group by one step of ``prune.round_to``
+(``edgeprune.rounding.allowed_widths``; at most ``MAX_RATIO`` of its channels go), and, in a transformer
+whose attention declares ``num_heads`` (timm's layout, ``edgeprune.pruning.attention_heads``), dropping one
+attention head whole (Torch-Pruning's head pruning: the qkv projection loses one head's rows, the output
+projection its columns, ``num_heads`` goes down by one; at least one head stays). A move is *scored* by
 building the candidate, re-estimating its BatchNorm statistics, and measuring its top-1 on held-out
 training images: the score is the latency the table predicts it saves (``edgeprune.latency_table``) per
 point of held-out top-1 it costs. A width move that the pruning guard finds would break the model (a
@@ -16,7 +19,7 @@ such blocks stay whole, and ``kept_whole_blocks`` says why.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,7 @@ from torch import nn
 
 from edgeprune.depth_pruning import DroppedBlock, drop_blocks, residual_blocks
 from edgeprune.latency_table import LatencyTable, ProfiledRun, block_of, layer_signatures
-from edgeprune.pruning import MAX_RATIO, Guard, guarded_prune, protected_layers, root_channels, verify_pruned_model
+from edgeprune.pruning import MAX_RATIO, Guard, attention_heads, guarded_prune, protected_layers, root_channels, verify_pruned_model
 from edgeprune.rounding import allowed_widths
 from edgeprune.structured_pruning import TAYLOR_SAMPLES, PruningRun
 from edgeprune.training import count_macs_params, evaluate, example_batch, recalibrate_batchnorm
@@ -49,6 +52,8 @@ class Move:
         return f"{self.kind}:{self.target}:{self.width}"
 
     def describe(self) -> str:
+        if self.kind == "heads":
+            return f"drop one attention head of {self.target} ({self.width} qkv features left)"
         return f"remove block {self.target}" if self.kind == "depth" else f"narrow {self.target} to {self.width} channels"
 
 
@@ -112,7 +117,7 @@ class MoveScorer:
 
     run: PruningRun
     predictor: LatencyPredictor
-    kinds: tuple[str, ...]  # "depth" and/or "width"
+    kinds: tuple[str, ...]  # "depth", "width" and/or "heads"
     rejected: dict[str, str] = field(default_factory=dict)  # move key -> why it cannot be made
 
     def held_out(self) -> tuple[np.ndarray, np.ndarray]:
@@ -135,6 +140,8 @@ class MoveScorer:
                 if name in present and name not in flagged:
                     narrower = next_width(width, root_channels(model, name), round_to)
                     found += [Move("width", name, narrower)] if narrower else []
+        if "heads" in self.kinds:
+            found += head_moves(run)
         return [move for move in found if move.key not in self.rejected]
 
     def score(self, move: Move) -> Scored | None:
@@ -145,7 +152,7 @@ class MoveScorer:
             verify_pruned_model(candidate, example_batch(run.dataset, batch=4), run.config.model.num_classes)
         else:
             candidate = self.narrowed(move)
-            if candidate is None:
+            if candidate is None or (move.kind == "heads" and not self.one_head_fewer(move, candidate)):
                 return None
         if run.config.prune.recalibrate_batchnorm:
             recalibrate_batchnorm(candidate, run.dataset.x_train[:SCORE_RECALIBRATION])
@@ -154,7 +161,8 @@ class MoveScorer:
     def narrowed(self, move: Move) -> nn.Module | None:
         run, guard = self.run, pruning_guard(self.run)
         flagged = {item.layer for item in run.untracked}
-        pruned = guarded_prune(run.model, run.config.prune, run.protected | flagged, run.groups, {move.target: move.width}, guard)
+        config = replace(run.config.prune, prune_num_heads=move.kind == "heads")
+        pruned = guarded_prune(run.model, config, run.protected | flagged, run.groups, {move.target: move.width}, guard)
         if pruned.untracked:
             for item in pruned.untracked:
                 run.reporter.warn(f"prune_structured: keeping {item.layer} whole: {item.reason}")
@@ -163,6 +171,32 @@ class MoveScorer:
             return None
         verify_pruned_model(pruned.model, guard.sample, run.config.model.num_classes)
         return pruned.model
+
+    def one_head_fewer(self, move: Move, candidate: nn.Module) -> bool:
+        """Whether dropping a head left ``move.target``'s attention with exactly one head fewer (else never proposed again)."""
+        before, after = heads_of(self.run.model, move.target), heads_of(candidate, move.target)
+        if after == before - 1:
+            return True
+        self.rejected[move.key] = f"head pruning left {after} of {before} heads, not one fewer"
+        return False
+
+
+def heads_of(model: nn.Module, qkv: str) -> int:
+    """``num_heads`` of the attention module whose qkv projection is ``qkv``."""
+    return int(model.get_submodule(qkv.rpartition(".")[0]).num_heads)
+
+
+def head_moves(run: PruningRun) -> list[Move]:
+    """One head-dropping move per attention of ``run.model`` the plan may narrow that has more than one head and keeps
+    at least ``1 - MAX_RATIO`` of its original qkv features after it."""
+    flagged, moves, names = {item.layer for item in run.untracked}, [], names_of(run.model)
+    for qkv, heads in attention_heads(run.model).items():
+        name = names.get(qkv, "")
+        original = run.plan.widths.get(name)
+        width = qkv.out_features - qkv.out_features // max(heads, 1)
+        if original and name not in flagged and heads > 1 and width >= math.ceil(original * (1 - MAX_RATIO) - 1e-9):
+            moves.append(Move("heads", name, width))
+    return moves
 
 
 def pruning_guard(run: PruningRun) -> Guard:
@@ -212,4 +246,10 @@ def describe_model(run: PruningRun, dense_widths: dict[str, int]) -> dict[str, A
     removed = [name for name, module in run.model.named_modules() if isinstance(module, DroppedBlock)]
     narrowed = {name: width - root_channels(run.model, name) for name, width in dense_widths.items() if name in present}
     moved = sum(1 for channels in narrowed.values() if channels)
-    return {"blocks_removed": removed, "channels_removed": sum(narrowed.values()), "groups_narrowed": moved}
+    attentions = [names_of(run.dense)[qkv] for qkv in attention_heads(run.dense)]
+    heads = sum(heads_of(run.dense, name) - heads_of(run.model, name) for name in attentions if name in present)
+    return {"blocks_removed": removed, "channels_removed": sum(narrowed.values()), "groups_narrowed": moved, "heads_removed": heads}
+
+
+def names_of(model: nn.Module) -> dict[nn.Module, str]:
+    return {module: name for name, module in model.named_modules()}

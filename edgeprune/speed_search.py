@@ -10,8 +10,9 @@ lost is taken. Scores are reused across steps and only the leading ones re-score
 costs a few candidates, not all of them.
 
 Each accepted step is exported and measured on the device beside the unpruned model (paired, as the
-uniform loop measures); on the local onnxruntime device it is also profiled, which refreshes the
-predictor and grows the cached table. The row records the predicted and the measured latency. The search
+uniform loop measures); on the local onnxruntime device, and on an adb/ssh device whose URL names TFLite's
+``benchmark_model`` (its ``--enable_op_profiling`` output, ``latency_table.read_op_profile``), it is also
+profiled, which refreshes the predictor and grows the cached table. The row records the predicted and the measured latency. The search
 stops once the measured speed-up reaches the target (confirmed by as many pairs again).
 
 Accuracy is judged where it counts: the model the search stopped at is recovered (``prune.recover_epochs``
@@ -35,10 +36,20 @@ import onnxruntime
 from torch import nn
 
 from edgeprune.cache import cache_key
-from edgeprune.config import PruneConfig
-from edgeprune.latency_table import LatencyTable, cached_table, layer_signatures, profile_onnx, store_table
+from edgeprune.config import BuildConfig, PruneConfig
+from edgeprune.latency_table import (
+    TABLE_FORMAT,
+    LatencyTable,
+    ProfiledRun,
+    cached_table,
+    layer_signatures,
+    profile_onnx,
+    read_op_profile,
+    store_table,
+    table_lineage,
+)
 from edgeprune.pruning import guarded_prune, root_channels
-from edgeprune.runtimes import paired_speedup
+from edgeprune.runtimes import paired_speedup, profile_ops, profiles_ops
 from edgeprune.runtimes.runner import cpu_model
 from edgeprune.speed_moves import (
     LOSS_FLOOR,
@@ -144,8 +155,8 @@ class GreedySearch:
         if paired_speedup(pairs) >= self.target:
             pairs += measure_pairs(self.probe, self.dense_path, path)
         timing = pairs_summary(pairs)
-        if self.table is not None:
-            profiled = profile_onnx(path, self.probe.settings.threads, list(layer_signatures(run.model, predictor.example).values()))
+        profiled = profile_model(self.probe, path, list(layer_signatures(run.model, predictor.example).values()))[0] if self.table else None
+        if self.table is not None and profiled is not None:
             self.table.add(profiled)
             predictor.refresh(profiled)
         predictor.calibrate(run.model, timing["latency_p50_ms"])
@@ -171,7 +182,7 @@ def search_speedup(
     keeps whole). Leaves the chosen model in ``run.model``, recovered. Raises what export and benchmark raise.
     """
     started = time.perf_counter()
-    kinds = ("depth", "width") if config.speedup_moves == "search" else (config.speedup_moves,)
+    kinds = ("depth", "width", "heads") if config.speedup_moves == "search" else (config.speedup_moves,)
     dense_widths = {group: root_channels(run.model, group) for group in run.plan.widths}
     with tempfile.TemporaryDirectory(prefix="edgeprune-search-") as scratch:
         folder = Path(scratch)
@@ -206,14 +217,49 @@ def search_speedup(
     return SearchOutcome(trajectory, summary)
 
 
+def table_key(fmt: str, device: str, threads: int) -> dict[str, Any] | None:
+    """What a latency table is kept per: the device (this machine by its CPU, a remote one by its URL), the runtime
+    (onnxruntime and its version here, TFLite's benchmark_model over adb/ssh), the thread count; None where no
+    per-node profiler runs (latency is then predicted from MACs)."""
+    if fmt == "onnx" and device == "local":
+        return {"device": f"local: {cpu_model()}", "runtime": f"onnxruntime {onnxruntime.__version__}", "threads": threads}
+    if profiles_ops(device, fmt):
+        return {"device": device, "runtime": "tflite benchmark_model --enable_op_profiling", "threads": threads}
+    return None
+
+
+def profile_model(probe: LatencyProbe, path: Path, torch_layers: list[str]) -> tuple[ProfiledRun | None, str]:
+    """One profiled run of ``path`` on the probe's device (onnxruntime's per-node profiler here, TFLite's op profile
+    over adb/ssh) and how its nodes were matched to ``torch_layers``; None when the profile times no layer."""
+    if probe.fmt == "onnx" and probe.device == "local":
+        return profile_onnx(path, probe.settings.threads, torch_layers), "onnxruntime's per-node profiler"
+    measured = profile_ops(path, probe.device, probe.settings)
+    read = read_op_profile(measured["run_order"], measured["inference_avg_ms"], torch_layers) if measured else None
+    if read is None:
+        return None, f"benchmark_model's op profile on {probe.device} timed no conv or linear layer"
+    return read[0], f"benchmark_model's op profile on {probe.device}, layers matched {read[1]}"
+
+
+def latency_table_identity(config: BuildConfig, cache_root: Path | None) -> dict[str, Any]:
+    """The cache-key part of the latency table a profile's speed-up search would use: its key, format and lineage
+    (``latency_table.table_lineage``); empty where the profile runs no search or no table is kept."""
+    if config.prune.speedup <= 0 or config.prune.speedup_moves == "uniform" or not config.export.formats:
+        return {}
+    key = table_key(config.export.formats[0], config.benchmark.device, config.benchmark.threads)
+    if key is None:
+        return {}
+    lineage = table_lineage(cache_root, key) if cache_root is not None else None
+    return {"latency_table": {**key, "format": TABLE_FORMAT, "lineage": lineage}}
+
+
 def open_table(run: PruningRun, probe: LatencyProbe, cache_root: Path | None, folder: Path) -> tuple[LatencyTable | None, str]:
     """The latency table of the probe's device (cached per device, runtime and threads), with the uniform narrowings of
-    the model profiled into it unless an earlier build did; None where onnxruntime's profiler cannot run (remote
-    devices, TFLite): latency is then predicted from MACs."""
-    if probe.fmt != "onnx" or probe.device != "local":
+    the model profiled into it unless an earlier build did; None where no per-node profiler runs (onnxruntime here,
+    benchmark_model's op profile over adb/ssh) or it times no layer: latency is then predicted from MACs."""
+    key = table_key(probe.fmt, probe.device, probe.settings.threads)
+    if key is None:
         return None, f"MACs (no per-node profiler for {probe.describe()}); every accepted step measured"
-    key = {"device": f"local: {cpu_model()}", "runtime": f"onnxruntime {onnxruntime.__version__}", "threads": probe.settings.threads}
-    table = cached_table(cache_root, key)
+    table, how = cached_table(cache_root, key), "profiled by earlier builds"
     example, round_to = example_batch(run.dataset), run.config.prune.round_to
     model_id = cache_key(sorted(layer_signatures(run.model, example).values()))
     for steps in range(0, WIDTH_RUNS + 1):
@@ -222,8 +268,11 @@ def open_table(run: PruningRun, probe: LatencyProbe, cache_root: Path | None, fo
             continue
         narrowed = uniformly_narrowed(run, steps)
         path = probe.export(narrowed, folder / f"table-{steps}")
-        table.add(profile_onnx(path, probe.settings.threads, list(layer_signatures(narrowed, example).values())), fingerprint)
-    return table, f"latency table ({len(table.entries)} layer signatures, {len(table.profiled)} profiled models)"
+        profiled, how = profile_model(probe, path, list(layer_signatures(narrowed, example).values()))
+        if profiled is None:
+            return None, f"MACs ({how}); every accepted step measured"
+        table.add(profiled, fingerprint)
+    return table, f"latency table ({len(table.entries)} layer signatures, {len(table.profiled)} profiled models; {how})"
 
 
 def uniformly_narrowed(run: PruningRun, steps: int) -> nn.Module:
@@ -295,8 +344,8 @@ def untried_moves(run: PruningRun, kinds: tuple[str, ...], kept: list[dict[str, 
         found.append("removing residual blocks (prune.speedup_moves = 'width')")
     if "width" not in kinds:
         found.append("narrowing layer groups (prune.speedup_moves = 'depth')")
-    if run.config.prune.prune_num_heads or any(hasattr(module, "num_heads") for module in run.model.modules()):
-        found.append("dropping attention heads (not a move of this search)")
+    if "heads" not in kinds and any(hasattr(module, "num_heads") for module in run.model.modules()):
+        found.append(f"dropping attention heads (prune.speedup_moves = '{run.config.prune.speedup_moves}')")
     return found
 
 
@@ -304,7 +353,8 @@ def verdict(summary: dict[str, Any], probe: LatencyProbe, max_drop: float, stop:
     """One line: the target reached, or why not, with the fastest model within the budget and the moves not tried."""
     done = (
         f"{len(row.get('blocks_removed', []))} blocks removed, {row.get('channels_removed', 0)} channels removed, "
-        f"top-1 {summary['accuracy_after_recovery'] - summary['accuracy_before']:+.2f} points against the unpruned model after recovery"
+        + (f"{row['heads_removed']} attention heads dropped, " if row.get("heads_removed") else "")
+        + f"top-1 {summary['accuracy_after_recovery'] - summary['accuracy_before']:+.2f} points against the unpruned model after recovery"
     )
     if summary["reached"]:
         return f"prune.speedup={summary['target']:g} reached: measured {summary['measured_speedup']:.2f}x on {probe.describe()} ({done})"

@@ -19,6 +19,8 @@ from edgeprune.runtimes.benchmarking import (
     device_computes_outputs,
     device_outputs,
     paired_speedup,
+    profile_ops,
+    profiles_ops,
 )
 from edgeprune.runtimes.registry import open_adapter
 
@@ -34,4 +36,6 @@ __all__ = [
     "open_adapter",
     "paired_speedup",
     "parse_benchmark_model_output",
+    "profile_ops",
+    "profiles_ops",
 ]

@@ -14,6 +14,9 @@ Two ways to run, chosen per artefact:
 * ``adb://SERIAL?python=/data/.../python3`` — ``runner.py`` under a Python that lives
   on the device (e.g. Termux), for .onnx, .tflite and .pte, with full percentiles.
 
+With ``benchmark_model``, ``profile_ops`` runs it once with ``--enable_op_profiling=true``: each
+operator's time on the device, for the speed-up search's latency table.
+
 Files go to a ``mktemp -d`` directory under /data/local/tmp, removed in ``cleanup``.
 """
 
@@ -35,7 +38,7 @@ from edgeprune.runtimes.base import (
     run_repeats,
     with_retries,
 )
-from edgeprune.runtimes.benchmark_model_output import parse_benchmark_model_output
+from edgeprune.runtimes.benchmark_model_output import benchmark_model_args, op_profiling_run, parse_benchmark_model_output
 from edgeprune.runtimes.commands import parse_runner_stdout, run_command, stderr_tail
 from edgeprune.runtimes.executor_runner_output import (
     executor_runner_args,
@@ -54,21 +57,6 @@ _ADB_TRANSIENT = re.compile(
 )
 _SAFE_REMOTE_DIR = re.compile(r"^/data/local/tmp/[A-Za-z0-9._-]+$")
 _PROPERTY = re.compile(r"^\[([^\]]+)\]: \[(.*)\]$")
-
-
-def benchmark_model_args(binary: str, model: str, settings: BenchSettings) -> list[str]:
-    """benchmark_model flags equivalent to the runner's for ``settings``."""
-    return [
-        binary,
-        f"--graph={model}",
-        f"--num_threads={settings.threads}",
-        f"--warmup_runs={settings.warmup}",
-        "--warmup_min_secs=0",
-        f"--num_runs={settings.iterations}",
-        f"--min_secs={settings.min_seconds:g}",
-        f"--max_secs={settings.timeout_s:g}",
-        f"--use_xnnpack={str(settings.use_xnnpack).lower()}",
-    ]
 
 
 def runner_json_from_benchmark_model(parsed: dict, settings: BenchSettings, facts: dict) -> dict:
@@ -206,6 +194,21 @@ class AdbAdapter:
         except DeviceError as error:
             raise DeviceError(f"{what}: exit {completed.returncode}: {error}") from error
         return runner_json_from_executor_runner(parsed, settings.warmup, settings.threads, self._device_facts)
+
+    def profile_ops(self, artifact: Path, settings: BenchSettings) -> dict:
+        """One benchmark_model run of a .tflite with op profiling: ``run_order`` (each operator's ``node_type``,
+        ``name``, ``avg_ms``) and ``inference_avg_ms``.
+
+        Raises:
+            DeviceError: no ``benchmark_model`` for this artefact, or the run failed.
+        """
+        tool = self._device_tool(artifact)
+        if tool is None or tool[0] != "benchmark_model":
+            raise DeviceError(f"{self.name}: op profiling runs TFLite's benchmark_model: pass ?benchmark_model=/host/path and a .tflite")
+        self.prepare(artifact)
+        what = f"{self.name}: op profile of {artifact.name}"
+        argv = benchmark_model_args(f"{self.remote_dir}/benchmark_model", f"{self.remote_dir}/{artifact.name}", settings, op_profiling=True)
+        return with_retries(lambda: op_profiling_run(self._shell(shlex.join(argv), what), what), settings.retries, what)
 
     def run(self, artifact: Path, settings: BenchSettings) -> BenchResult:
         """One benchmark_model, executor_runner or runner process per repeat, retried if the device drops.

@@ -1,4 +1,4 @@
-"""Read the text that TFLite's official ``benchmark_model`` binary prints.
+"""Run and read TFLite's official ``benchmark_model`` binary: its command line and the text it prints.
 
 The tool's output changes between TensorFlow/LiteRT releases and is often cut short
 (a killed ``adb shell``), so every figure is optional: a missing or garbled line gives
@@ -11,13 +11,47 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
 
 from edgeprune.errors import DeviceError
+from edgeprune.runtimes.base import BenchSettings
 
 _NUMBER = r"([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
 _TOP_OPS = 10
 _RUN_HEADER = "Running benchmark for at least"
 _REGULAR_PROFILE_HEADER = "Operator-wise Profiling Info for Regular Benchmark Runs"
+
+
+def benchmark_model_args(binary: str, model: str, settings: BenchSettings, op_profiling: bool = False) -> list[str]:
+    """benchmark_model flags equivalent to the runner's for ``settings`` (with each operator's time when ``op_profiling``)."""
+    return [
+        binary,
+        f"--graph={model}",
+        f"--num_threads={settings.threads}",
+        f"--warmup_runs={settings.warmup}",
+        "--warmup_min_secs=0",
+        f"--num_runs={settings.iterations}",
+        f"--min_secs={settings.min_seconds:g}",
+        f"--max_secs={settings.timeout_s:g}",
+        f"--use_xnnpack={str(settings.use_xnnpack).lower()}",
+        *(["--enable_op_profiling=true"] if op_profiling else []),
+    ]
+
+
+def op_profiling_run(completed: subprocess.CompletedProcess[str], what: str) -> dict:
+    """``run_order`` and ``inference_avg_ms`` of a finished ``--enable_op_profiling=true`` run.
+
+    Raises DeviceError when it printed no latency, or no operator's time (a release without the flag).
+    """
+    text = completed.stdout + "\n" + completed.stderr
+    try:
+        parsed = parse_benchmark_model_output(text)
+    except DeviceError as error:
+        raise DeviceError(f"{what}: exit {completed.returncode}: {error}") from error
+    ops = run_order(text)
+    if not ops:
+        raise DeviceError(f"{what}: benchmark_model printed no operator profile (does this build know --enable_op_profiling?)")
+    return {"run_order": ops, "inference_avg_ms": parsed["inference_avg_ms"]}
 
 
 def _search_float(pattern: str, text: str) -> float | None:
@@ -93,18 +127,43 @@ def _threads(text: str) -> int | None:
     return _count(value)
 
 
-def _table_rows(section: str, title: str) -> list[list[str]]:
-    """Tab-separated data rows of the ``===== title =====`` table inside ``section``."""
+def _table_rows(section: str, title: str) -> list[dict[str, str]]:
+    """The data rows of the ``===== title =====`` table inside ``section``, each keyed by its column header
+    (``[node type]``, ``[avg ms]``, ``[name]`` … lower-cased): releases differ in their columns (a ``[start]``
+    column until TensorFlow 2.12, none since), so a cell is found by its header, never by its position."""
     start = section.find(title)
     if start < 0:
         return []
-    rows: list[list[str]] = []
-    for line in section[start:].splitlines()[2:]:  # skip the title and the column header
+    lines = section[start:].splitlines()[1:]
+    header = [cell.strip().lower() for cell in lines[0].strip().split("\t")] if lines else []
+    rows: list[dict[str, str]] = []
+    for line in lines[1:]:
         cells = [cell.strip() for cell in line.strip().split("\t")]
-        if len(cells) < 4 or line.startswith("="):
+        if len(cells) < 4 or line.strip().startswith("="):
             break
-        rows.append(cells)
+        rows.append(dict(zip(header, cells, strict=False)) | {"[name]": cells[-1]})
     return rows
+
+
+def _percent(cell: str) -> float:
+    return float(cell.rstrip("%"))
+
+
+def run_order(text: str) -> list[dict[str, float | str]]:
+    """Every node of the regular runs' op profile in the order it ran: ``node_type``, ``name``, ``avg_ms``. TFLite's
+    own kernels are named after their output tensor (``[MobilenetV1/Conv2d_0/Relu6]:0``); the ops XNNPACK runs
+    (TensorFlow 2.9.1 and later) after XNNPACK's operator (``Delegate/Convolution (NHWC, F32) IGEMM:0``), with no
+    trace of the model's layer names. Empty without an op profile; unreadable rows are left out."""
+    start = text.find(_REGULAR_PROFILE_HEADER)
+    if start < 0:
+        return []
+    ops: list[dict[str, float | str]] = []
+    for row in _table_rows(text[start:], "Run Order"):
+        try:
+            ops.append({"node_type": row["[node type]"], "name": row["[name]"], "avg_ms": float(row["[avg ms]"])})
+        except (KeyError, ValueError):
+            continue
+    return ops
 
 
 def _op_profile(text: str) -> dict | None:
@@ -114,18 +173,25 @@ def _op_profile(text: str) -> dict | None:
         return None
     section = text[start:]
     ops = []
-    for cells in _table_rows(section, "Run Order"):
-        try:  # node type, start, first, avg ms, %, cdf%, mem KB, times called, name
-            ops.append({"node_type": cells[0], "name": cells[-1], "avg_ms": float(cells[3]), "percent": float(cells[4].rstrip("%"))})
-        except (ValueError, IndexError):
+    for row in _table_rows(section, "Run Order"):
+        try:
+            ops.append(
+                {"node_type": row["[node type]"], "name": row["[name]"], "avg_ms": float(row["[avg ms]"]), "percent": _percent(row["[%]"])}
+            )
+        except (KeyError, ValueError):
             continue
     node_types = []
-    for cells in _table_rows(section, "Summary by node type"):
-        try:  # node type, count, avg ms, avg %, cdf %, mem KB, times called
+    for row in _table_rows(section, "Summary by node type"):
+        try:
             node_types.append(
-                {"node_type": cells[0], "count": int(cells[1]), "avg_ms": float(cells[2]), "percent": float(cells[3].rstrip("%"))}
+                {
+                    "node_type": row["[node type]"],
+                    "count": int(row["[count]"]),
+                    "avg_ms": float(row["[avg ms]"]),
+                    "percent": _percent(row["[avg %]"]),
+                }
             )
-        except (ValueError, IndexError):
+        except (KeyError, ValueError):
             continue
     nodes = _search_float(r"Number of nodes executed:\s*" + _NUMBER, section)
     ops.sort(key=lambda op: op["avg_ms"], reverse=True)

@@ -74,6 +74,19 @@ def device_outputs(artifact: Path, samples: Path, device: str, local_dir: Path, 
     return _on_device(device, settings, "outputs", Path(artifact), Path(samples), Path(local_dir), settings)
 
 
+def profile_ops(artifact: Path, device: str, settings: BenchSettings = BenchSettings()) -> dict | None:
+    """Each operator's time for ``artifact`` on ``device`` from one op-profiled run of TFLite's ``benchmark_model``
+    (``run_order``: ``node_type``, ``name``, ``avg_ms``; ``inference_avg_ms``); None where the adapter has no
+    op profiler. Raises DeviceError like ``benchmark``, or when the device has no ``benchmark_model`` for it."""
+    return _on_device(device, settings, "profile_ops", Path(artifact), settings)
+
+
+def profiles_ops(device: str, suffix: str) -> bool:
+    """Whether ``device`` can profile a ``suffix`` file's operators: a ``.tflite`` on a device whose URL names TFLite's
+    ``benchmark_model`` (adb, ssh). Raises DeviceError for an unknown or malformed device."""
+    return suffix.lower().lstrip(".") == "tflite" and getattr(open_adapter(device), "benchmark_model", None) is not None
+
+
 def paired_speedup(pairs: Sequence[tuple[float, float]]) -> float:
     """The median of the per-pair speed-ups (baseline / artifact)."""
     return statistics.median(baseline / p50 for baseline, p50 in pairs)

@@ -10,6 +10,9 @@ edgeprune's own known_hosts file, not the user's. Options in the query string:
 ``known_hosts``  the known_hosts file to use (default ``~/.cache/edgeprune/known_hosts``)
 ``emulated``     ``yes`` / ``no``: whether the host is emulated (qemu, say), where the runner's own detection
                  (``emulated`` in its JSON) is wrong; an emulated device's timings are marked not representative
+``benchmark_model``  the path *on the host* of TFLite's ``benchmark_model``: ``profile_ops`` runs it with
+                 ``--enable_op_profiling=true`` on a .tflite (each operator's time, for the speed-up search's
+                 latency table); benchmarks still run ``runner.py``
 
 Each benchmark copies the artefact and ``runner.py`` into a ``mktemp -d`` directory,
 runs one remote process per repeat and removes the directory in ``cleanup``. ``outputs`` copies a
@@ -36,6 +39,7 @@ from edgeprune.runtimes.base import (
     run_repeats,
     with_retries,
 )
+from edgeprune.runtimes.benchmark_model_output import benchmark_model_args, op_profiling_run
 from edgeprune.runtimes.commands import parse_runner_stdout, run_command, stderr_tail
 from edgeprune.runtimes.local import check_artifact
 from edgeprune.runtimes.registry import register_adapter
@@ -121,11 +125,17 @@ class SshAdapter:
     """Benchmarks on one SSH host; ``remote_dir`` is the temp dir while prepared."""
 
     def __init__(
-        self, target: SshTarget, settings: BenchSettings = BenchSettings(), device: str = "", emulated: bool | None = None
+        self,
+        target: SshTarget,
+        settings: BenchSettings = BenchSettings(),
+        device: str = "",
+        emulated: bool | None = None,
+        benchmark_model: str | None = None,
     ) -> None:
         self.target = target
         self.settings = settings
         self.emulated = emulated  # None: the runner's own detection
+        self.benchmark_model = benchmark_model  # its path on the host: op profiles of .tflite files
         self.name = device or f"ssh://{target.label}"
         self.remote_dir: str | None = None
         self._prepared_artifact: Path | None = None
@@ -221,6 +231,27 @@ class SshAdapter:
             raise _connection_failure(completed, f"{what}: copy back")
         return {**result, "outputs_path": str(local_file)}
 
+    def profile_ops(self, artifact: Path, settings: BenchSettings) -> dict:
+        """One run of the host's ``benchmark_model`` on a .tflite with op profiling: ``run_order`` (each operator's
+        ``node_type``, ``name``, ``avg_ms``) and ``inference_avg_ms``.
+
+        Raises:
+            DeviceError: no ``benchmark_model`` named for the host or not a .tflite, or the run failed.
+        """
+        if self.benchmark_model is None or artifact.suffix.lower() != ".tflite":
+            raise DeviceError(f"{self.name}: op profiling runs TFLite's benchmark_model: pass ?benchmark_model=/path/on/host and a .tflite")
+        self.prepare(artifact)
+        what = self._stage(f"op profile of {artifact.name}")
+        argv = benchmark_model_args(self.benchmark_model, f"{self.remote_dir}/{artifact.name}", settings, op_profiling=True)
+
+        def once() -> dict:
+            completed = self._ssh(shlex.join(argv), settings.timeout_s, what)
+            if completed.returncode == 127:  # the shell's "command not found"
+                raise DeviceError(f"{what}: {self.benchmark_model!r} not found on the host")
+            return op_profiling_run(completed, what)
+
+        return with_retries(once, settings.retries, what)
+
     def run(self, artifact: Path, settings: BenchSettings) -> BenchResult:
         """One remote runner process per repeat, each retried after a dropped connection.
 
@@ -247,10 +278,10 @@ class SshAdapter:
 
 @register_adapter("ssh")
 def open_ssh(url: DeviceUrl, settings: BenchSettings) -> SshAdapter:
-    """``ssh://[user@]host[:port][?python=...&key=...&known_hosts=...]``."""
+    """``ssh://[user@]host[:port][?python=...&key=...&known_hosts=...&emulated=...&benchmark_model=...]``."""
     if not url.host:
         raise DeviceError(f"device {url.text!r}: no host; use ssh://user@host[:port]")
-    url.check_options(("python", "key", "known_hosts", "emulated"))
+    url.check_options(("python", "key", "known_hosts", "emulated", "benchmark_model"))
     key = url.options.get("key")
     if key and not Path(key).expanduser().is_file():
         raise DeviceError(f"device {url.text!r}: key file {key} not found")
@@ -264,7 +295,7 @@ def open_ssh(url: DeviceUrl, settings: BenchSettings) -> SshAdapter:
         known_hosts=Path(known_hosts).expanduser() if known_hosts else None,
         connect_timeout_s=max(1, min(10, int(settings.timeout_s))),
     )
-    return SshAdapter(target, settings, url.text, declared_emulation(url))
+    return SshAdapter(target, settings, url.text, declared_emulation(url), url.options.get("benchmark_model"))
 
 
 def declared_emulation(url: DeviceUrl) -> bool | None:

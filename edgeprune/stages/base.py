@@ -5,7 +5,7 @@ A stage is file-in, file-out: it reads named artefacts produced by earlier stage
 (``consumes``), writes new ones into a fresh folder, and returns them with its metrics.
 Its cache key (``edgeprune.pipeline``) is (name, version, its config sections, the hashes
 of what it consumes, the data fingerprint, the seed, tool versions, its ``fingerprint``,
-and torch's thread count when it ``trains``).
+torch's thread count when it ``trains``, and its optional ``shared_inputs``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ class Stage(Protocol):
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
         """Extra cache-key inputs not covered by config and artefacts (e.g. a weights file hash)."""
         ...
+
+    # A stage that reuses data kept in the cache folder across builds may also define
+    # ``shared_inputs(config, cache_root) -> dict``: that data's identity joins its cache key
+    # (the structured-pruning stage: the latency table its speed-up search reads).
 
     def run(self, context: StageContext) -> StageOutput: ...
 

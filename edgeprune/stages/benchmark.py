@@ -10,6 +10,9 @@ tens of percent for the same file. ``speedup_method`` in the metrics says which.
 
 On a remote device each shipped artefact's parity is also measured there (``edgeprune.device_parity``):
 ``parity_on_device`` in the metrics. An emulated device's timings (``emulated``) feed no speed-up.
+With ``quantize.select = "fastest"`` the primary format's files within the accuracy budget are timed
+side by side and the fastest becomes the primary artefact (``edgeprune.primary_selection``): metrics key
+``primary_selection``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from edgeprune.config import BuildConfig
 from edgeprune.device_parity import parity_on_device
 from edgeprune.errors import DeviceError
+from edgeprune.primary_selection import candidates, select_fastest
 from edgeprune.runtimes import BenchSettings, benchmark, benchmark_pair, device_computes_outputs, paired_speedup
 from edgeprune.stages.base import StageContext, StageOutput
 from edgeprune.stages.common import read_model
@@ -38,7 +42,10 @@ class Benchmark:
     trains = False
 
     def fingerprint(self, config: BuildConfig) -> dict[str, Any]:
-        return {}
+        """With ``quantize.select = "fastest"``: the quantize settings the choice reads."""
+        if config.quantize.select != "fastest":
+            return {}
+        return {"select": config.quantize.select, "max_accuracy_drop": config.quantize.max_accuracy_drop}
 
     def run(self, context: StageContext) -> StageOutput:
         config = context.config.benchmark
@@ -72,7 +79,29 @@ class Benchmark:
         on_device = parity_on_board(context, settings, [name for name in measured if not name.endswith("_dense")])
         if on_device:
             metrics["parity_on_device"] = on_device
+        selection = fastest_primary(context, settings, results) if not emulated else None
+        if selection:
+            metrics["primary_selection"] = selection
         return StageOutput([], metrics)
+
+
+def fastest_primary(context: StageContext, settings: BenchSettings, results: dict[str, Any]) -> dict[str, Any] | None:
+    """``quantize.select = "fastest"``: the primary format's files within the budget timed side by side, the fastest
+    chosen (None when not asked for, or when there is nothing to choose between)."""
+    config = context.config
+    if config.quantize.select != "fastest" or not config.export.formats:
+        return None
+    found = candidates(config.export.formats[0], context.inputs, config.quantize.max_accuracy_drop)
+    if len(found) < 2 or "skipped" in results.get(found[0].name, {}):
+        return None
+    context.reporter.info(f"benchmark: choosing the fastest of {', '.join(c.name for c in found)} on {config.benchmark.device}")
+    try:
+        return select_fastest(found, config.benchmark.device, settings, results)
+    except DeviceError as error:
+        if config.benchmark.required:
+            raise
+        context.reporter.warn(f"quantize.select = 'fastest' skipped, the primary artefact stays the quantized file: {error}")
+        return None
 
 
 def parity_on_board(context: StageContext, settings: BenchSettings, names: list[str]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from edgeprune.modelio import load_model
 from edgeprune.pruning import layer_groups, protected_layers
 from edgeprune.pruning_plan import GroupPlan
 from edgeprune.rounding import kept_whole_by_rounding, rounding_warning
-from edgeprune.speed_search import search_speedup
+from edgeprune.speed_search import latency_table_identity, search_speedup
 from edgeprune.speedup_search import LatencyProbe, prune_to_speedup
 from edgeprune.stages.base import StageContext, StageOutput
 from edgeprune.stages.common import example_input, read_model, write_model
@@ -65,6 +65,11 @@ class PruneStructured:
             sections = config.to_dict()
             extra["latency"] = {name: sections[name] for name in ("export", "benchmark", "budgets")}
         return extra
+
+    def shared_inputs(self, config: BuildConfig, cache_root: Path | None) -> dict[str, Any]:
+        """The latency table the speed-up search reads (device, runtime, threads, format, lineage): another table,
+        or the same kept for another CPU, runtime or thread count, runs the search again."""
+        return latency_table_identity(config, cache_root)
 
     def run(self, context: StageContext) -> StageOutput:
         config = context.config
