@@ -96,18 +96,7 @@ def judge_logits(
     significance: float = 0.05,
 ) -> GateResult:
     """``judge`` on two models' logits for the same labelled images."""
-    return judge_predictions(fp32_logits.argmax(1), logits.argmax(1), labels, max_accuracy_drop, min_top1_agreement, significance)
-
-
-def judge_predictions(
-    fp32_top1: np.ndarray,
-    top1: np.ndarray,
-    labels: np.ndarray,
-    max_accuracy_drop: float,
-    min_top1_agreement: float = 0.0,
-    significance: float = 0.05,
-) -> GateResult:
-    """``judge`` on two models' top-1 classes for the same labelled images."""
+    fp32_top1, top1 = fp32_logits.argmax(1), logits.argmax(1)
     agreement = float((fp32_top1 == top1).mean())
     return judge(fp32_top1 == labels, top1 == labels, agreement, max_accuracy_drop, min_top1_agreement, significance)
 
@@ -145,7 +134,6 @@ def judge_screened(
     drop and agreement are over the whole split: for plain int8, screened on its own disagreements,
     they are its exact figures.
     """
-    fp32_top1 = fp32_logits.argmax(1)
-    top1 = fp32_top1.copy()
-    top1[np.asarray(screened)] = screened_logits.argmax(1)
-    return judge_predictions(fp32_top1, top1, labels, max_accuracy_drop, min_top1_agreement, significance)
+    logits = fp32_logits.copy()
+    logits[np.asarray(screened)] = screened_logits
+    return judge_logits(fp32_logits, logits, labels, max_accuracy_drop, min_top1_agreement, significance)

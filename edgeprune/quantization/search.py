@@ -135,10 +135,6 @@ class Candidate:
     size_bytes: int
     logits: np.ndarray | None = field(repr=False)
 
-    @property
-    def screened_only(self) -> bool:
-        return self.logits is None
-
     def better_than(self, other: Candidate | None) -> bool:
         if other is None or self.gate.passed != other.gate.passed:
             return other is None or self.gate.passed
