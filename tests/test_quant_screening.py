@@ -147,6 +147,10 @@ def test_the_mix_cost_is_the_three_files_sizes_and_p50s_timed_in_turns(tmp_path)
     broken = mix_cost_figures({**files, "mix": tmp_path / "broken.onnx"}, seconds=0.3)
     assert broken["size_bytes"]["mix"] == 11 and broken["latency_p50_ms"] is None  # a size always, a latency only where measured
     assert broken["latency_error"] and "\n" not in broken["latency_error"]
+    kib = " / ".join(f"{size / 1024:.1f}" for size in cost["size_bytes"].values())
+    line = quantize.cost_line(cost)
+    assert line.startswith(f"fp32 / plain int8 / mix: {kib} KiB, ") and line.endswith(" ms p50 (in-build, 1 thread)")
+    assert quantize.cost_line(broken).endswith("KiB, p50 not measured")
 
 
 def test_onnx_ranking_reports_the_cosine_of_the_worst_tensors(tmp_path):

@@ -200,12 +200,23 @@ def quantize_within_budget(
         "plain_int8": {"size_bytes": outcome.plain.size_bytes, **outcome.plain.gate.to_dict()},
     }
     if outcome.plain_path is not None:
-        if best.mix and fp32_path is not None:
-            meta["mix_cost"] = mix_cost_figures({"fp32": Path(fp32_path), "plain_int8": outcome.plain_path, "mix": path})
-        outcome.plain_path.unlink(missing_ok=True)
+        try:
+            if best.mix and fp32_path is not None:
+                meta["mix_cost"] = mix_cost_figures({"fp32": Path(fp32_path), "plain_int8": outcome.plain_path, "mix": path})
+                reporter.info(f"  {name}: {cost_line(meta['mix_cost'])}")
+        finally:
+            outcome.plain_path.unlink(missing_ok=True)
     if not outcome.plain.gate.passed:
         meta["search"] = search_record(outcome)
     return best.logits, meta
+
+
+def cost_line(cost: dict[str, Any]) -> str:
+    """The mix's cost in one line: KiB and p50 of fp32, plain int8 and the mix."""
+    sizes = " / ".join(f"{size / 1024:.1f}" for size in cost["size_bytes"].values())
+    latencies = cost["latency_p50_ms"]
+    timed = " / ".join(f"{value:.3g}" for value in latencies.values()) + " ms p50 (in-build, 1 thread)" if latencies else "p50 not measured"
+    return f"fp32 / plain int8 / mix: {sizes} KiB, {timed}"
 
 
 def search_record(outcome: SearchOutcome) -> dict[str, Any]:
