@@ -27,6 +27,7 @@ from edgeprune.report import (
     delegation_rows,
     device_parity_rows,
     emulation_line,
+    kib,
     left_unpruned_rows,
     primary_selection_line,
     primary_selection_rows,
@@ -95,7 +96,7 @@ def _summary(manifest: dict[str, Any]) -> list[str]:
     entry = manifest["artifacts"].get(primary, {})
     speedup = manifest["speedups"].get(primary)
     items = [
-        f"primary artefact <code>{_e(entry.get('file', primary))}</code>, {_kib(entry.get('size_bytes'))} KiB",
+        f"primary artefact <code>{_e(entry.get('file', primary))}</code>, {kib(entry.get('size_bytes'))} KiB",
         f"top-1 baseline {_pct(accuracy.get('baseline'))} → primary {_pct(accuracy.get('primary'))}"
         + (f" (drop {accuracy['drop']:.2f} points)" if "drop" in accuracy else ""),
         f"MACs {model['macs_dense']:,} → {model['macs']:,}; params {model['params_dense']:,} → {model['params']:,}",
@@ -140,8 +141,8 @@ def _artifacts(manifest: dict[str, Any]) -> list[str]:
             [
                 entry["file"],
                 entry.get("precision", "-"),
-                _kib(entry["size_bytes"]),
-                _kib(entry["size_gzip_bytes"]),
+                kib(entry["size_bytes"]),
+                kib(entry["size_gzip_bytes"]),
                 _pct(entry.get("accuracy")),
                 _num(parity.get("max_abs_error")),
                 _num(parity.get("top1_agreement")),
@@ -236,10 +237,6 @@ def _cell(value: Any) -> str:
 
 def _e(value: Any) -> str:
     return escape(str(value), quote=True)
-
-
-def _kib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 1024:.1f}"
 
 
 def _pct(value: float | None) -> str:

@@ -150,17 +150,20 @@ QUANTIZATION_HEADER = [
     "tensors changed",
     "layers kept float",
     "MACs off int8 %",
-    "size KiB (+ over plain int8)",
-    "p50 ms (fp32 parent)",
+    "KiB fp32 / plain int8 / this",
+    "p50 ms fp32 / plain int8 / this (in-build, paired)",
+    "p50 ms benchmarked (fp32 parent)",
 ]
 
 
 def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
     """One row per quantized artefact: the accuracy budget's figures and verdict, the per-tensor mix and its cost.
 
-    The size is the file's, with what the mix adds to the plain int8 file; MACs off int8 is the share of the model's
-    multiply-accumulates in 16-bit or float layers; the latency is the artefact's measured p50 beside its
-    fp32 parent's (the mix's latency cost is inside it, measured, never estimated).
+    MACs off int8 is the share of the model's multiply-accumulates in 16-bit or float layers. The
+    mix's cost: the sizes of the fp32 parent, of plain int8 and of this file, and, where the search
+    chose a mix other than plain int8, the three files' p50 measured in turns during the build (1
+    thread, 1 image: ``quantization/cost.py``); then this file's and its parent's p50 from the
+    benchmark stage, where it ran. Measured, never estimated: "-" where there is no figure.
     """
     artifacts, rows = manifest["artifacts"], []
     for entry in artifacts.values():
@@ -172,6 +175,13 @@ def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
         layers, mix = entry.get("float_layers", []), entry.get("quant_mix", {})
         by_rung = {rung: sum(1 for value in mix.values() if value == rung) for rung in dict.fromkeys(mix.values())}
         off_int8 = entry.get("macs_off_int8", {})
+        cost = entry.get("mix_cost", {})
+        sizes = cost.get("size_bytes") or {
+            "fp32": parent.get("size_bytes"),
+            "plain_int8": entry.get("plain_int8", {}).get("size_bytes"),
+            "mix": entry.get("size_bytes"),
+        }
+        latencies = cost.get("latency_p50_ms") or {}
         rows.append(
             [
                 entry["file"],
@@ -183,7 +193,8 @@ def quantization_rows(manifest: dict[str, Any]) -> list[list[str]]:
                 ", ".join(f"{count} {rung}" for rung, count in by_rung.items()) or "none",
                 ", ".join(layers) if layers else "none",
                 " / ".join(f"{rung} {100 * share:.1f}" for rung, share in off_int8.items()) or "-",
-                f"{entry.get('size_bytes', 0) / 1024:.1f} (+{entry.get('float_layers_size_bytes', 0) / 1024:.1f})",
+                " / ".join(kib(sizes.get(key)) for key in ("fp32", "plain_int8", "mix")),
+                " / ".join(_num(latencies.get(key)) for key in ("fp32", "plain_int8", "mix")) if latencies else "-",
                 f"{_num(p50)} ({_num(parent_p50)})",
             ]
         )
@@ -194,7 +205,7 @@ def _quantization(manifest: dict[str, Any]) -> list[str]:
     return _section(
         "Quantization accuracy budget",
         QUANTIZATION_HEADER,
-        "|---|---|---:|---:|---|---|---|---|---|---:|---:|",
+        "|---|---|---:|---:|---|---|---|---|---|---:|---:|---:|",
         quantization_rows(manifest),
     )
 
@@ -358,6 +369,11 @@ def summary_table(manifests: list[dict[str, Any]], failures: dict[str, str] | No
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} %"
+
+
+def kib(size_bytes: int | None) -> str:
+    """Bytes as KiB with one decimal; "-" for no figure."""
+    return "-" if size_bytes is None else f"{size_bytes / 1024:.1f}"
 
 
 def _num(value: float | None) -> str:

@@ -288,9 +288,17 @@ def test_a_collapsed_activation_fails_the_budget_and_the_fallback_keeps_its_laye
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[2] == f"{int8['budget']['accuracy_drop']:+.2f}" and cells[4] == "0.5 / 0" and cells[5] == "pass"
     assert cells[7] == (", ".join(int8["float_layers"]) or "none")
-    size, cost = cells[9].rstrip(")").split(" (+")
-    assert float(size) == pytest.approx(int8["size_bytes"] / 1024, abs=0.05)
-    assert float(cost) == pytest.approx(int8["float_layers_size_bytes"] / 1024, abs=0.05)
+    written = __import__("json").loads((workdir / "dist/cpu-x86/manifest.json").read_text())["artifacts"]
+    fp32 = written["onnx_fp32"]
+    cost = int8["mix_cost"]  # the chosen mix beside plain int8 and fp32: sizes of the three files, p50s timed in turns
+    assert cost["size_bytes"] == {"fp32": fp32["size_bytes"], "plain_int8": int8["plain_int8"]["size_bytes"], "mix": int8["size_bytes"]}
+    assert cost["size_bytes"]["mix"] - cost["size_bytes"]["plain_int8"] == int8["float_layers_size_bytes"]
+    assert cost["size_bytes"]["fp32"] > 2 * cost["size_bytes"]["plain_int8"] and list(cost["latency_p50_ms"]) == list(cost["size_bytes"])
+    assert all(0 < value < 1000 for value in cost["latency_p50_ms"].values()) and cost["threads"] == 1
+    kib = [size / 1024 for size in cost["size_bytes"].values()]
+    assert [float(value) for value in cells[9].split(" / ")] == pytest.approx(kib, abs=0.05)
+    assert [float(value) for value in cells[10].split(" / ")] == pytest.approx(list(cost["latency_p50_ms"].values()), rel=1e-3)
+    assert written["onnx_int8"]["mix_cost"] == cost  # recorded in the manifest too
     html = (workdir / "dist/cpu-x86/report.html").read_text()
     assert "Quantization accuracy budget" in html and "within budget" not in html.split("Quantization accuracy budget")[0]
 
@@ -473,6 +481,10 @@ def test_the_report_lists_each_quantized_artefacts_budget_float_layers_and_their
             },
         }
     }
+    manifest["artifacts"]["onnx_fp32"]["size_bytes"] = 163840
+    manifest["artifacts"]["onnx_int8"]["plain_int8"] = {"size_bytes": 37888}
+    manifest["artifacts"]["onnx_int8"]["mix_cost"] = {"size_bytes": {"fp32": 163840, "plain_int8": 37888, "mix": 40960},
+                                                      "latency_p50_ms": {"fp32": 0.0812, "plain_int8": 0.0623, "mix": 0.0705}}  # fmt: skip
     assert quantization_rows(manifest) == [
         [
             "model_int8.onnx",
@@ -484,8 +496,12 @@ def test_the_report_lists_each_quantized_artefacts_budget_float_layers_and_their
             "2 float, 1 int16",
             "/stem/Conv, <b>head</b>",
             "int16 1.2 / float 3.4",
-            "40.0 (+3.0)",
+            "160.0 / 37.0 / 40.0",
+            "0.0812 / 0.0623 / 0.0705",
             "0.11 (0.08)",
         ],
-        ["model_int8.tflite", "tflite_fp32", "-0.20", "0.9935", "0.5 / 0.99", "MISSED", "none", "none", "-", "0.0 (+0.0)", "- (-)"],
+        ["model_int8.tflite", "tflite_fp32", "-0.20", "0.9935", "0.5 / 0.99", "MISSED", "none", "none", "-", "- / - / -", "-", "- (-)"],
     ]
+    # Without a searched mix (plain int8 shipped) the sizes still come from the manifest, the in-build p50 is not measured.
+    del manifest["artifacts"]["onnx_int8"]["mix_cost"]
+    assert quantization_rows(manifest)[0][9:] == ["160.0 / 37.0 / 40.0", "-", "0.11 (0.08)"]

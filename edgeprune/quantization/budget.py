@@ -5,9 +5,12 @@ Every int8/dynamic artefact is run on the whole test split and judged against it
 while McNemar's paired test calls it noise; top-1 agreement gated when ``quantize.min_top1_agreement``
 > 0). When it misses, ``edgeprune.quantization.search`` ranks the tensors from one float and one
 quantized run and climbs a ladder on the worst ones — percentile calibration, 16-bit activations
-(ONNX), float layers — within ``quantize.max_search_seconds``. The chosen per-tensor mix, its size
-and MAC cost, each round and the verdict go into the artefact's meta. A missed budget does not
-stop the build: the best candidate is written and verified, and the build's budget check exits 10.
+(ONNX), float layers — within ``quantize.max_search_seconds``; each candidate is screened on the
+test images it is likeliest to change before it is judged on the whole split (``TestSplitReferee``).
+The chosen per-tensor mix, its MAC cost, its size and paired p50 beside plain int8 and fp32
+(``edgeprune.quantization.cost``), each round and the verdict go into the artefact's meta. A missed
+budget does not stop the build: the best candidate is written and verified, and the build's budget
+check exits 10.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from edgeprune.onnx_compaction import minify_names
 from edgeprune.parity import artifact_logits, check_parity, parity_report
 from edgeprune.progress import SILENT, Reporter
 from edgeprune.quant_sensitivity import fake_quantize
-from edgeprune.quantization.gate import GateResult, judge_logits
+from edgeprune.quantization.cost import mix_cost_figures
+from edgeprune.quantization.gate import GateResult, judge_logits, judge_screened, screening_images
 from edgeprune.quantization.onnx import OnnxQuantizer, convert_onnx_fp16
 from edgeprune.quantization.pte import PteQuantizer
-from edgeprune.quantization.search import MixQuantizer, SearchLimits, SearchOutcome, search
+from edgeprune.quantization.search import MixQuantizer, Screening, SearchLimits, SearchOutcome, search
 from edgeprune.quantization.tflite import TfliteQuantizer
 from edgeprune.training import top1_accuracy
 
@@ -65,7 +69,7 @@ def quantize_artifact(
         quantizer = make_quantizer(fmt, fp32, inputs, config.quantize, workdir)
         try:
             logits, extra = quantize_within_budget(
-                name, fp32.name, quantizer, path, fp32_logits, inputs.images, inputs.labels, config.quantize, reporter
+                name, fp32.name, quantizer, path, fp32_logits, inputs.images, inputs.labels, config.quantize, reporter, fp32.path
             )
         finally:
             quantizer.close()
@@ -109,6 +113,40 @@ def verified(
     return {"accuracy": top1_accuracy(logits, labels), "parity": parity, "versus_fp32": versus_fp32}
 
 
+class TestSplitReferee:
+    """Judges candidates against the fp32 logits on the test split (``images``, ``labels``; ``layout``: the artefacts' input).
+
+    ``screen`` runs a candidate on the images ``gate.screening_images`` picks from plain int8's
+    logits (chosen once, at the first screen); ``judge`` runs the rest of the split and gives the verdict.
+    """
+
+    def __init__(
+        self, fp32_logits: np.ndarray, images: np.ndarray, labels: np.ndarray, config: QuantizeConfig, layout: str | None = None
+    ) -> None:
+        self.fp32_logits, self.images, self.labels, self.layout = fp32_logits, images, labels, layout
+        self.limits = (config.max_accuracy_drop, config.min_top1_agreement, config.significance)
+        self._screened: np.ndarray | None = None
+        self._chosen = False
+
+    def judge(self, path: Path, screening: Screening | None = None) -> tuple[np.ndarray, GateResult]:
+        if screening is None:
+            logits = artifact_logits(path, self.images, layout=self.layout)
+        else:
+            rest = np.setdiff1d(np.arange(len(self.images)), screening.index)
+            logits = np.empty((len(self.images), screening.logits.shape[1]), np.float32)
+            logits[screening.index] = screening.logits
+            logits[rest] = artifact_logits(path, self.images[rest], layout=self.layout)
+        return logits, judge_logits(self.fp32_logits, logits, self.labels, *self.limits)
+
+    def screen(self, path: Path, plain_logits: np.ndarray) -> Screening | None:
+        if not self._chosen:
+            self._screened, self._chosen = screening_images(self.fp32_logits, plain_logits), True
+        if self._screened is None:
+            return None
+        logits = artifact_logits(path, self.images[self._screened], layout=self.layout)
+        return Screening(self._screened, logits, judge_screened(self.fp32_logits, logits, self._screened, self.labels, *self.limits))
+
+
 def quantize_within_budget(
     name: str,
     fp32_name: str,
@@ -119,21 +157,18 @@ def quantize_within_budget(
     labels: np.ndarray,
     config: QuantizeConfig,
     reporter: Reporter = SILENT,
+    fp32_path: Path | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Quantize into ``path`` the best per-tensor mix the budget search finds (``edgeprune.quantization.search``).
 
     ``fp32_logits`` are the fp32 sibling's logits for the test split (``images``, ``labels``).
     Returns the artefact's test-split logits and its meta: ``budget`` (the limits, the gate's
     figures, ``passed`` and ``verdict``), ``quant_mix`` ({tensor: rung}), ``float_layers``,
-    ``macs_off_int8``, ``float_layers_size_bytes`` (bytes over plain int8) and, when the search
-    ran, ``search`` (each round, the ranking's worst tensors, why it stopped, seconds). A missed
-    budget is a verdict in the meta, never an exception.
+    ``macs_off_int8``, ``float_layers_size_bytes`` (bytes over plain int8), ``mix_cost`` (when
+    the chosen mix is not plain int8 and ``fp32_path`` is given: size and paired p50 of fp32,
+    plain int8 and the mix) and, when the search ran, ``search`` (each round, the ranking's worst
+    tensors, why it stopped, seconds). A missed budget is a verdict in the meta, never an exception.
     """
-
-    def judge(candidate: Path) -> tuple[np.ndarray, GateResult]:
-        logits = artifact_logits(candidate, images, layout=quantizer.layout)
-        return logits, judge_logits(fp32_logits, logits, labels, config.max_accuracy_drop, config.min_top1_agreement, config.significance)
-
     limits = SearchLimits(
         config.max_search_seconds, config.max_float_layers, refine_candidates=config.refine_candidates, worse_by=config.max_accuracy_drop
     )
@@ -141,7 +176,7 @@ def quantize_within_budget(
     outcome = search(
         quantizer,
         path,
-        judge,
+        TestSplitReferee(fp32_logits, images, labels, config, quantizer.layout),
         limits,
         reporter,
         name,
@@ -164,9 +199,24 @@ def quantize_within_budget(
         "float_layers_size_bytes": best.size_bytes - outcome.plain.size_bytes,
         "plain_int8": {"size_bytes": outcome.plain.size_bytes, **outcome.plain.gate.to_dict()},
     }
+    if outcome.plain_path is not None:
+        try:
+            if best.mix and fp32_path is not None:
+                meta["mix_cost"] = mix_cost_figures({"fp32": Path(fp32_path), "plain_int8": outcome.plain_path, "mix": path})
+                reporter.info(f"  {name}: {cost_line(meta['mix_cost'])}")
+        finally:
+            outcome.plain_path.unlink(missing_ok=True)
     if not outcome.plain.gate.passed:
         meta["search"] = search_record(outcome)
     return best.logits, meta
+
+
+def cost_line(cost: dict[str, Any]) -> str:
+    """The mix's cost in one line: KiB and p50 of fp32, plain int8 and the mix."""
+    sizes = " / ".join(f"{size / 1024:.1f}" for size in cost["size_bytes"].values())
+    latencies = cost["latency_p50_ms"]
+    timed = " / ".join(f"{value:.3g}" for value in latencies.values()) + " ms p50 (in-build, 1 thread)" if latencies else "p50 not measured"
+    return f"fp32 / plain int8 / mix: {sizes} KiB, {timed}"
 
 
 def search_record(outcome: SearchOutcome) -> dict[str, Any]:

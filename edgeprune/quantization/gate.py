@@ -12,15 +12,26 @@ the probability of losing at least ``lost`` of them by chance. The gate:
 
 ``significance = 0`` turns the allowance off (a plain threshold on the observed drop). Top-1
 agreement with fp32 is always measured and gated only when ``min_top1_agreement`` > 0.
+
+Screening (what makes the search fast): a candidate that differs from plain int8 in a few tensors
+changes its predictions on the images plain int8 already gets different from fp32 and on its
+closest calls, hardly anywhere else. ``screening_images`` picks those (a quarter of a large split),
+and ``judge_screened`` gives the verdict the whole split would give if every other image kept
+fp32's prediction. A candidate that misses there is dropped; one that passes is judged on the
+whole split, which alone gives a verdict.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+SCREEN_SHARE = 0.25  # of the test split a candidate is screened on
+MIN_SCREENED_SPLIT = 1000  # smaller test splits are judged whole every time: screening would save little
 
 
 @dataclass(frozen=True)
@@ -88,3 +99,41 @@ def judge_logits(
     fp32_top1, top1 = fp32_logits.argmax(1), logits.argmax(1)
     agreement = float((fp32_top1 == top1).mean())
     return judge(fp32_top1 == labels, top1 == labels, agreement, max_accuracy_drop, min_top1_agreement, significance)
+
+
+def screening_images(fp32_logits: np.ndarray, plain_logits: np.ndarray, share: float = SCREEN_SHARE) -> np.ndarray | None:
+    """Indices of the test images to screen candidates on, or None where the whole split should be judged.
+
+    Every image plain int8 classifies differently from fp32, then plain int8's closest calls (the
+    smallest gap between its two highest logits) up to ``share`` of the split, or twice the
+    disagreements when those are more. None for a split under ``MIN_SCREENED_SPLIT`` images or
+    when the screen would cover over half of it.
+    """
+    total = len(fp32_logits)
+    disagreeing = fp32_logits.argmax(1) != plain_logits.argmax(1)
+    count = max(round(share * total), 2 * int(disagreeing.sum()))
+    if total < MIN_SCREENED_SPLIT or count > total // 2:
+        return None
+    top_two = np.sort(plain_logits, axis=1)[:, -2:]
+    risk = np.where(disagreeing, -np.inf, top_two[:, 1] - top_two[:, 0])
+    return np.sort(np.argsort(risk, kind="stable")[:count])
+
+
+def judge_screened(
+    fp32_logits: np.ndarray,
+    screened_logits: np.ndarray,
+    screened: Sequence[int] | np.ndarray,
+    labels: np.ndarray,
+    max_accuracy_drop: float,
+    min_top1_agreement: float = 0.0,
+    significance: float = 0.05,
+) -> GateResult:
+    """The verdict on the whole split if every image outside ``screened`` (indices) kept fp32's prediction.
+
+    ``screened_logits`` are the candidate's logits on the screened images, in that order. Counts,
+    drop and agreement are over the whole split: for plain int8, screened on its own disagreements,
+    they are its exact figures.
+    """
+    logits = fp32_logits.copy()
+    logits[np.asarray(screened)] = screened_logits
+    return judge_logits(fp32_logits, logits, labels, max_accuracy_drop, min_top1_agreement, significance)

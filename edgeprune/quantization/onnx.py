@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from edgeprune.quantization.search import Mix, TensorError
 RANKING_SAMPLES = 16  # calibration images of the two ranking runs (every activation of each is held in memory)
 SENSITIVITY_SAMPLES = 64  # calibration images on which each tensor's effect alone on the logits is measured
 PERCENTILES = (0.01, 99.99)  # the percentile rung's range
+COSINE_TENSORS = 8  # the worst tensors whose cosine against the float run is measured (the manifest reports the worst 5)
 CLEAN_INPUT_DB = 20.0  # a layer's added noise is measured only where its inputs are at least this clean
 
 
@@ -227,13 +229,17 @@ def two_run_errors(
     for name, values in flat.items():
         chain, sources = _compute_chain(name, producers, set(matching))
         added = _added_sqnr(model_before.get(name), [model_after.get(source) for source in sources])
-        similarity = cosine(values["float"], values["post_qdq"]) if "float" in values else None
         own = channel_sqnr_db(values["pre_qdq"], values["post_qdq"])
         touching = layers.get(name, ()) if own <= added else tuple(dict.fromkeys([*chain, *layers.get(name, ())]))
         cause = "rounding" if own <= added else "compute"
-        ranked.append(TensorError(name, min(own, added), model_after.get(name), similarity, touching, cause))
+        ranked.append(TensorError(name, min(own, added), model_after.get(name), None, touching, cause))
+    ranked.sort(key=lambda item: (item.sqnr_db, item.tensor))
+    # The cosine is reported, not ranked on: measured for the worst few only (over every tensor it took half the ranking's time).
+    for index, item in enumerate(ranked[:COSINE_TENSORS]):
+        if "float" in flat[item.tensor]:
+            ranked[index] = replace(item, cosine=cosine(flat[item.tensor]["float"], flat[item.tensor]["post_qdq"]))
     ranges = {name: _percentile_range(values) for name, values in runs["float"].items() if name in matching}
-    return sorted(ranked, key=lambda item: (item.sqnr_db, item.tensor)), ranges
+    return ranked, ranges
 
 
 def _by_channel(values: list[np.ndarray], channels: int) -> np.ndarray:

@@ -11,9 +11,13 @@ cheapest rung first:
 2. ``int16``: 16-bit activations for those tensors (int8 weights; still integer);
 3. ``float``: the layers around them left unquantized.
 
-Every candidate is judged on the test split; the search stops at the first that passes, when
-the ladder is exhausted, or after ``max_search_seconds`` — then with the best candidate so
-far (the smallest drop) and its verdict. Each round is one line through the Reporter.
+Every candidate is screened first on the test images it is likeliest to change (plain int8's
+disagreements with fp32 and its closest calls, ``gate.screening_images``), and judged on the
+whole test split only when the screen does not already miss: only a whole-split judgement is a
+verdict. The search stops at the first candidate that passes, when the ladder is exhausted, or
+after ``max_search_seconds`` — then with the best candidate so far (the smallest drop; the best
+screened one judged whole first when its screen beat every judged one) and its verdict. Each
+round is one line through the Reporter.
 
 A format plugs in through :class:`MixQuantizer`: how to build a candidate with a given
 per-tensor mix, which rungs it can build, and how it ranks its tensors.
@@ -102,11 +106,34 @@ class SearchLimits:
 
 
 @dataclass(frozen=True)
+class Screening:
+    """A candidate's logits on the screened test images (``index``) and the whole-split verdict they imply."""
+
+    index: np.ndarray = field(repr=False)
+    logits: np.ndarray = field(repr=False)
+    gate: GateResult
+
+
+class Referee(Protocol):
+    """Judges a written candidate against the fp32 model on the test split."""
+
+    def judge(self, path: Path, screening: Screening | None = None) -> tuple[np.ndarray, GateResult]:
+        """The candidate's logits on the whole split and the verdict; the images of ``screening`` are not run again."""
+        ...
+
+    def screen(self, path: Path, plain_logits: np.ndarray) -> Screening | None:
+        """The candidate on the images a mix near plain int8 (``plain_logits``) is likeliest to change; None: judge it whole."""
+        ...
+
+
+@dataclass(frozen=True)
 class Candidate:
+    """A built mix and its verdict; ``logits`` None: only screened (``gate`` is then the screen's estimate)."""
+
     mix: dict[str, str]
     gate: GateResult
     size_bytes: int
-    logits: np.ndarray = field(repr=False)
+    logits: np.ndarray | None = field(repr=False)
 
     def better_than(self, other: Candidate | None) -> bool:
         if other is None or self.gate.passed != other.gate.passed:
@@ -122,9 +149,7 @@ class SearchOutcome:
     ranking: list[TensorError]
     stopped: str  # "plain int8 passed" | "budget met" | "time limit" | "ladder exhausted" | "float layer limit" | why it is hopeless
     elapsed_s: float
-
-
-Judge = Callable[[Path], tuple[np.ndarray, GateResult]]  # a written candidate -> its test-split logits and verdict
+    plain_path: Path | None = None  # plain int8's file, kept beside ``path`` when the search ran (the caller removes it)
 
 
 def chunk_sizes(limit: int) -> list[int]:
@@ -159,7 +184,7 @@ def step_mixes(
 def search(
     quantizer: MixQuantizer,
     path: Path,
-    judge: Judge,
+    referee: Referee,
     limits: SearchLimits,
     reporter: Reporter = SILENT,
     label: str = "",
@@ -170,47 +195,84 @@ def search(
     Each step re-ranks the tensors of the model it builds on (a fix can move the damage upstream) and
     adds its worst new ones at each rung; the step's best candidate is the next step's base unless it
     lost more than ``limits.worse_by`` points over that base, when those tensors are left as they were
-    and not tried again. ``hopeless``
+    and not tried again (screened candidates compare by their screens). ``hopeless``
     is asked once plain int8 has missed: a reason there is no point searching (the search stops with
     it), or None.
     """
-    run = _Search(quantizer, path, judge, reporter, label)
-    plain = run.attempt({})
+    run = _Search(quantizer, path, referee, reporter, label)
+    plain = run.plain = run.attempt({})
     ranking: list[TensorError] = []
     stopped = "plain int8 passed" if plain.gate.passed else (hopeless() or "ladder exhausted")
+    plain_path = None
     if stopped == "ladder exhausted":
+        plain_path = path.with_name(f"{path.stem}.plain{path.suffix}")
+        shutil.copyfile(path, plain_path)
         stopped, ranking = run.climb(limits)
+        run.judge_best_screened()
         run.restore_best()
-    return SearchOutcome(run.best, plain, run.rounds, ranking, stopped, run.elapsed())
+    return SearchOutcome(run.best, plain, run.rounds, ranking, stopped, run.elapsed(), plain_path)
 
 
 class _Search:
-    """The rounds of one search: each candidate built, judged, reported; the best one's bytes kept aside."""
+    """The rounds of one search: each candidate built, screened or judged, reported; the best ones' bytes kept aside."""
 
-    def __init__(self, quantizer: MixQuantizer, path: Path, judge: Judge, reporter: Reporter, label: str) -> None:
-        self.quantizer, self.path, self.judge, self.reporter, self.label = quantizer, path, judge, reporter, label
+    def __init__(self, quantizer: MixQuantizer, path: Path, referee: Referee, reporter: Reporter, label: str) -> None:
+        self.quantizer, self.path, self.referee, self.reporter, self.label = quantizer, path, referee, reporter, label
         self.best_copy = path.with_name(f"{path.stem}.best{path.suffix}")
-        self.start, self.rounds, self.best = time.monotonic(), [], None
+        self.screened_copy = path.with_name(f"{path.stem}.screened{path.suffix}")
+        self.start, self.rounds = time.monotonic(), []
+        self.best: Candidate | None = None  # judged on the whole split
+        self.best_screened: Candidate | None = None  # screened only
+        self.plain: Candidate | None = None
         self.built: dict[str, str] | None = None  # the mix whose model is in ``path`` now
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.start, 2)
 
     def attempt(self, mix: dict[str, str]) -> Candidate:
+        """Build ``mix``; screen it (once plain int8 is judged) and judge it on the whole split unless the screen misses."""
         self.quantizer.quantize(self.path, mix)
         self.built = mix
-        logits, gate = self.judge(self.path)
-        candidate = Candidate(mix, gate, self.path.stat().st_size, logits)
-        rung = ", ".join(f"{r} on {sum(v == r for v in mix.values())}" for r in dict.fromkeys(mix.values())) or "plain int8"
-        self.rounds.append({"mix": rung, "tensors": len(mix), **gate.to_dict(), "elapsed_s": self.elapsed()})
-        self.reporter.info(
-            f"  {self.label} round {len(self.rounds) - 1}: {rung}: drop {gate.accuracy_drop:+.2f} points, "
-            f"agreement {gate.top1_agreement:.4f}, {'pass' if gate.passed else 'miss'} ({self.elapsed():.1f}s)"
-        )
+        size = self.path.stat().st_size
+        screening = self.referee.screen(self.path, self.plain.logits) if self.plain is not None else None
+        if screening is not None and not screening.gate.passed:
+            candidate = Candidate(mix, screening.gate, size, None)
+            self.report(candidate, len(screening.index))
+            if candidate.better_than(self.best_screened):
+                self.best_screened = candidate
+                shutil.copyfile(self.path, self.screened_copy)
+            return candidate
+        return self.judged(mix, size, screening)
+
+    def judged(self, mix: dict[str, str], size: int, screening: Screening | None = None) -> Candidate:
+        logits, gate = self.referee.judge(self.path, screening)
+        candidate = Candidate(mix, gate, size, logits)
+        self.report(candidate)
         if candidate.better_than(self.best):
             self.best = candidate
             shutil.copyfile(self.path, self.best_copy)
         return candidate
+
+    def report(self, candidate: Candidate, screened_images: int = 0) -> None:
+        mix, gate = candidate.mix, candidate.gate
+        rung = ", ".join(f"{r} on {sum(v == r for v in mix.values())}" for r in dict.fromkeys(mix.values())) or "plain int8"
+        judged_on = {"screened_images": screened_images} if screened_images else {}
+        self.rounds.append({"mix": rung, "tensors": len(mix), **gate.to_dict(), **judged_on, "elapsed_s": self.elapsed()})
+        where = f"screened on {screened_images} images, " if screened_images else ""
+        self.reporter.info(
+            f"  {self.label} round {len(self.rounds) - 1}: {rung}: {where}drop {gate.accuracy_drop:+.2f} points, "
+            f"agreement {gate.top1_agreement:.4f}, {'pass' if gate.passed else 'miss'} ({self.elapsed():.1f}s)"
+        )
+
+    def judge_best_screened(self) -> None:
+        """When no candidate passed and the best screen beat every judged candidate: that candidate judged on the whole split."""
+        screened = self.best_screened
+        if screened is None or self.best.gate.passed or not screened.better_than(self.best):
+            self.screened_copy.unlink(missing_ok=True)
+            return
+        shutil.move(self.screened_copy, self.path)
+        self.built = screened.mix
+        self.judged(screened.mix, screened.size_bytes)
 
     def climb(self, limits: SearchLimits) -> tuple[str, list[TensorError]]:
         """Steps up the ladder until a candidate passes, the tensors run out, or time does."""
@@ -238,7 +300,7 @@ class _Search:
                 if time.monotonic() - self.start >= limits.max_search_seconds:
                     return "time limit", first_ranking
                 candidate = self.attempt(mix)
-                if candidate.gate.passed:
+                if candidate.gate.passed:  # only a candidate judged on the whole split passes
                     return "budget met", first_ranking
                 if step_best is None or candidate.gate.accuracy_drop <= step_best.gate.accuracy_drop:
                     step_best = candidate  # a tie goes to the higher rung: the cheaper ones did not help

@@ -22,7 +22,7 @@ from edgeprune.training import predict_logits
 
 class Quantize:
     name = "quantize"
-    version = "3"
+    version = "4"  # 4: screened search, mix_cost in the meta
     sections = ("quantize", "parity", "export")
     consumes = ("model", "onnx_fp32", "tflite_fp32", "pte_fp32")
     trains = False
