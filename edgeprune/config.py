@@ -234,7 +234,9 @@ class ParityConfig:
     samples: int = field(default=512, metadata=_range(1, 1_000_000))
     fp32_max_abs: float = field(default=1e-3, metadata=_range(0.0, 1e6))
     fp16_max_abs: float = field(default=5e-2, metadata=_range(0.0, 1e6))
-    int8_min_top1_agreement: float = field(default=0.97, metadata=_range(0.0, 1.0))
+    # a floor that catches a broken int8 file (a converter's damage leaves a fraction of the predictions); what rounding costs is
+    # judged by quantize.max_accuracy_drop, so near-tied predictions of a briefly trained model must not fail the build here
+    int8_min_top1_agreement: float = field(default=0.9, metadata=_range(0.0, 1.0))
     fp32_min_top1_agreement: float = field(default=0.999, metadata=_range(0.0, 1.0))
     fp16_min_top1_agreement: float = field(default=0.99, metadata=_range(0.0, 1.0))
 
