@@ -3,14 +3,16 @@
 Both export the model with ``torch.export``, annotate it with a backend's PT2E quantizer, calibrate
 on real images and convert. A tensor at the ``float`` rung leaves the layers reading or writing it
 out of the annotation (a node filter on the module path ``torch.export`` records), so they stay
-float32 operators. Neither backend has a cheaper rung per layer: litert-torch 0.10 and the XNNPACK
-quantizer build int8 activations only (no int16x8), and both already calibrate activations with a
-histogram observer, which clips outliers as a percentile range would.
+float32 operators. Neither backend has a cheaper rung per layer: the XNNPACK quantizer builds int8
+activations only; litert-torch 0.10 lowers int16 PT2E activations but stores the biases of their
+ops as int32, which TFLite's 16x8 kernels refuse (they want int64: "bias->type != kTfLiteInt64"),
+so its int16x8 files do not run. Both already calibrate activations with a histogram observer,
+which clips outliers as a percentile range would.
 
-The two-run ranking runs the converted graph twice — every quantize/dequantize pair rounding,
+The two-run ranking here runs the converted graph twice — every quantize/dequantize pair rounding,
 then none — and matches each rounded tensor across the runs (``quant_sensitivity.pt2e_tensor_errors``).
 Layers are module paths (``features.3``); the MACs off int8 are those of the float layers' Conv2d and
-Linear modules.
+Linear modules. TFLite ranks the converted files instead when it has the fp32 one (``tflite_ranking``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,110 @@
+"""TFLite int8 through litert-torch: concat-heavy models convert without damage, and the two-run ranking on the files finds damage."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune.config import QuantizeConfig
+from edgeprune.export.tflite import convert_tflite
+from edgeprune.models.registry import create_model
+from edgeprune.parity import artifact_logits
+from edgeprune.quant_sensitivity import sqnr_db
+from edgeprune.quantization import tflite
+from edgeprune.quantization.tflite import TfliteQuantizer
+from edgeprune.quantization.tflite_ranking import module_locations, own_sqnr_db, tflite_tensor_errors
+from edgeprune.training import TrainSettings, train
+
+DAMAGED_CONV = "transition.0.2"  # the 1x1 conv between densenet_mini's dense blocks
+
+
+@pytest.fixture(scope="module")
+def densenet(example_data, tmp_path_factory):
+    """densenet_mini trained as the architecture tests train it, its fp32 .tflite and the quantizer of its int8 one (``int8.tflite``)."""
+    torch.manual_seed(0)
+    settings = TrainSettings(epochs=1, lr=5e-3, batch_size=128, seed=0)
+    model = train(create_model("densenet_mini"), example_data.x_train[:2000], example_data.y_train[:2000], settings).eval()
+    folder = tmp_path_factory.mktemp("densenet")
+    convert_tflite(model, torch.from_numpy(example_data.x_test[:1].copy()), folder / "fp32.tflite")
+    quantizer = int8_file(model, example_data, folder / "int8.tflite", folder / "fp32.tflite")
+    return model, folder, quantizer
+
+
+def int8_file(model, data, path: Path, float_path: Path) -> TfliteQuantizer:
+    calibration = data.calibration_batches(64, seed=0)
+    quantizer = TfliteQuantizer(model, torch.from_numpy(data.x_test[:1].copy()), calibration, QuantizeConfig(), float_path=float_path)
+    quantizer.quantize(path, {})
+    return quantizer
+
+
+@pytest.mark.slow
+def test_densenet_concats_share_one_grid_and_the_int8_tflite_keeps_to_the_float_one(densenet, example_data, monkeypatch):
+    model, folder, _ = densenet
+    images = example_data.x_test[:500]
+    reference = artifact_logits(folder / "fp32.tflite", images, layout="NCHW")
+    fixed = artifact_logits(folder / "int8.tflite", images, layout="NCHW")
+    # litert-torch 0.10 as it stands under torch 2.13: no concat or average pool annotated, the converter picks one grid per concat
+    monkeypatch.setattr(tflite, "restore_source_functions", lambda model: model)
+    monkeypatch.setattr(tflite, "annotate_grid_keeping_ops", lambda model, config, quantizes: model)
+    int8_file(model, example_data, folder / "unshared.tflite", folder / "fp32.tflite")
+    unshared = artifact_logits(folder / "unshared.tflite", images, layout="NCHW")
+    agreement = lambda logits: float(np.mean(logits.argmax(1) == reference.argmax(1)))  # noqa: E731
+    assert sqnr_db(reference, fixed) > 20 and agreement(fixed) >= 0.97
+    assert sqnr_db(reference, unshared) < 10 and agreement(unshared) < 0.6  # the damage the shared grid removes
+
+
+def test_the_file_ranking_puts_a_tensor_given_a_wrong_grid_first(densenet, example_data):
+    model, folder, _ = densenet
+    damaged, clean_bytes = folder / "damaged.tflite", (folder / "int8.tflite").read_bytes()
+    damaged.write_bytes(narrowed_conv_input(clean_bytes, DAMAGED_CONV))
+    assert damaged.read_bytes() != clean_bytes
+    images = example_data.calibration_batches(64, seed=0)[:16]
+
+    clean = tflite_tensor_errors(folder / "fp32.tflite", folder / "int8.tflite", images, "NCHW", model)
+    broken = tflite_tensor_errors(folder / "fp32.tflite", damaged, images, "NCHW", model)
+    assert len(broken) == len(clean) > 20  # every int8 tensor of both files found its float twin
+    worst = broken[0]
+    assert worst.tensor.endswith("quantize transition.0.1") and DAMAGED_CONV in worst.layers  # the ReLU output the conv reads
+    assert worst.sqnr_db < 10  # the damage stands out ...
+    assert min(item.sqnr_db for item in clean) > 25  # ... and is not there in the file as converted
+    downstream = [item for item in broken if item.tensor != worst.tensor and item.model_sqnr_db < 15]
+    assert downstream and all(item.sqnr_db > worst.sqnr_db for item in downstream)  # inherited error is not charged to them
+
+
+def test_a_search_on_tflite_ranks_the_converted_files_when_it_has_the_fp32_one(densenet):
+    _, _, quantizer = densenet
+    errors = quantizer.tensor_errors()
+    conv = next(item for item in errors if item.tensor.startswith("CONV_2D") and DAMAGED_CONV in item.layers)
+    assert quantizer.keep_float({conv.tensor: "float"})[0] == DAMAGED_CONV  # the float rung leaves that conv out of the annotation
+
+
+def test_module_locations_name_the_modules_litert_torch_writes_into_tensor_names():
+    locations = module_locations(create_model("densenet_mini"))
+    prefix = "edgeprune.models.densenet.DenseNetMini/edgeprune.models.densenet.DenseBlock_block1/torch.nn.modules.container.Sequential_0"
+    assert locations[f"{prefix}/torch.nn.modules.conv.Conv2d_2"] == "block1.layers.0.2"  # the ModuleList is never called: not in the name
+    assert locations["edgeprune.models.densenet.DenseNetMini/edgeprune.models.densenet.DenseBlock_block1"] == "block1"
+
+
+def test_own_noise_is_what_the_inputs_did_not_bring():
+    assert own_sqnr_db(30.0, 200.0) == pytest.approx(30.0)
+    assert own_sqnr_db(30.0, 30.0) == 200.0  # all of it came from upstream
+    assert own_sqnr_db(27.0, 30.0) == pytest.approx(30.0, abs=0.05)  # half the noise power is its own
+
+
+def narrowed_conv_input(model_bytes: bytes, module: str) -> bytes:
+    """The file with the int8 input of ``module``'s CONV_2D on a grid 8x finer: its QUANTIZE saturates past an eighth of the range."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    graph = model.subgraphs[0]
+    location = {path: location for location, path in module_locations(create_model("densenet_mini")).items()}[module]
+    for op in graph.operators:
+        name = (graph.tensors[op.outputs[0]].name or b"").decode()
+        if model.operatorCodes[op.opcodeIndex].builtinCode == schema.BuiltinOperator.CONV_2D and location in name:
+            rounded = graph.tensors[op.inputs[0]].quantization
+            rounded.scale = [scale / 8 for scale in rounded.scale]
+    builder = flatbuffers.Builder(len(model_bytes) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
