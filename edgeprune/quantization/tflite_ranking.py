@@ -151,8 +151,7 @@ def _twins(float_run: _Run, int8_run: _Run) -> dict[int, int]:
     runs = (float_run, int8_run)
     computing = [[op for op in run.ops if op.kind not in _PASS_THROUGH] for run in runs]
     keys = [
-        [(op.kind, run.shapes.get(op.outputs[0]) if op.outputs else None) for op in ops]
-        for ops, run in zip(computing, runs, strict=True)
+        [(op.kind, run.shapes.get(op.outputs[0]) if op.outputs else None) for op in ops] for ops, run in zip(computing, runs, strict=True)
     ]
     twins = {int8_run.model_input: float_run.model_input}
     for block in difflib.SequenceMatcher(None, keys[0], keys[1], autojunk=False).get_matching_blocks():
