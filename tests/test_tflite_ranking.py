@@ -7,14 +7,17 @@ import pytest
 import torch
 
 from edgeprune.config import QuantizeConfig
+from edgeprune.errors import ExportError
 from edgeprune.export.tflite import convert_tflite
 from edgeprune.models.registry import create_model
 from edgeprune.parity import artifact_logits
 from edgeprune.quant_sensitivity import sqnr_db
 from edgeprune.quantization import tflite
+from edgeprune.quantization.budget import quantize_within_budget
 from edgeprune.quantization.tflite import TfliteQuantizer
 from edgeprune.quantization.tflite_ranking import module_locations, own_sqnr_db, tflite_tensor_errors
 from edgeprune.training import TrainSettings, train
+from tests.test_quantize import ScriptedQuantizer, scripted_logits  # noqa: F401 - the fixture is used by name
 
 DAMAGED_CONV = "transition.0.2"  # the 1x1 conv between densenet_mini's dense blocks
 
@@ -77,6 +80,27 @@ def test_a_search_on_tflite_ranks_the_converted_files_when_it_has_the_fp32_one(d
     errors = quantizer.tensor_errors()
     conv = next(item for item in errors if item.tensor.startswith("CONV_2D") and DAMAGED_CONV in item.layers)
     assert quantizer.keep_float({conv.tensor: "float"})[0] == DAMAGED_CONV  # the float rung leaves that conv out of the annotation
+
+
+class RefusingQuantizer(ScriptedQuantizer):
+    """The converter refuses act_b at a percentile range or 16 bits (litert-torch's same-scale check); act_b float fixes it."""
+
+    def quantize(self, path: Path, mix) -> None:
+        if mix.get("act_b") in ("percentile", "int16"):
+            self.calls.append(dict(mix))
+            raise ExportError("litert-torch cannot convert the model: 'tfl.concatenation' op quantization parameters violate ...")
+        super().quantize(path, mix)
+
+
+def test_a_candidate_the_converter_refuses_is_a_round_not_a_failed_build(tmp_path, scripted_logits):  # noqa: F811 - the imported fixture
+    fake_logits, fp32, labels = scripted_logits
+    fake_logits.quantizer = quantizer = RefusingQuantizer({"act_b": {"float"}})
+    _, meta = quantize_within_budget("tflite_int8", "tflite_fp32", quantizer, tmp_path / "q.tflite", fp32, fp32, labels, QuantizeConfig())
+    rounds = meta["search"]["rounds"]
+    assert [r["mix"] for r in rounds] == ["plain int8", "percentile on 1", "int16 on 1", "float on 1"]
+    assert rounds[1]["failed"].startswith("litert-torch cannot convert") and "accuracy_drop" not in rounds[1]
+    assert meta["quant_mix"] == {"act_b": "float"} and meta["budget"]["passed"]
+    assert (tmp_path / "q.tflite").stat().st_size == 110  # the float candidate's bytes, not a refused one's
 
 
 def test_module_locations_name_the_modules_litert_torch_writes_into_tensor_names():

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgeprune.errors import ExportError
 from edgeprune.progress import SILENT, Reporter
 from edgeprune.quantization.gate import GateResult
 
@@ -196,12 +197,21 @@ class _Search:
     def elapsed(self) -> float:
         return round(time.monotonic() - self.start, 2)
 
-    def attempt(self, mix: dict[str, str]) -> Candidate:
-        self.quantizer.quantize(self.path, mix)
+    def attempt(self, mix: dict[str, str]) -> Candidate | None:
+        """The candidate ``mix`` built and judged; None when the converter refuses a mix (plain int8 it must build)."""
+        try:
+            self.quantizer.quantize(self.path, mix)
+        except ExportError as error:
+            if not mix:
+                raise
+            self.built = None  # whatever ``path`` holds now is no candidate
+            self.rounds.append({"mix": _rung_summary(mix), "tensors": len(mix), "failed": str(error), "elapsed_s": self.elapsed()})
+            self.reporter.info(f"  {self.label} round {len(self.rounds) - 1}: {_rung_summary(mix)}: not built: {error}")
+            return None
         self.built = mix
         logits, gate = self.judge(self.path)
         candidate = Candidate(mix, gate, self.path.stat().st_size, logits)
-        rung = ", ".join(f"{r} on {sum(v == r for v in mix.values())}" for r in dict.fromkeys(mix.values())) or "plain int8"
+        rung = _rung_summary(mix)
         self.rounds.append({"mix": rung, "tensors": len(mix), **gate.to_dict(), "elapsed_s": self.elapsed()})
         self.reporter.info(
             f"  {self.label} round {len(self.rounds) - 1}: {rung}: drop {gate.accuracy_drop:+.2f} points, "
@@ -238,6 +248,8 @@ class _Search:
                 if time.monotonic() - self.start >= limits.max_search_seconds:
                     return "time limit", first_ranking
                 candidate = self.attempt(mix)
+                if candidate is None:
+                    continue
                 if candidate.gate.passed:
                     return "budget met", first_ranking
                 if step_best is None or candidate.gate.accuracy_drop <= step_best.gate.accuracy_drop:
@@ -251,6 +263,10 @@ class _Search:
     def restore_best(self) -> None:
         if self.best_copy.exists():
             shutil.move(self.best_copy, self.path)  # the best candidate's bytes, whichever round made them
+
+
+def _rung_summary(mix: Mapping[str, str]) -> str:
+    return ", ".join(f"{r} on {sum(v == r for v in mix.values())}" for r in dict.fromkeys(mix.values())) or "plain int8"
 
 
 def rank(quantizer: MixQuantizer, limits: SearchLimits) -> list[TensorError]:

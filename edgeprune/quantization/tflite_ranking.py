@@ -8,7 +8,9 @@ is matched to the float file's tensor it stands for: the files' operators are al
 output shape once QUANTIZE/DEQUANTIZE ops are set aside (those pass their input's match on). Per
 tensor: its SQNR against the float tensor (error accumulated from upstream included) and the noise
 its own operator adds — the part of that error its inputs did not bring, assuming an operator passes
-its inputs' relative error on unchanged — which ranks it, worst first.
+its inputs' relative error on unchanged. Tensors whose own noise is far above an int8 grid's come
+first, in execution order (the first place the int8 file departs from the float one leads), then
+the rest, worst first.
 
 Tensor names (``CONV_2D 7 block1.layers.0.2``) carry the float file's operator index, stable across
 the search's candidates, and the module paths litert-torch writes into tensor names, which the
@@ -30,6 +32,10 @@ from edgeprune.quant_sensitivity import channel_sqnr_db
 from edgeprune.quantization.search import TensorError
 
 _PASS_THROUGH = frozenset({"QUANTIZE", "DEQUANTIZE"})  # the int8 file's grid changes: the same float tensor on both sides
+DEPARTED_DB = 20.0  # own noise above an int8 grid's (30-50 dB): the file departs from the float one here
+# Operators whose int8 output keeps the input's grid: the converter moves a QUANTIZE ahead of them, so the
+# layer that reads the rounded tensor in torch (a conv after a max pool) reads it one operator further on
+_SAME_GRID = frozenset({"MAX_POOL_2D", "RESHAPE", "PAD", "PADV2", "SLICE", "STRIDED_SLICE", "SQUEEZE", "TRANSPOSE"})
 MIN_MATCHED = 0.5  # the share of the float file's operators that must find a twin, else the files are too different to compare
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)  # never called, so never in a tensor's location
 
@@ -80,8 +86,19 @@ def tflite_tensor_errors(float_path: Path, int8_path: Path, images: np.ndarray, 
         upstream = min((accumulated[i] for i in op.inputs if i in accumulated), default=200.0)
         own = own_sqnr_db(accumulated[tensor], upstream)
         cosine = _cosine(float_run.values[twins[tensor]], int8_run.values[tensor])
-        errors.append(TensorError(f"{_label(op, source)} {layers[0]}", own, accumulated[tensor], cosine, layers))
-    return sorted(errors, key=lambda item: (item.sqnr_db, item.tensor))
+        errors.append((op.index, TensorError(f"{_label(op, source)} {layers[0]}", own, accumulated[tensor], cosine, layers)))
+    return [item for _, item in sorted(errors, key=_worst_first)]
+
+
+def _worst_first(entry: tuple[int, TensorError]) -> tuple:
+    """Departures (own noise under ``DEPARTED_DB``) in execution order, the first one first, then the rest by own noise.
+
+    Past a departure every tensor downstream carries its error, and an operator mixing channels
+    turns one collapsed channel's error into every channel's: the noise estimate of those tensors
+    is blurred by what they inherit, so the first departure is the surest culprit.
+    """
+    order, item = entry
+    return (0, order, item.tensor) if item.sqnr_db < DEPARTED_DB else (1, item.sqnr_db, item.tensor)
 
 
 def _label(op: _Op, source: _Op | None) -> str:
@@ -134,12 +151,12 @@ def _layers(op: _Op, run: _Run, locations: dict[str, str]) -> tuple[str, ...]:
     if op.kind == "QUANTIZE":  # a float tensor rounded: the module that computed it
         written = [*op.inputs, *written]
     readers, frontier = [], set(written)
-    for other in run.ops:
+    for other in run.ops:  # in execution order: a reader's own readers come after it
         if frontier & set(other.inputs):
-            if other.kind in _PASS_THROUGH:
-                frontier.update(other.outputs)
-            else:
+            if other.kind not in _PASS_THROUGH:
                 readers.append(other)
+            if other.kind in _PASS_THROUGH or other.kind in _SAME_GRID:
+                frontier.update(other.outputs)
     constants = [tensor for tensor in op.inputs if tensor not in run.values]  # weights and biases carry the op's location too
     named = [*written, *constants, *(reader.outputs[0] for reader in readers if reader.outputs)]
     names = [run.names.get(tensor, "") for tensor in named]
