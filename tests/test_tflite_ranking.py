@@ -14,6 +14,7 @@ from edgeprune.parity import artifact_logits
 from edgeprune.quant_sensitivity import sqnr_db
 from edgeprune.quantization import tflite
 from edgeprune.quantization.budget import quantize_within_budget
+from edgeprune.quantization.pt2e import unfoldable_shared_convs
 from edgeprune.quantization.tflite import TfliteQuantizer
 from edgeprune.quantization.tflite_ranking import module_locations, own_sqnr_db, tflite_tensor_errors
 from edgeprune.training import TrainSettings, train
@@ -101,6 +102,35 @@ def test_a_candidate_the_converter_refuses_is_a_round_not_a_failed_build(tmp_pat
     assert rounds[1]["failed"].startswith("litert-torch cannot convert") and "accuracy_drop" not in rounds[1]
     assert meta["quant_mix"] == {"act_b": "float"} and meta["budget"]["passed"]
     assert (tmp_path / "q.tflite").stat().st_size == 110  # the float candidate's bytes, not a refused one's
+
+
+class StemThenDenseLayer(torch.nn.Module):
+    """DenseNet-BC's start: the stem conv's output is both normalized by the first dense layer and concatenated raw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.bn, self.conv = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 3, padding=1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1), self.bn.running_var.uniform_(0.2, 2), self.bn.weight.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return torch.cat([self.conv(torch.relu(self.bn(x))), x], 1)
+
+
+def test_a_batchnorm_is_not_folded_into_a_conv_whose_output_others_read_too():
+    from litert_torch.quantize import pt2e_quantizer
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    model, images = StemThenDenseLayer().eval(), torch.randn(4, 1, 8, 8)
+    quantizer = tflite.keep_float_quantizer(pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True), ())
+    with torch.no_grad():
+        expected = model(images)
+        folded = prepare_pt2e(torch.export.export(model, (images,)).module(), quantizer)(images)
+        kept = prepare_pt2e(unfoldable_shared_convs(torch.export.export(model, (images,)).module()), quantizer)(images)
+    assert torch.allclose(kept, expected, atol=1e-5)  # observers only watch: the prepared model computes the same function
+    assert (folded[:, 2:] - expected[:, 2:]).abs().max() > 0.1  # torchao's fold hands the concat the normalized stem output
 
 
 def test_module_locations_name_the_modules_litert_torch_writes_into_tensor_names():
