@@ -89,7 +89,7 @@ def make_quantizer(fmt: str, fp32: Artifact, inputs: QuantizeInputs, config: Qua
     if fmt == "pte":  # ExecuTorch: PT2E with the XNNPACK quantizer, the same budget search
         return PteQuantizer(inputs.model, inputs.example, inputs.calibration, config)
     channels_last = fp32.meta.get("input_layout") == "NHWC"
-    return TfliteQuantizer(inputs.model, inputs.example, inputs.calibration, config, channels_last)
+    return TfliteQuantizer(inputs.model, inputs.example, inputs.calibration, config, channels_last, float_path=fp32.path)
 
 
 def verified(

@@ -3,14 +3,16 @@
 Both export the model with ``torch.export``, annotate it with a backend's PT2E quantizer, calibrate
 on real images and convert. A tensor at the ``float`` rung leaves the layers reading or writing it
 out of the annotation (a node filter on the module path ``torch.export`` records), so they stay
-float32 operators. Neither backend has a cheaper rung per layer: litert-torch 0.10 and the XNNPACK
-quantizer build int8 activations only (no int16x8), and both already calibrate activations with a
-histogram observer, which clips outliers as a percentile range would.
+float32 operators. Neither backend has a cheaper rung per layer: the XNNPACK quantizer builds int8
+activations only; litert-torch 0.10 lowers int16 PT2E activations but stores the biases of their
+ops as int32, which TFLite's 16x8 kernels refuse (they want int64: "bias->type != kTfLiteInt64"),
+so its int16x8 files do not run. Both already calibrate activations with a histogram observer,
+which clips outliers as a percentile range would.
 
-The two-run ranking runs the converted graph twice — every quantize/dequantize pair rounding,
+The two-run ranking here runs the converted graph twice — every quantize/dequantize pair rounding,
 then none — and matches each rounded tensor across the runs (``quant_sensitivity.pt2e_tensor_errors``).
 Layers are module paths (``features.3``); the MACs off int8 are those of the float layers' Conv2d and
-Linear modules.
+Linear modules. TFLite ranks the converted files instead when it has the fp32 one (``tflite_ranking``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Pt2eMixQuantizer:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
         graph, self.batch = export_for_calibration(self.model, self.example)
-        prepared = prepare_pt2e(graph, quantizer)
+        prepared = prepare_pt2e(unfoldable_shared_convs(graph), quantizer)
         with torch.no_grad():
             for start in range(0, len(self.calibration) if samples is None else samples, self.batch):
                 prepared(torch.from_numpy(self.calibration[start : start + self.batch]))
@@ -94,6 +96,30 @@ class Pt2eMixQuantizer:
 
     def close(self) -> None:
         self.converted = None
+
+
+_BATCH_NORMS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default)
+_CONVS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default)
+
+
+def unfoldable_shared_convs(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``graph`` with a copy (``aten.clone``) between each conv read by others too and the BatchNorm after it.
+
+    ``prepare_pt2e`` folds every BatchNorm into the conv before it and hands the folded output to
+    all of the conv's readers (torchao's ``_fuse_conv_bn_``): where a DenseNet-BC concatenates the
+    stem conv's output and the first dense layer normalizes it, the concat received the normalized
+    tensor, a different model (an int8 TFLite DenseNet-BC agreed with its fp32 file on 23 % of the
+    images). Such a BatchNorm stays a float op of its own.
+    """
+    for node in list(graph.graph.nodes):
+        source = node.args[0] if node.op == "call_function" and node.target in _BATCH_NORMS else None
+        if isinstance(source, torch.fx.Node) and source.target in _CONVS and len(source.users) > 1:
+            with graph.graph.inserting_before(node):
+                copy = graph.graph.call_function(torch.ops.aten.clone.default, (source,))
+            copy.meta = {**source.meta, "val": source.meta.get("val")}
+            node.replace_input_with(source, copy)
+    graph.recompile()
+    return graph
 
 
 def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:

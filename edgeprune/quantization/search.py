@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgeprune.errors import ExportError
 from edgeprune.progress import SILENT, Reporter
 from edgeprune.quantization.gate import GateResult
 
@@ -229,9 +230,19 @@ class _Search:
     def elapsed(self) -> float:
         return round(time.monotonic() - self.start, 2)
 
-    def attempt(self, mix: dict[str, str]) -> Candidate:
-        """Build ``mix``; screen it (once plain int8 is judged) and judge it on the whole split unless the screen misses."""
-        self.quantizer.quantize(self.path, mix)
+    def attempt(self, mix: dict[str, str]) -> Candidate | None:
+        """Build ``mix``; screen it (once plain int8 is judged) and judge it on the whole split unless the screen misses.
+        None when the converter refuses a mix (plain int8 it must build)."""
+        try:
+            self.quantizer.quantize(self.path, mix)
+        except ExportError as error:
+            if not mix:
+                raise
+            self.built = None  # whatever ``path`` holds now is no candidate
+            rung = _rung_summary(mix)
+            self.rounds.append({"mix": rung, "tensors": len(mix), "failed": str(error), "elapsed_s": self.elapsed()})
+            self.reporter.info(f"  {self.label} round {len(self.rounds) - 1}: {rung}: not built: {error}")
+            return None
         self.built = mix
         size = self.path.stat().st_size
         screening = self.referee.screen(self.path, self.plain.logits) if self.plain is not None else None
@@ -255,7 +266,7 @@ class _Search:
 
     def report(self, candidate: Candidate, screened_images: int = 0) -> None:
         mix, gate = candidate.mix, candidate.gate
-        rung = ", ".join(f"{r} on {sum(v == r for v in mix.values())}" for r in dict.fromkeys(mix.values())) or "plain int8"
+        rung = _rung_summary(mix)
         judged_on = {"screened_images": screened_images} if screened_images else {}
         self.rounds.append({"mix": rung, "tensors": len(mix), **gate.to_dict(), **judged_on, "elapsed_s": self.elapsed()})
         where = f"screened on {screened_images} images, " if screened_images else ""
@@ -300,6 +311,8 @@ class _Search:
                 if time.monotonic() - self.start >= limits.max_search_seconds:
                     return "time limit", first_ranking
                 candidate = self.attempt(mix)
+                if candidate is None:
+                    continue
                 if candidate.gate.passed:  # only a candidate judged on the whole split passes
                     return "budget met", first_ranking
                 if step_best is None or candidate.gate.accuracy_drop <= step_best.gate.accuracy_drop:
@@ -313,6 +326,10 @@ class _Search:
     def restore_best(self) -> None:
         if self.best_copy.exists():
             shutil.move(self.best_copy, self.path)  # the best candidate's bytes, whichever round made them
+
+
+def _rung_summary(mix: Mapping[str, str]) -> str:
+    return ", ".join(f"{r} on {sum(v == r for v in mix.values())}" for r in dict.fromkeys(mix.values())) or "plain int8"
 
 
 def rank(quantizer: MixQuantizer, limits: SearchLimits) -> list[TensorError]:

@@ -16,23 +16,42 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from edgeprune.config import QuantizeConfig
 from edgeprune.export.tflite import convert_tflite
 from edgeprune.parity import tflite_interpreter
 from edgeprune.quant_sensitivity import module_path
-from edgeprune.quantization.pt2e import Pt2eMixQuantizer
-from edgeprune.quantization.search import Mix
+from edgeprune.quantization.pt2e import RANKING_SAMPLES, Pt2eMixQuantizer
+from edgeprune.quantization.search import Mix, TensorError
+from edgeprune.quantization.tflite_ranking import tflite_tensor_errors
 
 
 class TfliteQuantizer(Pt2eMixQuantizer):
     """litert-torch's PT2E quantizer: static full-integer int8 or dynamic range. Layers are module paths."""
 
     def __init__(
-        self, model: nn.Module, example: torch.Tensor, calibration: np.ndarray, config: QuantizeConfig, channels_last: bool = False
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        calibration: np.ndarray,
+        config: QuantizeConfig,
+        channels_last: bool = False,
+        float_path: Path | None = None,
     ) -> None:
         super().__init__(model, example, calibration, config)
         self.channels_last, self.layout = channels_last, "NHWC" if channels_last else "NCHW"
+        self.float_path = float_path  # the fp32 .tflite: the ranking compares the converted files (else the PT2E graph)
+
+    def tensor_errors(self) -> list[TensorError]:
+        """The last file's tensors against the fp32 file's, from one interpreter run each; the PT2E graph's where they do not align."""
+        if self.float_path is None or self.path is None or self.config.scheme == "dynamic":
+            return super().tensor_errors()
+        errors = tflite_tensor_errors(self.float_path, self.path, self.calibration[:RANKING_SAMPLES], self.layout, self.model)
+        if not errors:
+            return super().tensor_errors()
+        self._layers.update({item.tensor: item.layers for item in errors})
+        return errors
 
     def quantize(self, path: Path, mix: Mix) -> None:
         # litert-torch is imported here, not at the top: its import loads TensorFlow Lite's converter (seconds)
@@ -87,13 +106,78 @@ def _keep_float_quantizer_class() -> type:
         def _quantizes(self, node: torch.fx.Node) -> bool:
             return module_path(node) not in self.keep_float
 
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            return restore_source_functions(super().transform_for_annotation(model))
+
         def _annotate_for_static_quantization_config(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            return self._annotate_all_static_patterns(model, self.global_config, self._quantizes)
+            self._annotate_all_static_patterns(model, self.global_config, self._quantizes)
+            return annotate_grid_keeping_ops(model, self.global_config, self._quantizes)
 
         def _annotate_for_dynamic_quantization_config(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             return self._annotate_all_dynamic_patterns(model, self.global_config, self._quantizes)
 
     return KeepFloatQuantizer
+
+
+# The torch function each aten op of litert-torch's source-matched annotators (cat, add, mul, pools) comes from.
+_SOURCE_FUNCTIONS = {
+    torch.ops.aten.cat.default: torch.cat,
+    torch.ops.aten.add.Tensor: torch.add,
+    torch.ops.aten.add_.Tensor: torch.add,
+    torch.ops.aten.mul.Tensor: torch.mul,
+    torch.ops.aten.mul_.Tensor: torch.mul,
+    torch.ops.aten.max_pool2d.default: F.max_pool2d,
+    torch.ops.aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+}
+
+
+def restore_source_functions(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``model`` with the ``source_fn_stack`` that litert-torch's annotators match ops by, where export left none.
+
+    A non-strict ``torch.export`` (torch 2.13) records no ``source_fn_stack`` for function calls, so
+    litert-torch 0.10 annotates no ``torch.cat``, ``+``, ``*`` or functional pool: each stays an
+    unannotated op between quantized tensors, and the TFLite converter, which needs one scale on
+    every input and the output of an int8 CONCATENATION, gives the whole concat the parameters of one
+    input, clipping the others (a pre-activation DenseNet's signed conv outputs onto a ReLU range:
+    top-1 agreement 0.14). Each such node gets its own entry (named after the node: the names export
+    writes in ``torch_fn`` collide between calls), so the concat shares one observer over all its inputs.
+    """
+    for node in model.graph.nodes:
+        source = _SOURCE_FUNCTIONS.get(node.target) if node.op == "call_function" else None
+        if source is not None and not node.meta.get("source_fn_stack"):
+            node.meta["source_fn_stack"] = [(node.name, source)]
+    return model
+
+
+# Ops the TFLite converter computes in int8 on their input's grid whether annotated or not: litert-torch 0.10 annotates none.
+_GRID_KEEPING = frozenset(
+    {torch.ops.aten.avg_pool2d.default, torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default, torch.ops.aten.slice.Tensor}
+)
+
+
+def annotate_grid_keeping_ops(model: torch.fx.GraphModule, config: Any, quantizes: Callable[[torch.fx.Node], bool]) -> torch.fx.GraphModule:
+    """Average pools and pads annotated to keep one grid from input to output, as litert-torch annotates adaptive pools.
+
+    Left unannotated between quantized tensors, the converter makes each int8 on its input's grid
+    and drops the requantize PT2E put after it: "same scale constraint" violated, no file (a
+    DenseNet transition feeding a concat, a channel-padded ResNet shortcut feeding its add). The
+    input shares its producer's grid where that is quantized, else gets its own observer.
+    """
+    from litert_torch.quantize.pt2e_quantizer_utils import get_input_act_qspec
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec  # loaded with litert-torch
+
+    for node in model.graph.nodes:
+        if node.op != "call_function" or node.target not in _GRID_KEEPING or not quantizes(node):
+            continue
+        source, annotation = node.args[0], node.meta.get("quantization_annotation")
+        if not isinstance(source, torch.fx.Node) or (annotation is not None and annotation._annotated):
+            continue
+        produced = source.meta.get("quantization_annotation")
+        quantized = produced is not None and produced.output_qspec is not None
+        incoming = SharedQuantizationSpec(source) if quantized else get_input_act_qspec(config)
+        outgoing = SharedQuantizationSpec((source, node))
+        node.meta["quantization_annotation"] = QuantizationAnnotation({source: incoming}, outgoing, _annotated=True)
+    return model
 
 
 QParams = tuple[float, int]  # (scale, zero-point) of an int8 tensor
