@@ -330,9 +330,7 @@ def test_parity_failures_name_the_artefact_the_numbers_and_the_knob():
 
     flipped = parity_report(parent, parent[[0, 1, 2, 2]], labels)  # one of four predictions changes
     assert flipped["top1_agreement"] == 0.75
-    with pytest.raises(
-        ParityError, match=r"^tflite_int8: int8 parity failed versus tflite_fp32: top-1 agreement 0\.7500 < 0\.9 on 4 test"
-    ):
+    with pytest.raises(ParityError, match=r"^tflite_int8: int8 parity failed versus tflite_fp32: top-1 agreement 0\.7500 < 0\.9 on 4 test"):
         check_parity("tflite_int8", "int8", flipped, config, against="tflite_fp32")
     with pytest.raises(ParityError, match=r"^onnx_fp16: fp16 parity failed: top-1 agreement 0\.7500 < 0\.8 .*fp16_min_top1_agreement"):
         check_parity("onnx_fp16", "fp16", flipped, ParityConfig(fp16_max_abs=10.0, fp16_min_top1_agreement=0.8))
