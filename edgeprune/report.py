@@ -314,8 +314,17 @@ def speed_search_rows(manifest: dict[str, Any]) -> tuple[str, list[list[str]]]:
         + [f"{row['speedup']:.2f}x", f"{row['held_out_accuracy']:.2f} %"]
         for row in stage["trajectory"]
     ]
-    error = stage["speed_search"]["prediction_error_pct"]["mean_abs"]
-    note = "" if error is None else f" The latency table's mean prediction error on the accepted steps: {error:.1f} %."
+    error = stage["speed_search"]["prediction_error_pct"]
+    note = (
+        ""
+        if error["mean_abs"] is None
+        else f" The latency table's mean prediction error on the accepted steps: {error['mean_abs']:.1f} % of p50"
+    )
+    if note and error.get("paired_mean_abs") is not None:
+        note += (
+            f", {error['paired_mean_abs']:.1f} % of the paired speed-up ({error['within_10_pct']} of {error['steps']} steps within 10 %)"
+        )
+    note += "." if note else ""
     return stage["speed_search"]["verdict"] + "." + note, rows
 
 

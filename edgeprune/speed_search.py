@@ -137,6 +137,7 @@ class GreedySearch:
                 return "no move left that the table predicts to save latency"
             run.model, self.accuracy = scored.model, scored.held_out_accuracy
             row = {**self.measure(len(trajectory), scored), **describe_model(run, widths)}
+            row.update(paired_prediction(trajectory[-1], row))
             trajectory.append(row)
             models.append(run.model)
             reporter.info(
@@ -330,10 +331,34 @@ def within(run: PruningRun, accuracy: float, max_drop: float) -> bool:
     return max_drop <= 0 or run.reference_accuracy - accuracy <= max_drop
 
 
+def paired_prediction(previous: dict[str, Any], row: dict[str, Any]) -> dict[str, float | None]:
+    """The table's prediction as a speed-up over the unpruned model, beside the paired measurement.
+
+    The prediction for a step is calibrated on the step before (``predicted_ms`` = table µs x the previous step's
+    measured ms per table µs), so ``previous.p50 / predicted`` is the latency ratio the table predicts for the move;
+    chained on the previous step's paired speed-up it is the speed-up the table predicts for this one. Both speed-ups
+    are ratios timed in one process, which a shared machine's changing load does not shift as it shifts a p50.
+    """
+    predicted = row.get("predicted_ms")
+    if not predicted or not previous.get("latency_p50_ms"):
+        return {"predicted_speedup": None, "speedup_prediction_error_pct": None}
+    speedup = previous["speedup"] * previous["latency_p50_ms"] / predicted
+    return {"predicted_speedup": speedup, "speedup_prediction_error_pct": 100 * (speedup - row["speedup"]) / row["speedup"]}
+
+
 def prediction_error(trajectory: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Mean and largest absolute error (%) of the table's prediction over the accepted steps."""
+    """Mean and largest absolute error (%) of the table's prediction over the accepted steps: of the p50 itself
+    (``mean_abs``, ``max_abs``) and of the speed-up over the unpruned model against the paired one (``paired_*``)."""
     errors = [abs(row["prediction_error_pct"]) for row in trajectory if row.get("prediction_error_pct") is not None]
-    return {"mean_abs": sum(errors) / len(errors) if errors else None, "max_abs": max(errors, default=None), "steps": len(errors)}
+    paired = [abs(row["speedup_prediction_error_pct"]) for row in trajectory if row.get("speedup_prediction_error_pct") is not None]
+    return {
+        "mean_abs": sum(errors) / len(errors) if errors else None,
+        "max_abs": max(errors, default=None),
+        "paired_mean_abs": sum(paired) / len(paired) if paired else None,
+        "paired_max_abs": max(paired, default=None),
+        "within_10_pct": sum(error <= 10.0 for error in paired),
+        "steps": len(errors),
+    }
 
 
 def untried_moves(run: PruningRun, kinds: tuple[str, ...], kept: list[dict[str, str]]) -> list[str]:

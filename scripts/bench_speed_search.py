@@ -123,6 +123,9 @@ def search_row(name: str, target: float, result: api.BuildResult) -> list[str]:
     search, last = metrics["speed_search"], metrics["trajectory"][metrics["speed_search"]["step"]]
     error = search["prediction_error_pct"]
     table = "-" if error["mean_abs"] is None else f"{error['mean_abs']:.1f} % / {error['max_abs']:.1f} %"
+    if error.get("paired_mean_abs") is not None:
+        paired = f"{error['paired_mean_abs']:.1f} % / {error['paired_max_abs']:.1f} %"
+        table += f" (speed-up: {paired}, {error['within_10_pct']} of {error['steps']} ≤ 10 %)"
     removed = f"{len(last.get('blocks_removed', []))} / {last.get('channels_removed', 0)}"
     cells = [name, "search (depth + width)", f"{target:g}x", *build_cells(result), removed, f"{search['search_seconds']:.0f}", table]
     return cells + [("reached" if search["reached"] else "NOT reached: " + search["verdict"][:160])]

@@ -24,7 +24,7 @@ from edgeprune.progress import Reporter
 from edgeprune.pruning import layer_groups, protected_layers
 from edgeprune.pruning_plan import GroupPlan
 from edgeprune.speed_moves import LatencyPredictor, MoveScorer, next_width
-from edgeprune.speed_search import GreedySearch, open_table
+from edgeprune.speed_search import GreedySearch, open_table, paired_prediction, prediction_error
 from edgeprune.structured_pruning import PruningRun
 from tests.conftest import USER_MODEL
 from tests.zoo.resnets import resnet20_a
@@ -225,3 +225,21 @@ def test_a_target_out_of_reach_still_writes_the_fastest_model_with_a_verdict_and
     report = (workdir / "out" / "report.md").read_text()
     assert "## Speed-up search" in report and "prune.speedup=50 not reached" in report
     assert (workdir / "out" / "plots" / "speed_search.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_tables_error_is_also_judged_on_the_paired_speed_up_which_a_changing_load_does_not_shift() -> None:
+    # step 1 measured 1.20x at 1.00 ms; the table predicts step 2 at 0.80 ms on that calibration: 1.20 x 1.00 / 0.80 = 1.50x
+    start = {"step": 0, "speedup": 1.0, "latency_p50_ms": 1.2, "predicted_ms": None, "prediction_error_pct": None}
+    first = {"step": 1, "speedup": 1.2, "latency_p50_ms": 1.0, "predicted_ms": 1.1, "prediction_error_pct": 10.0}
+    first.update(paired_prediction(start, first))
+    assert first["predicted_speedup"] == pytest.approx(1.0 * 1.2 / 1.1) and first["speedup_prediction_error_pct"] == pytest.approx(
+        100 * (1.2 / 1.1 - 1.2) / 1.2
+    )
+    # the load fell between the two steps: p50 0.60 ms (25 % under the prediction), the paired speed-up 1.60x
+    second = {"step": 2, "speedup": 1.6, "latency_p50_ms": 0.6, "predicted_ms": 0.8, "prediction_error_pct": 100 * (0.8 - 0.6) / 0.6}
+    second.update(paired_prediction(first, second))
+    assert second["predicted_speedup"] == pytest.approx(1.5) and second["speedup_prediction_error_pct"] == pytest.approx(-6.25)
+    summary = prediction_error([start, first, second])
+    assert summary["steps"] == 2 and summary["max_abs"] == pytest.approx(100 * 0.2 / 0.6)
+    assert summary["paired_max_abs"] == pytest.approx(abs(100 * (1.2 / 1.1 - 1.2) / 1.2)) and summary["within_10_pct"] == 2
+    assert summary["paired_mean_abs"] == pytest.approx((6.25 + abs(100 * (1.2 / 1.1 - 1.2) / 1.2)) / 2)
