@@ -145,10 +145,12 @@ def quantize_input(sample: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
 
 
 def dequantize_output(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """A TFLite tensor as float32: integer values on their (scale, zero-point) grid; an integer tensor without a grid
+    (scale 0: indices, shapes) as it is."""
     if np.issubdtype(detail["dtype"], np.floating):
         return values.astype(np.float32)
     scale, zero_point = detail["quantization"]
-    return (values.astype(np.float32) - zero_point) * scale
+    return (values.astype(np.float32) - zero_point) * scale if scale else values.astype(np.float32)
 
 
 def parity_report(parent_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

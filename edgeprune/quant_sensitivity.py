@@ -368,6 +368,13 @@ def _numpy(value) -> np.ndarray:
     return value.detach().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
 
 
+def added_noise_db(output_db: float, input_dbs: list[float]) -> float:
+    """SQNR (dB) of the noise an operator adds itself: its output's noise power less what its inputs' relative noise
+    accounts for (200 dB when the inputs account for all of it)."""
+    added = 10 ** (-output_db / 10) - sum(10 ** (-value / 10) for value in input_dbs)
+    return 200.0 if added <= 0 else min(200.0, -10 * math.log10(added))
+
+
 def cosine(reference: np.ndarray, value: np.ndarray) -> float:
     """Cosine similarity of two tensors, flattened (1.0 when either is all zeros)."""
     a, b = np.asarray(reference, np.float64).ravel(), np.asarray(value, np.float64).ravel()

@@ -11,12 +11,12 @@ from edgeprune.errors import ExportError
 from edgeprune.export.tflite import convert_tflite
 from edgeprune.models.registry import create_model
 from edgeprune.parity import artifact_logits
-from edgeprune.quant_sensitivity import sqnr_db
+from edgeprune.quant_sensitivity import added_noise_db, sqnr_db
 from edgeprune.quantization import tflite
 from edgeprune.quantization.budget import quantize_within_budget
 from edgeprune.quantization.pt2e import unfoldable_shared_convs
 from edgeprune.quantization.tflite import TfliteQuantizer
-from edgeprune.quantization.tflite_ranking import module_locations, own_sqnr_db, tflite_tensor_errors
+from edgeprune.quantization.tflite_ranking import module_locations, tflite_tensor_errors
 from edgeprune.training import TrainSettings, train
 from tests.test_quantize import ScriptedQuantizer, scripted_logits  # noqa: F401 - the fixture is used by name
 
@@ -141,9 +141,9 @@ def test_module_locations_name_the_modules_litert_torch_writes_into_tensor_names
 
 
 def test_own_noise_is_what_the_inputs_did_not_bring():
-    assert own_sqnr_db(30.0, 200.0) == pytest.approx(30.0)
-    assert own_sqnr_db(30.0, 30.0) == 200.0  # all of it came from upstream
-    assert own_sqnr_db(27.0, 30.0) == pytest.approx(30.0, abs=0.05)  # half the noise power is its own
+    assert added_noise_db(30.0, [200.0]) == pytest.approx(30.0)
+    assert added_noise_db(30.0, [30.0]) == 200.0  # all of it came from upstream
+    assert added_noise_db(27.0, [30.0]) == pytest.approx(30.0, abs=0.05)  # half the noise power is its own
 
 
 def narrowed_conv_input(model_bytes: bytes, module: str) -> bytes:

@@ -38,6 +38,7 @@ from edgeprune.export.onnx import INPUT_NAME
 from edgeprune.onnx_compaction import float16_constants, quantize_weights
 from edgeprune.quant_sensitivity import (
     TensorNoise,
+    added_noise_db,
     channel_sqnr_db,
     cosine,
     onnx_activations,
@@ -270,9 +271,7 @@ def _added_sqnr(output_db: float | None, input_dbs: list[float | None]) -> float
     known = [value for value in input_dbs if value is not None]
     if output_db is None or not known or min(known) < CLEAN_INPUT_DB:  # noise on noise does not add up: unmeasurable
         return 200.0
-    incoming = sum(10 ** (-value / 10) for value in known)
-    added = 10 ** (-output_db / 10) - incoming
-    return 200.0 if added <= 0 else min(200.0, -10 * float(np.log10(added)))
+    return added_noise_db(output_db, known)
 
 
 def _producers(model_path: Path) -> dict[str, tuple[str, tuple[str, ...]]]:

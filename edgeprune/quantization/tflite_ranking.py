@@ -20,15 +20,14 @@ ladder's float rung leaves out of the PT2E annotation.
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
-from edgeprune.parity import quantize_input
-from edgeprune.quant_sensitivity import channel_sqnr_db
+from edgeprune.parity import dequantize_output, quantize_input
+from edgeprune.quant_sensitivity import added_noise_db, channel_sqnr_db, cosine
 from edgeprune.quantization.search import TensorError
 
 _PASS_THROUGH = frozenset({"QUANTIZE", "DEQUANTIZE"})  # the int8 file's grid changes: the same float tensor on both sides
@@ -84,9 +83,9 @@ def tflite_tensor_errors(float_path: Path, int8_path: Path, images: np.ndarray, 
         if not layers:  # nothing the ladder could leave float
             continue
         upstream = min((accumulated[i] for i in op.inputs if i in accumulated), default=200.0)
-        own = own_sqnr_db(accumulated[tensor], upstream)
-        cosine = _cosine(float_run.values[twins[tensor]], int8_run.values[tensor])
-        errors.append((op.index, TensorError(f"{_label(op, source)} {layers[0]}", own, accumulated[tensor], cosine, layers)))
+        own = added_noise_db(accumulated[tensor], [upstream])
+        similarity = cosine(float_run.values[twins[tensor]], int8_run.values[tensor])
+        errors.append((op.index, TensorError(f"{_label(op, source)} {layers[0]}", own, accumulated[tensor], similarity, layers)))
     return [item for _, item in sorted(errors, key=_worst_first)]
 
 
@@ -105,12 +104,6 @@ def _label(op: _Op, source: _Op | None) -> str:
     """The float file's operator a tensor stands for (``CONV_2D 7``), ``quantize`` when the int8 file rounds a float tensor."""
     label = f"{source.kind} {source.index}" if source else f"{op.kind} input"
     return f"{label} quantize" if op.kind == "QUANTIZE" else label
-
-
-def own_sqnr_db(output_db: float, input_db: float) -> float:
-    """The SQNR of the noise an operator adds itself: its output's noise less what its inputs' relative noise accounts for."""
-    added = 10 ** (-output_db / 10) - 10 ** (-input_db / 10)
-    return 200.0 if added <= 1e-20 else min(200.0, -10 * math.log10(added))
 
 
 def module_locations(model: nn.Module) -> dict[str, str]:
@@ -197,7 +190,7 @@ def _run(path: Path, images: np.ndarray, layout: str | None) -> _Run:
         interpreter.set_tensor(detail["index"], quantize_input(sample[None], detail))
         interpreter.invoke()
         for tensor, values in collected.items():
-            values.append(_dequantized(interpreter.get_tensor(tensor), details[tensor]))
+            values.append(dequantize_output(interpreter.get_tensor(tensor), details[tensor]))
     return _Run(
         ops,
         {tensor: np.concatenate(values) for tensor, values in collected.items()},
@@ -222,20 +215,7 @@ def _debug_interpreter(path: Path):
     return interpreter
 
 
-def _dequantized(values: np.ndarray, detail: dict) -> np.ndarray:
-    if np.issubdtype(values.dtype, np.floating):
-        return values.astype(np.float32)
-    scale, zero_point = detail["quantization"]
-    return ((values.astype(np.float32) - zero_point) * scale) if scale else values.astype(np.float32)
-
-
 def _by_channel(reference: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(channels, values) views of two NHWC (or N…C) tensors: the last axis is the channel."""
     channels = reference.shape[-1] if reference.ndim > 1 else 1
     return reference.reshape(-1, channels).T, value.reshape(-1, channels).T
-
-
-def _cosine(reference: np.ndarray, value: np.ndarray) -> float:
-    a, b = reference.ravel().astype(np.float64), value.ravel().astype(np.float64)
-    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return 1.0 if norm == 0 else float(a @ b) / norm
