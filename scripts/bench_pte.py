@@ -39,8 +39,8 @@ from edgeprune.models import create_model, list_models
 from edgeprune.parity import artifact_logits, parity_report
 from edgeprune.pte_runtime import xnnpack_threads
 from edgeprune.quantization.budget import quantize_within_budget
+from edgeprune.quantization.cost import open_run_once, p50_in_turns
 from edgeprune.quantization.pte import PteQuantizer
-from edgeprune.runtimes import runner
 from edgeprune.training import TrainSettings, predict_logits, top1_accuracy, train
 
 HEADER = (
@@ -119,23 +119,9 @@ def quantize_pte(model, example, calibration, path: Path, fp32_logits, images, l
 
 def paired_p50(files: dict[str, Path], threads: int, rounds: int, iterations: int) -> dict[str, float]:
     """p50 (ms) of each file opened with runner.py's loaders in this process, timed in turns."""
-    loops = {}
-    for key, path in files.items():
-        if not path.exists():
-            continue
-        import_runtime, open_runtime = runner.runtime_for(str(path))
-        options = argparse.Namespace(
-            model=str(path), threads=threads, input=None, providers="", provider_option=[], no_xnnpack=False, baseline=None
-        )
-        loops[key] = open_runtime(options, import_runtime()[0])[0]
-    latencies: dict[str, list[int]] = {key: [] for key in loops}
+    loops = {key: open_run_once(path, threads) for key, path in files.items() if path.exists()}
     with xnnpack_threads(threads):  # ExecuTorch's pool is process-wide: sized once for both .pte files
-        for _ in range(rounds):
-            for key, run_once in loops.items():
-                for _ in range(10):
-                    run_once()  # warm the caches after the other files ran
-                latencies[key] += runner.timed_loop(run_once, iterations, 0.0)
-    return {key: runner.latency_stats(values)["latency_p50_ms"] for key, values in latencies.items()}
+        return p50_in_turns(loops, dict.fromkeys(loops, iterations), rounds, warmup=10)
 
 
 if __name__ == "__main__":

@@ -43,16 +43,22 @@ def mix_cost_figures(files: Mapping[str, Path], threads: int = 1, seconds: float
 def paired_p50_ms(files: Mapping[str, Path], threads: int = 1, seconds: float = COST_SECONDS) -> dict[str, float]:
     """The median latency (ms) of each file, timed in turns for about ``seconds`` in all."""
     loops = {key: open_run_once(path, threads) for key, path in files.items()}
-    latencies: dict[str, list[int]] = {key: [] for key in loops}
     # ExecuTorch's thread pool is process-wide: sized for the .pte files, then restored.
     with xnnpack_threads(threads) if any(path.suffix == ".pte" for path in files.values()) else contextlib.nullcontext():
-        iterations = _iterations(loops, seconds)
-        for _ in range(ROUNDS):
-            for key, run_once in loops.items():
-                for _ in range(WARMUP):
-                    run_once()
-                latencies[key] += runner.timed_loop(run_once, iterations[key], 0.0)
-    return {key: round(runner.latency_stats(values)["latency_p50_ms"], 4) for key, values in latencies.items()}
+        p50s = p50_in_turns(loops, _iterations(loops, seconds), ROUNDS, WARMUP)
+    return {key: round(p50, 4) for key, p50 in p50s.items()}
+
+
+def p50_in_turns(loops: Mapping[str, Callable[[], None]], iterations: Mapping[str, int], rounds: int, warmup: int) -> dict[str, float]:
+    """The median latency (ms) of each loop, timed in turns: ``rounds`` times, each loop ``warmup`` untimed runs (its
+    caches warm again after the others ran) then ``iterations[key]`` timed ones."""
+    latencies: dict[str, list[int]] = {key: [] for key in loops}
+    for _ in range(rounds):
+        for key, run_once in loops.items():
+            for _ in range(warmup):
+                run_once()
+            latencies[key] += runner.timed_loop(run_once, iterations[key], 0.0)
+    return {key: runner.latency_stats(values)["latency_p50_ms"] for key, values in latencies.items()}
 
 
 def open_run_once(path: Path, threads: int) -> Callable[[], None]:
