@@ -156,8 +156,12 @@ class GreedySearch:
         if paired_speedup(pairs) >= self.target:
             pairs += measure_pairs(self.probe, self.dense_path, path)
         timing = pairs_summary(pairs)
-        profiled = profile_model(self.probe, path, list(layer_signatures(run.model, predictor.example).values()))[0] if self.table else None
-        if self.table is not None and profiled is not None:
+        profiled = (
+            None
+            if self.table is None
+            else profile_model(self.probe, path, list(layer_signatures(run.model, predictor.example).values()))[0]
+        )
+        if profiled is not None:
             self.table.add(profiled)
             predictor.refresh(profiled)
         predictor.calibrate(run.model, timing["latency_p50_ms"])
