@@ -46,41 +46,46 @@ from torch import nn
 from edgeprune.artifacts import write_json_atomic
 from edgeprune.cache import cache_key
 
-TABLE_FORMAT = "edgeprune-latency-table/2"  # 2: lineage
+TABLE_FORMAT = "edgeprune-latency-table/3"  # 2: lineage; 3: a conv's output size in its signature
 MAX_SAMPLES = 9  # per signature: the newest runs' medians are kept
 CONV_OPS = {"Conv": "conv", "FusedConv": "conv", "NhwcFusedConv": "conv", "Gemm": "gemm", "FusedGemm": "gemm"}
 TFLITE_OPS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "dwconv", "FULLY_CONNECTED": "gemm"}  # TFLite's builtin kernels
 
 
-def signature(kind: str, input_shape: Iterable[int], weight_shape: Iterable[int], batch: int = 1) -> str:
-    """A layer's cost key: ``conv:1x16x28x28:32x16x3x3`` (batch normalised to 1); ``gemm:49x64:192x64``, the rows one
-    sample of ``batch`` feeds a linear layer (its tokens; 1 for a flat feature vector) by its input features: a
-    transformer's linear layer over 49 tokens is 49 rows whether the graph keeps them 3-D (torch) or flattened
-    (onnxruntime's Gemm)."""
+def signature(kind: str, input_shape: Iterable[int], weight_shape: Iterable[int], batch: int = 1, output_shape: Iterable[int] = ()) -> str:
+    """A layer's cost key: ``conv:1x16x28x28:32x16x3x3:14x14`` (batch normalised to 1; the last field is the output's
+    height x width, so a strided conv is not its stride-1 twin); ``gemm:49x64:192x64``, the rows one sample of
+    ``batch`` feeds a linear layer (its tokens; 1 for a flat feature vector) by its input features: a transformer's
+    linear layer over 49 tokens is 49 rows whether the graph keeps them 3-D (torch) or flattened (onnxruntime's
+    Gemm)."""
     shape = list(input_shape)
     if kind == "gemm":
         dims = [max(1, int(np.prod(shape[:-1])) // max(batch, 1)), shape[-1]]
-    else:
-        dims = [1, *shape[1:]]
-    return f"{kind}:{'x'.join(map(str, dims))}:{'x'.join(map(str, weight_shape))}"
+        return f"{kind}:{'x'.join(map(str, dims))}:{'x'.join(map(str, weight_shape))}"
+    output = list(output_shape)[2:] or shape[2:]
+    return f"{kind}:{'x'.join(map(str, [1, *shape[1:]]))}:{'x'.join(map(str, weight_shape))}:{'x'.join(map(str, output))}"
+
+
+def signature_parts(sig: str) -> tuple[str, list[str], list[str], list[str]]:
+    """A signature's kind, input dims, weight dims and output spatial dims (a linear layer's: its rows)."""
+    kind, inputs, weights, *output = sig.split(":")
+    in_dims = inputs.split("x")
+    return kind, in_dims, weights.split("x"), output[0].split("x") if output else in_dims[:1] if kind == "gemm" else in_dims[2:]
 
 
 def layer_macs(sig: str) -> int:
-    """The weight's size times the input's pixels (a linear layer's rows): proportional to the layer's
-    multiply-accumulates among layers of one class (``layer_class``: same kernel and input size), which is all the
-    fitted cost compares."""
-    kind, inputs, weights = sig.split(":")
-    dims = [int(v) for v in inputs.split("x")]
-    positions = dims[0] if kind == "gemm" else int(np.prod(dims[2:] or [1]))
-    return int(np.prod([int(v) for v in weights.split("x")])) * positions
+    """The weight's size times the output's pixels (a linear layer's rows): proportional to the layer's
+    multiply-accumulates among layers of one class (``layer_class``: same kernel, input and output size), which is
+    all the fitted cost compares."""
+    _, _, weights, output = signature_parts(sig)
+    return int(np.prod([int(v) for v in weights])) * int(np.prod([int(v) for v in output] or [1]))
 
 
 def layer_class(sig: str) -> str:
-    """Signatures whose costs are fitted together: same kind, kernel size, depthwise or not, input spatial size."""
-    kind, inputs, weights = sig.split(":")
-    in_dims, w_dims = inputs.split("x"), weights.split("x")
+    """Signatures whose costs are fitted together: same kind, kernel size, depthwise or not, input and output size."""
+    kind, in_dims, w_dims, output = signature_parts(sig)
     depthwise = kind == "conv" and w_dims[1] == "1" and in_dims[1] != "1"
-    return f"{kind}:{'x'.join(w_dims[2:])}:{'dw' if depthwise else 'dense'}:{'x'.join(in_dims[2:])}"
+    return f"{kind}:{'x'.join(w_dims[2:])}:{'dw' if depthwise else 'dense'}:{'x'.join(in_dims[2:])}:{'x'.join(output)}"
 
 
 @dataclass(frozen=True)
@@ -166,8 +171,8 @@ def op_kind(node_type: str) -> str | None:
 
 def torch_kind(sig: str) -> str:
     """A torch layer signature's kind in ``op_kind``'s terms."""
-    kind, inputs, weights = sig.split(":")
-    depthwise = kind == "conv" and weights.split("x")[1] == "1" and inputs.split("x")[1] != "1"
+    kind, inputs, weights, _ = signature_parts(sig)
+    depthwise = kind == "conv" and weights[1] == "1" and inputs[1] != "1"
     return "dwconv" if depthwise else kind
 
 
@@ -201,10 +206,12 @@ def read_op_profile(ops: list[dict[str, Any]], total_ms: float, torch_layers: li
 
 
 def same_layer(torch_sig: str, trace_sig: str) -> bool:
-    """Whether a trace node can be the torch layer: same kind, kernel and input size; channels padded, never fewer."""
-    kind, inputs, weights = (part.split("x") for part in torch_sig.split(":"))
-    trace_kind, trace_inputs, trace_weights = (part.split("x") for part in trace_sig.split(":"))
-    if kind != trace_kind or inputs[2:] != trace_inputs[2:] or weights[2:] != trace_weights[2:] or len(weights) != len(trace_weights):
+    """Whether a trace node can be the torch layer: same kind, kernel, input and output size; channels padded, never
+    fewer."""
+    kind, inputs, weights, output = signature_parts(torch_sig)
+    trace_kind, trace_inputs, trace_weights, trace_output = signature_parts(trace_sig)
+    shape = (kind, inputs[2:], weights[2:], output, len(weights))
+    if shape != (trace_kind, trace_inputs[2:], trace_weights[2:], trace_output, len(trace_weights)):
         return False
     return all(int(a) <= int(b) for a, b in zip(inputs[:2] + weights[:2], trace_inputs[:2] + trace_weights[:2], strict=True))
 
@@ -214,7 +221,7 @@ def layer_signature(kind: str, dims: list[list[int]]) -> str:
     weight is pre-packed and not listed, so its (out, in) shape comes from the output's and the input's widths."""
     if kind == "gemm":
         return signature(kind, dims[0], (dims[-1][-1], dims[0][-1]))
-    return signature(kind, dims[0], dims[1])
+    return signature(kind, dims[0], dims[1], output_shape=dims[-1])
 
 
 def layer_signatures(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
@@ -222,9 +229,9 @@ def layer_signatures(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
     found: dict[str, str] = {}
 
     def hook(name: str):
-        def record(module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             kind = "conv" if isinstance(module, nn.Conv2d) else "gemm"
-            found[name] = signature(kind, args[0].shape, module.weight.shape, batch=args[0].shape[0])
+            found[name] = signature(kind, args[0].shape, module.weight.shape, args[0].shape[0], getattr(output, "shape", ()))
 
         return record
 
@@ -261,7 +268,8 @@ class LatencyTable:
             return statistics.median(self.entries[sig])
         points = [(layer_macs(s), statistics.median(t)) for s, t in self.entries.items() if layer_class(s) == layer_class(sig)]
         if not points:
-            points = [(layer_macs(s), statistics.median(t)) for s, t in self.entries.items() if s.split(":")[0] == sig.split(":")[0]]
+            kind = signature_parts(sig)[0]
+            points = [(layer_macs(s), statistics.median(t)) for s, t in self.entries.items() if signature_parts(s)[0] == kind]
         return fitted_cost(points, layer_macs(sig))
 
     def to_dict(self) -> dict[str, Any]:

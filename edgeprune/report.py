@@ -301,7 +301,7 @@ def _primary_selection(manifest: dict[str, Any]) -> list[str]:
     return ["## Primary artefact chosen by measurement", "", _escape(line) + ".", "", *table]
 
 
-SPEED_SEARCH_HEADER = ["step", "move", "predicted ms", "measured ms", "speed-up", "held-out top-1"]
+SPEED_SEARCH_HEADER = ["step", "move", "predicted ms", "measured ms", "speed-up", "held-out top-1", "test top-1 after recovery"]
 
 
 def speed_search_rows(manifest: dict[str, Any]) -> tuple[str, list[list[str]]]:
@@ -311,7 +311,7 @@ def speed_search_rows(manifest: dict[str, Any]) -> tuple[str, list[list[str]]]:
         return "", []
     rows = [
         [str(row["step"]), row.get("move", "start"), _num(row.get("predicted_ms")), _num(row["latency_p50_ms"])]
-        + [f"{row['speedup']:.2f}x", f"{row['held_out_accuracy']:.2f} %"]
+        + [f"{row['speedup']:.2f}x", f"{row['held_out_accuracy']:.2f} %", _recovered(row)]
         for row in stage["trajectory"]
     ]
     error = stage["speed_search"]["prediction_error_pct"]
@@ -328,11 +328,19 @@ def speed_search_rows(manifest: dict[str, Any]) -> tuple[str, list[list[str]]]:
     return stage["speed_search"]["verdict"] + "." + note, rows
 
 
+def _recovered(row: dict[str, Any]) -> str:
+    """A step the search recovered to judge it: its test top-1 and the epochs it took; "-" for the rest."""
+    if "accuracy_after_recovery" not in row:
+        return "-"
+    return f"{row['accuracy_after_recovery']:.2f} % ({row['recovery_epochs']} epochs)"
+
+
 def _speed_search(manifest: dict[str, Any]) -> list[str]:
     verdict, rows = speed_search_rows(manifest)
     if not rows:
         return []
-    return ["## Speed-up search", "", _escape(verdict), ""] + _section("", SPEED_SEARCH_HEADER, "|---:|---|---:|---:|---:|---:|", rows)[2:]
+    table = _section("", SPEED_SEARCH_HEADER, "|---:|---|---:|---:|---:|---:|---:|", rows)[2:]
+    return ["## Speed-up search", "", _escape(verdict), "", *table]
 
 
 def _channels(manifest: dict[str, Any]) -> list[str]:

@@ -96,16 +96,16 @@ class PruningRun:
     def macs(self) -> int:
         return count_macs_params(self.model, example_batch(self.dataset))["macs"]
 
-    def recover(self, step: int) -> None:
-        """``prune.recover_epochs`` of finetuning, distilled from the unpruned model when ``finetune.distill``."""
+    def recover(self, step: int, epochs: int | None = None) -> None:
+        """``epochs`` (default ``prune.recover_epochs``) of finetuning, distilled from the unpruned model when
+        ``finetune.distill``."""
         config = self.config
-        if config.prune.recover_epochs == 0:
+        epochs = config.prune.recover_epochs if epochs is None else epochs
+        if epochs == 0:
             return
         finetune = config.finetune
         alpha = finetune.distill_alpha if finetune.distill else 0.0
-        settings = TrainSettings(
-            config.prune.recover_epochs, finetune.lr, finetune.batch_size, config.seed + step, alpha, finetune.temperature
-        )
+        settings = TrainSettings(epochs, finetune.lr, finetune.batch_size, config.seed + step, alpha, finetune.temperature)
         dataset = self.dataset
         teacher = self.dense if finetune.distill else None
         train(self.model, dataset.x_train, dataset.y_train, settings, teacher, self.reporter, f"recover step {step}")

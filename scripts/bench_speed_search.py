@@ -5,8 +5,11 @@ Usage (from the repository root)::
 
     PYTHONPATH=. .venv/bin/python scripts/bench_speed_search.py
     PYTHONPATH=. .venv/bin/python scripts/bench_speed_search.py --models resnet56_a --targets 2.0 --train-images 2000
+    PYTHONPATH=. .venv/bin/python scripts/bench_speed_search.py --data ../shared/datasets/fashion-mnist/fashion-mnist.npz \
+        --train-images 6000 --test-images 5000 --epochs 6 --checkpoints ~/.cache/edgeprune/bench-checkpoints
 
-Each model is trained (``--epochs`` on ``--train-images`` of the bundled Fashion-MNIST subset) and built for
+Each model is trained (``--epochs`` on the first ``--train-images`` of ``--data``, by default the bundled
+Fashion-MNIST subset; tested on the first ``--test-images`` of its test split) and built for
 ``--target`` (cpu-x86: onnxruntime, 2 threads) through ``edgeprune.api.build`` with ``prune.speedup`` at each of
 ``--targets``, every row with the same finetune budget (``--finetune-epochs``, ``prune.recover_epochs = 1``).
 Columns: the measured speed-up of the shipped model over the dense export (the benchmark stage's paired
@@ -16,6 +19,9 @@ error on the accepted steps, and the search's verdict. Beside each target: unifo
 (``prune.amount`` at the search's MAC reduction, the same finetune) and plain Torch-Pruning (``MagnitudePruner``,
 no guard, its ratio at that MAC reduction, then the same number of finetune epochs, not distilled).
 The machine may be shared: every speed-up is a median of paired processes.
+
+A trained dense model is kept in ``--checkpoints`` (when given) under its model, data and training settings, and
+reused by a later run with the same ones; ``--train-only`` trains (or finds) them and stops.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 from bench_structured import uniform_level_for_mac_target  # noqa: E402
 
 from edgeprune import api  # noqa: E402
+from edgeprune.cache import cache_key  # noqa: E402
 from edgeprune.config import DataConfig, ExportConfig  # noqa: E402
-from edgeprune.data import load_dataset  # noqa: E402
+from edgeprune.data import EXAMPLE_DATA, load_dataset  # noqa: E402
 from edgeprune.export.onnx import export_onnx  # noqa: E402
 from edgeprune.models import create_model  # noqa: E402
 from edgeprune.progress import Reporter  # noqa: E402
@@ -63,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-images", type=int, default=3000)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--max-drop", type=float, default=1.0, help="budgets.max_accuracy_drop (points)")
+    parser.add_argument("--data", type=Path, default=EXAMPLE_DATA, help=".npz with x_train, y_train, x_test, y_test")
+    parser.add_argument("--checkpoints", type=Path, help="folder keeping the trained dense models for later runs")
+    parser.add_argument("--train-only", action="store_true", help="train (or find) the dense models and stop")
     return parser.parse_args()
 
 
@@ -71,13 +81,23 @@ def factory(name: str) -> torch.nn.Module:
     return make() if make else create_model(source.split(":", 1)[1], num_classes=10, in_channels=1, image_size=28)
 
 
-def trained_checkpoint(name: str, data: Path, folder: Path, epochs: int) -> Path:
+def trained_checkpoint(name: str, data: Path, folder: Path, args: argparse.Namespace) -> Path:
+    """The dense model trained on ``data``: found in ``--checkpoints`` when a run with the same settings kept it."""
+    settings = TrainSettings(epochs=args.epochs, lr=1e-2, batch_size=64, seed=0)
+    identity = [name, str(args.data.resolve()), args.train_images, args.test_images, settings.epochs, settings.lr, settings.batch_size]
+    kept = args.checkpoints.expanduser() / f"{name}-{cache_key(identity)[:16]}.pt" if args.checkpoints else None
+    if kept is not None and kept.is_file():
+        print(f"{name}: trained model from {kept}", file=sys.stderr, flush=True)
+        return kept
     torch.manual_seed(0)
     dataset = load_dataset(DataConfig(source=str(data)), num_classes=10)
     model = factory(name)
-    train(model, dataset.x_train, dataset.y_train, TrainSettings(epochs=epochs, lr=1e-2, batch_size=64, seed=0), reporter=Reporter())
-    path = folder / f"{name}.pt"
-    torch.save(model.state_dict(), path)
+    train(model, dataset.x_train, dataset.y_train, settings, reporter=Reporter())
+    print(f"{name}: trained, top-1 {evaluate(model, dataset.x_test, dataset.y_test):.2f} % on the test split", file=sys.stderr, flush=True)
+    path = kept or folder / f"{name}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path.with_suffix(".partial"))
+    path.with_suffix(".partial").replace(path)
     return path
 
 
@@ -179,15 +199,25 @@ def torch_pruning_row(name: str, target: float, mac_reduction: float, checkpoint
     return [name, "plain Torch-Pruning", f"{target:g}x", *cells]
 
 
+def control_row(name: str, checkpoint: Path, data: Path, folder: Path, args: argparse.Namespace) -> list[str]:
+    """The unpruned model given the same finetune: how far the finetune alone moves top-1 on this data."""
+    result = build(name, checkpoint, data, folder, args, "prune.amount=0.0")
+    accuracy = result.manifest["accuracy"]
+    drop = f"{accuracy['baseline'] - accuracy['primary']:.2f} pt"
+    return [name, "unpruned, the same finetune (control)", "-", "1.00x", "-", drop, "-", "-", "-", ""]
+
+
 def main() -> int:
     args = parse_args()
     print("| " + " | ".join(HEADER) + " | verdict |\n|" + "---|" * (len(HEADER) + 1), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-speed-search-") as scratch:
         folder = Path(scratch)
-        data = write_subset(folder / "subset.npz", args.train_images, args.test_images)
+        data = write_subset(folder / "subset.npz", args.train_images, args.test_images, args.data)
         for name in args.models:
-            checkpoint = trained_checkpoint(name, data, folder, args.epochs)
-            for target in args.targets:
+            checkpoint = trained_checkpoint(name, data, folder, args)
+            if not args.train_only:
+                print("| " + " | ".join(control_row(name, checkpoint, data, folder, args)) + " |", flush=True)
+            for target in [] if args.train_only else args.targets:
                 result = build(name, checkpoint, data, folder, args, f"prune.speedup={target}")
                 print("| " + " | ".join(search_row(name, target, result)) + " |", flush=True)
                 reduction = prune_metrics(result)["mac_reduction"]

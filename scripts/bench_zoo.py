@@ -5,13 +5,16 @@ Usage (from the repository root)::
     PYTHONPATH=. .venv/bin/python scripts/bench_zoo.py                          # the whole corpus, cpu-x86
     PYTHONPATH=. .venv/bin/python scripts/bench_zoo.py --models resnet20_a vgg --epochs 3 --train-images 6000
 
-Each architecture is trained (``--epochs`` on ``--train-images`` of the bundled Fashion-MNIST subset), saved in
+Each architecture is trained (``--epochs`` on the first ``--train-images`` of ``--data``, by default the bundled
+Fashion-MNIST subset; tested on the first ``--test-images`` of its test split), saved in
 the checkpoint layout the corpus gives it (legacy pickle, CUDA-tagged tensors, EMA wrapper, safetensors ...), and
 built for ``--target`` through ``edgeprune.api.build`` exactly as ``edgeprune build --model --weights --data`` does.
-Columns: the checkpoint format and how many adaptations loading it took; layer groups pruned / kept whole; MACs
-dense / pruned; the onnxruntime speed-up of the pruned fp32 and int8 files over the dense fp32 export (paired in one
-process by the benchmark stage); top-1 before → after; parity of every exported artefact; the int8 budget; whether the
-pruned model converts to TFLite (litert-torch).
+Columns: the checkpoint format and how many adaptations loading it took; layer groups pruned / kept whole (and
+residual blocks removed); MACs dense / pruned; the onnxruntime speed-up of the pruned fp32 and int8 files over the
+dense fp32 export (paired in one process by the benchmark stage); top-1 before → after; parity of every exported
+artefact; the int8 budget; whether the pruned model converts to TFLite (litert-torch); the build's budgets (what its
+exit code says) and, with ``--set prune.speedup=X``, whether the speed-up search reached X (removing residual blocks
+where the rounding or a channel shuffle keeps every layer group whole).
 
 It then prunes the option-A ResNet-56 with plain Torch-Pruning (``MagnitudePruner``, no guard) and prints
 what happens to the model: the dependency graph does not see the pad shortcut's hard-coded channel counts.
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 
 from edgeprune import api
+from edgeprune.data import EXAMPLE_DATA
 from edgeprune.errors import EdgepruneError
 from edgeprune.export.tflite import try_litert
 from edgeprune.modelio import load_model
@@ -35,7 +39,18 @@ from tests.zoo import load_zoo
 from tests.zoo.resnets import resnet56_a
 from tests.zoo.trained import train_and_save, write_subset
 
-HEADER = ("model", "loads (format)", "groups pruned / whole", "MACs", "ORT speed-up", "top-1 before → after", "parity", "int8", "TFLite")
+HEADER = (
+    "model",
+    "loads (format)",
+    "groups pruned / whole",
+    "MACs",
+    "ORT speed-up",
+    "top-1 before → after",
+    "parity",
+    "int8",
+    "TFLite",
+    "budgets",
+)
 
 
 def main() -> None:
@@ -45,6 +60,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-images", type=int, default=3000)
     parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--data", type=Path, default=EXAMPLE_DATA, help=".npz with x_train, y_train, x_test, y_test")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="extra build settings")
     args = parser.parse_args()
     zoo = load_zoo()
@@ -52,7 +68,7 @@ def main() -> None:
     print(plain_torch_pruning_on_resnet56(), end="\n\n", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-zoo-") as scratch:
         folder = Path(scratch)
-        data = write_subset(folder / "subset.npz", args.train_images, args.test_images)
+        data = write_subset(folder / "subset.npz", args.train_images, args.test_images, args.data)
         print("| " + " | ".join(HEADER) + " |")
         print("|" + "---|" * len(HEADER))
         for name in names:
@@ -75,7 +91,17 @@ def corpus_row(name: str, source: str, checkpoint: Path, data: Path, args: argpa
     except EdgepruneError as error:
         return [name, f"FAILED: {error}"] + ["-"] * (len(HEADER) - 2)
     manifest = result.manifest
-    return [name, *manifest_cells(manifest), tflite_cell(result.out / "model.pt", manifest)]
+    return [name, *manifest_cells(manifest), tflite_cell(result.out / "model.pt", manifest), budget_cell(result)]
+
+
+def budget_cell(result: api.BuildResult) -> str:
+    """The build's budgets (the exit code a CI job would see) and, with ``prune.speedup``, the search's verdict."""
+    pruned = next(stage for stage in result.manifest["stages"] if stage["name"] == "prune_structured")["metrics"]
+    search = pruned.get("speed_search")
+    verdict = "" if search is None else f"speed-up {search['target']:g}x {'reached' if search['reached'] else 'NOT reached'}; "
+    if not result.violations:
+        return verdict + "met"
+    return verdict + "; ".join(f"{violation.kind}: {violation.message[:120]}" for violation in result.violations)
 
 
 def manifest_cells(manifest: dict[str, Any]) -> list[str]:

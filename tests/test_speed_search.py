@@ -15,7 +15,7 @@ from torch import nn
 
 from edgeprune import api
 from edgeprune.budgets import EXIT_CODES, exit_code
-from edgeprune.config import BuildConfig, ExportConfig, PruneConfig
+from edgeprune.config import BuildConfig, ExportConfig, FinetuneConfig, PruneConfig
 from edgeprune.data import Dataset
 from edgeprune.depth_pruning import drop_blocks
 from edgeprune.export.onnx import export_onnx
@@ -24,7 +24,7 @@ from edgeprune.progress import Reporter
 from edgeprune.pruning import layer_groups, protected_layers
 from edgeprune.pruning_plan import GroupPlan
 from edgeprune.speed_moves import LatencyPredictor, MoveScorer, next_width
-from edgeprune.speed_search import GreedySearch, open_table, paired_prediction, prediction_error
+from edgeprune.speed_search import GreedySearch, open_table, paired_prediction, prediction_error, settle
 from edgeprune.structured_pruning import PruningRun
 from tests.conftest import USER_MODEL
 from tests.zoo.resnets import resnet20_a
@@ -243,3 +243,47 @@ def test_the_tables_error_is_also_judged_on_the_paired_speed_up_which_a_changing
     assert summary["steps"] == 2 and summary["max_abs"] == pytest.approx(100 * 0.2 / 0.6)
     assert summary["paired_max_abs"] == pytest.approx(abs(100 * (1.2 / 1.1 - 1.2) / 1.2)) and summary["within_10_pct"] == 2
     assert summary["paired_mean_abs"] == pytest.approx((6.25 + abs(100 * (1.2 / 1.1 - 1.2) / 1.2)) / 2)
+
+
+class TrainedCounter(nn.Module):
+    """A stand-in model that remembers which step it is and how many epochs of recovery it has had."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step, self.epochs = step, 0
+
+
+class SettleRun(SimpleNamespace):
+    """The parts of a PruningRun ``settle`` uses; test top-1 is ``accuracy[(step, epochs trained)]``."""
+
+    def recover(self, step: int, epochs: int | None = None) -> None:
+        self.model.epochs += self.config.prune.recover_epochs if epochs is None else epochs
+
+
+def settle_run(monkeypatch: pytest.MonkeyPatch, accuracy: dict[tuple[int, int], float]) -> SettleRun:
+    monkeypatch.setattr("edgeprune.speed_search.evaluate", lambda model, *_: accuracy[(model.step, model.epochs)])
+    config = BuildConfig(prune=PruneConfig(recover_epochs=1), finetune=FinetuneConfig(epochs=2))
+    dataset = SimpleNamespace(x_test=None, y_test=None)
+    return SettleRun(config=config, reference_accuracy=90.0, dense_macs=100, dataset=dataset, reporter=QUIET)
+
+
+def test_a_step_its_short_recovery_leaves_just_over_budget_is_judged_after_the_profiles_finetune(monkeypatch: pytest.MonkeyPatch) -> None:
+    # step 3 (the search's end): 84.0 before recovery, 88.8 after one epoch (1.2 points down, budget 1: a miss of 0.2
+    # against a recovery gain of 4.8), 89.4 after the profile's two finetune epochs more: kept, judged where the build judges
+    run = settle_run(monkeypatch, {(3, 1): 88.8, (3, 3): 89.4})
+    models = [TrainedCounter(step) for step in range(4)]
+    trajectory = [{"step": step, "accuracy": 90.0 - 2 * step, "macs": 100 - 10 * step} for step in range(4)]
+    assert settle(run, models, trajectory, max_drop=1.0) == (3, 89.4, "")
+    assert trajectory[3]["recovery_epochs"] == 3 and trajectory[3]["accuracy_after_recovery"] == 89.4
+    assert run.model.epochs == 3 and run.model is not models[3]  # a recovered copy is handed on
+
+
+def test_a_step_far_over_budget_is_not_given_the_finetune_and_the_search_steps_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # step 3 misses by 5 points after recovering 1: no finetune could close that; the proxy (step's top-1 before
+    # recovery + the 1 point recovery added) keeps step 1 (88 + 1 = 89 ≥ 89), which recovery confirms at 89.5
+    run = settle_run(monkeypatch, {(3, 1): 84.0, (1, 1): 89.5})
+    models = [TrainedCounter(step) for step in range(4)]
+    trajectory = [{"step": step, "accuracy": 90.0 - 2 * step - (1.0 if step == 3 else 0.0), "macs": 100 - 10 * step} for step in range(4)]
+    index, accuracy, note = settle(run, models, trajectory, max_drop=1.0)
+    assert (index, accuracy) == (1, 89.5) and note.startswith("step 3 fell 6.00 points after recovery")
+    assert trajectory[3]["recovery_epochs"] == 1 and trajectory[1]["recovery_epochs"] == 1 and "recovery_epochs" not in trajectory[2]

@@ -13,7 +13,7 @@ import torch
 from edgeprune.config import BuildConfig, ExportConfig, PruneConfig
 from edgeprune.data import Dataset
 from edgeprune.export.onnx import export_onnx
-from edgeprune.latency_table import LatencyTable, layer_macs, layer_signatures, profile_onnx, signature
+from edgeprune.latency_table import LatencyTable, layer_class, layer_macs, layer_signatures, profile_onnx, signature
 from edgeprune.models.vit import vit_tiny
 from edgeprune.progress import Reporter
 from edgeprune.pruning import layer_groups, protected_layers
@@ -43,7 +43,7 @@ def vit_run(kinds: str = "search") -> PruningRun:
 def test_a_transformers_linear_layers_are_keyed_by_their_rows_and_found_in_onnxruntimes_trace(tmp_path: Path) -> None:
     model, example = vit_tiny().eval(), torch.zeros(1, 1, 28, 28)
     layers = list(layer_signatures(model, example).values())
-    assert layers[:3] == ["conv:1x1x28x28:64x1x4x4", "gemm:49x64:192x64", "gemm:49x64:64x64"]  # 49 tokens of 64 features
+    assert layers[:3] == ["conv:1x1x28x28:64x1x4x4:7x7", "gemm:49x64:192x64", "gemm:49x64:64x64"]  # 49 tokens of 64 features
     assert layers[-1] == "gemm:1x64:10x64"  # the head sees one pooled vector
     assert signature("gemm", (4, 49, 64), (192, 64), batch=4) == "gemm:49x64:192x64"  # the rows of one sample
     assert layer_macs("gemm:49x64:192x64") == 49 * 64 * 192
@@ -92,3 +92,30 @@ def test_a_search_restricted_to_one_kind_proposes_no_head_move(moves: str) -> No
     run = vit_run(moves)
     scorer = MoveScorer(run, LatencyPredictor(None, torch.from_numpy(run.dataset.x_test[:1]), []), (moves,))
     assert all(move.kind == moves for move in scorer.moves())
+
+
+class StridedNet(torch.nn.Module):
+    """Two depthwise convs with the same input and weight shapes, one of stride 1 and one of stride 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 32, 3, 1, 1)
+        self.same = torch.nn.Conv2d(32, 32, 3, 1, 1, groups=32)
+        self.down = torch.nn.Conv2d(32, 32, 3, 2, 1, groups=32)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.stem(x))
+        out = torch.relu(self.same(out)) + out
+        return self.head(self.down(out).mean((2, 3)))
+
+
+def test_a_strided_conv_is_not_keyed_as_its_stride_1_twin_and_onnxruntimes_trace_lands_on_both(tmp_path: Path) -> None:
+    model, example = StridedNet().eval(), torch.zeros(1, 1, 28, 28)
+    layers = layer_signatures(model, example)
+    assert layers["same"] == "conv:1x32x28x28:32x1x3x3:28x28" and layers["down"] == "conv:1x32x28x28:32x1x3x3:14x14"
+    assert layer_macs(layers["same"]) == 4 * layer_macs(layers["down"]) == 32 * 9 * 28 * 28
+    assert layer_class(layers["same"]) != layer_class(layers["down"])  # fitted apart: their costs per MAC differ
+    export_onnx(model, example, tmp_path / "strided.onnx", ExportConfig())
+    profiled = profile_onnx(tmp_path / "strided.onnx", threads=1, torch_layers=list(layers.values()), runs=3, warmup=1)
+    assert set(profiled.layers) == set(layers.values())  # both matched by their output size, each with its own time

@@ -16,9 +16,10 @@ from tests.zoo import ZooEntry
 CHECKPOINT_SUFFIX = {"safetensors": ".safetensors"}
 
 
-def write_subset(path: Path, train_images: int = 2000, test_images: int = 500) -> Path:
-    """A class-balanced slice of the bundled Fashion-MNIST subset as a user's ``.npz``."""
-    with np.load(EXAMPLE_DATA) as data:
+def write_subset(path: Path, train_images: int = 2000, test_images: int = 500, source: Path = EXAMPLE_DATA) -> Path:
+    """The first images of ``source`` (an ``.npz`` of x_train, y_train, x_test, y_test; by default the bundled
+    Fashion-MNIST subset, whose slices are class-balanced) as a user's ``.npz``."""
+    with np.load(source) as data:
         arrays = {
             "x_train": data["x_train"][:train_images],
             "y_train": data["y_train"][:train_images],
