@@ -16,9 +16,10 @@ profiled, which refreshes the predictor and grows the cached table. The row reco
 stops once the measured speed-up reaches the target (confirmed by as many pairs again).
 
 Accuracy is judged where it counts: the model the search stopped at is recovered (``prune.recover_epochs``
-of distilled finetuning) and its top-1 checked against ``budgets.max_accuracy_drop``. When that breaks the
-budget, earlier accepted steps are recovered (a bisection over the trajectory) until the fastest within
-the budget is found. When the target is not reached within the budget the stage still finishes with that
+of distilled finetuning) and its top-1 checked against ``budgets.max_accuracy_drop`` (``edgeprune.speed_recovery``).
+When that breaks the budget, earlier accepted steps are recovered (a bisection over the trajectory) until the
+fastest within the budget is found. On the way, a model whose held-out top-1 has fallen ``PROXY_SLACK_POINTS``
+past the budget is recovered before the search goes on. When the target is not reached within the budget the stage still finishes with that
 model; the ``speed_search`` summary says so (``reached`` false, a one-line ``verdict`` naming the moves not
 tried) and the build's budget check turns it into exit code 13.
 """
@@ -63,13 +64,14 @@ from edgeprune.speed_moves import (
     pruning_guard,
     removable_blocks,
 )
+from edgeprune.speed_recovery import settle, within
 from edgeprune.speedup_search import LatencyProbe, measure_pairs, pairs_summary
 from edgeprune.structured_pruning import PruningRun
 from edgeprune.training import evaluate, example_batch
 
 REFRESHES = 6  # at most this many stale scores are re-scored on the current model per step
-PROXY_SLACK_POINTS = 15.0  # held-out top-1 (before recovery) may fall this far past the budget before the search gives up
-MAX_RECOVERIES = 3  # recoveries the search may spend finding the fastest step within the budget
+PROXY_SLACK_POINTS = 15.0  # held-out top-1 (before recovery) may fall this far past the budget before the model is recovered
+MIDWAY_RECOVERIES = 3  # recoveries the search may spend on the way when held-out top-1 falls past that slack
 WIDTH_RUNS = 2  # uniform narrowings by 1..WIDTH_RUNS rounding steps profiled into the table, besides the model itself
 
 
@@ -129,9 +131,15 @@ class GreedySearch:
         accepted step's row and model, and returns why the search stopped short ("" when it reached the target)."""
         run, start_accuracy = self.scorer.run, self.accuracy
         reporter, name = self.probe.context.reporter, self.probe.context.config.name
+        recovered_at = 0  # the step last recovered on the way
         while trajectory[-1]["speedup"] < self.target:
             if max_drop > 0 and start_accuracy - self.accuracy > max_drop + PROXY_SLACK_POINTS:
-                return f"held-out top-1 before recovery fell more than {max_drop + PROXY_SLACK_POINTS:g} points"
+                step = len(trajectory) - 1
+                if step == recovered_at or sum("recovered_on_the_way" in row for row in trajectory) >= MIDWAY_RECOVERIES:
+                    return f"held-out top-1 fell more than {max_drop + PROXY_SLACK_POINTS:g} points, recovered or not"
+                self.recover_on_the_way(trajectory, models)
+                recovered_at = step
+                continue
             scored = self.choose()
             if scored is None:
                 return "no move left that the table predicts to save latency"
@@ -145,6 +153,21 @@ class GreedySearch:
                 f"measured {row['latency_p50_ms']:.3f} ms ({row['speedup']:.2f}x), held-out top-1 {row['held_out_accuracy']:.2f} %"
             )
         return ""
+
+    def recover_on_the_way(self, trajectory: list[dict[str, Any]], models: list[nn.Module]) -> None:
+        """Recover the current model (``prune.recover_epochs``) before the search goes on: a network whose moves cost
+        much top-1 that recovery gives back (depthwise-separable groups) would otherwise stop the search early. The
+        recovered model replaces the step's; its row records the held-out top-1 before and after."""
+        run, row = self.scorer.run, trajectory[-1]
+        before = self.accuracy
+        run.model = copy.deepcopy(run.model)
+        run.recover(row["step"])
+        models[-1], self.accuracy = run.model, self.scorer.accuracy(run.model)
+        row.update(recovered_on_the_way=run.config.prune.recover_epochs, held_out_accuracy_before_recovery=before)
+        row.update(held_out_accuracy=self.accuracy, accuracy=evaluate(run.model, run.dataset.x_test, run.dataset.y_test))
+        run.reporter.info(
+            f"prune_structured: step {row['step']} recovered on the way: held-out top-1 {before:.2f} % -> {self.accuracy:.2f} %"
+        )
 
     def measure(self, step: int, scored: Scored | None) -> dict[str, Any]:
         """Export the current model, measure it beside the dense export (confirmed when it reaches the target),
@@ -293,70 +316,6 @@ def uniformly_narrowed(run: PruningRun, steps: int) -> nn.Module:
         return run.model
     flagged = {item.layer for item in run.untracked}
     return guarded_prune(run.model, run.config.prune, run.protected | flagged, run.groups, widths, pruning_guard(run)).model
-
-
-def settle(run: PruningRun, models: list[nn.Module], trajectory: list[dict[str, Any]], max_drop: float) -> tuple[int, float, str]:
-    """Recover the last accepted model; when it breaks the budget, step back to the fastest model that keeps it.
-
-    Each step tried is judged by ``judged_accuracy``: its short recovery, and the profile's finetune on top when
-    that recovery misses the budget by less than it gained. Each judgement calibrates a proxy: the test top-1 a step
-    had before recovery plus what recovery added to the last step judged. The next step tried is the fastest the proxy
-    keeps within the budget, at most ``MAX_RECOVERIES`` times; then the search's starting model. Returns the chosen
-    step, its top-1 after recovery, and (when the last step broke the budget) why the search's end was not kept.
-    ``run.model`` is left as the recovered chosen model.
-    """
-    last = len(models) - 1
-    accuracy = judged_accuracy(run, models, trajectory, last, max_drop)
-    if within(run, accuracy, max_drop) or last == 0:
-        return last, accuracy, ""
-    note = f"step {last} fell {run.reference_accuracy - accuracy:.2f} points after recovery, over budgets.max_accuracy_drop={max_drop:g}"
-    high, gain = last, accuracy - trajectory[last]["accuracy"]
-    for _ in range(MAX_RECOVERIES - 1):
-        step = max((i for i in range(1, high) if within(run, trajectory[i]["accuracy"] + gain, max_drop)), default=0)
-        if step == 0:
-            break
-        accuracy = judged_accuracy(run, models, trajectory, step, max_drop)
-        if within(run, accuracy, max_drop):
-            return step, accuracy, note
-        high, gain = step, accuracy - trajectory[step]["accuracy"]
-    if trajectory[0]["macs"] == run.dense_macs:  # the search started from the unpruned model: nothing to recover
-        run.model = copy.deepcopy(models[0])
-        return 0, run.reference_accuracy, note
-    return 0, recovered_accuracy(run, models[0], 0), note
-
-
-def judged_accuracy(run: PruningRun, models: list[nn.Module], trajectory: list[dict[str, Any]], step: int, max_drop: float) -> float:
-    """Test top-1 of step ``step``'s model after ``prune.recover_epochs``; when that misses the budget by less than the
-    recovery gained, after ``finetune.epochs`` more (the profile's finetune, which the build's budget check follows)
-    as well: a short recovery underestimates what the finetune recovers, and a step it rejects by a fraction of a
-    point is judged where the build judges it. The step's row records the epochs and the top-1 (``run.model`` is
-    left as the recovered copy)."""
-    accuracy, epochs = recovered_accuracy(run, models[step], step), run.config.prune.recover_epochs
-    miss = run.reference_accuracy - accuracy - max_drop
-    if max_drop > 0 and 0 < miss < accuracy - trajectory[step]["accuracy"] and run.config.finetune.epochs > 0 and epochs > 0:
-        run.reporter.info(
-            f"prune_structured: step {step} misses the budget by {miss:.2f} points after {plural(epochs, 'recovery epoch')}; "
-            f"judging it after the profile's finetune ({plural(run.config.finetune.epochs, 'epoch')} more)"
-        )
-        run.recover(step, run.config.finetune.epochs)
-        accuracy, epochs = evaluate(run.model, run.dataset.x_test, run.dataset.y_test), epochs + run.config.finetune.epochs
-    trajectory[step].update(recovery_epochs=epochs, accuracy_after_recovery=accuracy)
-    return accuracy
-
-
-def recovered_accuracy(run: PruningRun, model: nn.Module, step: int) -> float:
-    """Test top-1 of a copy of ``model`` after ``prune.recover_epochs`` (the copy is left in ``run.model``)."""
-    run.model = copy.deepcopy(model)
-    run.recover(step)
-    return evaluate(run.model, run.dataset.x_test, run.dataset.y_test)
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def within(run: PruningRun, accuracy: float, max_drop: float) -> bool:
-    return max_drop <= 0 or run.reference_accuracy - accuracy <= max_drop
 
 
 def paired_prediction(previous: dict[str, Any], row: dict[str, Any]) -> dict[str, float | None]:

@@ -24,7 +24,8 @@ from edgeprune.progress import Reporter
 from edgeprune.pruning import layer_groups, protected_layers
 from edgeprune.pruning_plan import GroupPlan
 from edgeprune.speed_moves import LatencyPredictor, MoveScorer, next_width
-from edgeprune.speed_search import GreedySearch, open_table, paired_prediction, prediction_error, settle
+from edgeprune.speed_recovery import settle
+from edgeprune.speed_search import GreedySearch, open_table, paired_prediction, prediction_error
 from edgeprune.structured_pruning import PruningRun
 from tests.conftest import USER_MODEL
 from tests.zoo.resnets import resnet20_a
@@ -261,7 +262,7 @@ class SettleRun(SimpleNamespace):
 
 
 def settle_run(monkeypatch: pytest.MonkeyPatch, accuracy: dict[tuple[int, int], float]) -> SettleRun:
-    monkeypatch.setattr("edgeprune.speed_search.evaluate", lambda model, *_: accuracy[(model.step, model.epochs)])
+    monkeypatch.setattr("edgeprune.speed_recovery.evaluate", lambda model, *_: accuracy[(model.step, model.epochs)])
     config = BuildConfig(prune=PruneConfig(recover_epochs=1), finetune=FinetuneConfig(epochs=2))
     dataset = SimpleNamespace(x_test=None, y_test=None)
     return SettleRun(config=config, reference_accuracy=90.0, dense_macs=100, dataset=dataset, reporter=QUIET)
@@ -297,3 +298,48 @@ def test_a_search_a_step_short_by_its_own_measurement_passes_when_the_shipped_ar
     [violation] = search_violations({**manifest, "speedups": {"onnx_fp32": 1.29}})
     assert (violation.kind, violation.limit, violation.value) == ("speedup", 1.3, 1.28) and violation.message == search["verdict"]
     assert len(search_violations({**manifest, "speedups": {}})) == 1  # no benchmark: the search's own verdict stands
+
+
+def on_the_way_search(monkeypatch: pytest.MonkeyPatch, held_out_after_recovery: float) -> tuple[GreedySearch, list]:
+    """A search whose first move costs 35 points of held-out top-1 (95 -> 60) at 1.2x and whose second reaches 2.1x."""
+    monkeypatch.setattr("edgeprune.speed_search.evaluate", lambda model, *_: 80.0 + model.epochs)
+    monkeypatch.setattr("edgeprune.speed_search.describe_model", lambda run, widths: {})
+    run = SettleRun(model=TrainedCounter(0), config=BuildConfig(prune=PruneConfig(recover_epochs=1)), reporter=QUIET)
+    run.dataset = SimpleNamespace(x_test=None, y_test=None)
+    held_out = {(1, 0): 60.0, (1, 1): held_out_after_recovery, (2, 0): 88.0}
+    scorer = SimpleNamespace(run=run, accuracy=lambda model: held_out[(model.step, model.epochs)])
+    probe = SimpleNamespace(context=SimpleNamespace(reporter=QUIET, config=SimpleNamespace(name="test")))
+    search = GreedySearch(scorer, probe, Path("-"), Path("-"), target=2.0, table=None, accuracy=95.0)  # type: ignore[arg-type]
+    moves = iter([(TrainedCounter(1), 60.0), (TrainedCounter(2), 88.0)])
+    speeds = {1: 1.2, 2: 2.1}
+
+    def choose() -> SimpleNamespace:
+        model, accuracy = next(moves)
+        return SimpleNamespace(model=model, held_out_accuracy=accuracy, move=SimpleNamespace(describe=lambda: "a move", kind="depth"))
+
+    def measure(step: int, scored: SimpleNamespace) -> dict:
+        row = {"step": step, "speedup": speeds[step], "latency_p50_ms": 1.0 / speeds[step], "predicted_ms": 1.0 / speeds[step]}
+        return {**row, "move": scored.move.describe(), "held_out_accuracy": scored.held_out_accuracy}
+
+    monkeypatch.setattr(search, "choose", choose)
+    monkeypatch.setattr(search, "measure", measure)
+    start = {"step": 0, "speedup": 1.0, "latency_p50_ms": 1.0, "predicted_ms": None}
+    return search, [start]
+
+
+def test_the_search_recovers_on_the_way_when_held_out_top1_falls_past_the_slack_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    search, trajectory = on_the_way_search(monkeypatch, held_out_after_recovery=90.0)
+    models: list = [TrainedCounter(0)]
+    assert search.take_moves(trajectory, models, max_drop=1.0, widths={}) == ""  # reached 2.1x
+    recovered = trajectory[1]
+    assert recovered["recovered_on_the_way"] == 1 and recovered["held_out_accuracy_before_recovery"] == 60.0
+    assert recovered["held_out_accuracy"] == 90.0 and recovered["accuracy"] == 81.0  # test top-1 re-measured after it
+    assert models[1].epochs == 1 and models[2].step == 2 and "recovered_on_the_way" not in trajectory[2]
+
+
+def test_the_search_stops_when_recovery_on_the_way_does_not_bring_held_out_top1_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    search, trajectory = on_the_way_search(monkeypatch, held_out_after_recovery=62.0)
+    models: list = [TrainedCounter(0)]
+    stop = search.take_moves(trajectory, models, max_drop=1.0, widths={})
+    assert stop == "held-out top-1 fell more than 16 points, recovered or not"
+    assert len(trajectory) == 2 and trajectory[1]["recovered_on_the_way"] == 1 and models[1].epochs == 1
