@@ -315,7 +315,8 @@ def speed_search_rows(manifest: dict[str, Any]) -> tuple[str, list[list[str]]]:
         + [f"{row['speedup']:.2f}x", f"{row['held_out_accuracy']:.2f} %", _recovered(row)]
         for row in stage["trajectory"]
     ]
-    error = stage["speed_search"]["prediction_error_pct"]
+    search = stage["speed_search"]
+    error = search["prediction_error_pct"]
     note = (
         ""
         if error["mean_abs"] is None
@@ -326,7 +327,6 @@ def speed_search_rows(manifest: dict[str, Any]) -> tuple[str, list[list[str]]]:
             f", {error['paired_mean_abs']:.1f} % of the paired speed-up ({error['within_10_pct']} of {error['steps']} steps within 10 %)"
         )
     note += "." if note else ""
-    search = stage["speed_search"]
     if not search["reached"] and shipped_speedup_meets(manifest, search["target"]):
         shipped = manifest["speedups"][manifest["primary_artifact"]]
         note += f" The benchmark stage measured the shipped {manifest['primary_artifact']} at {shipped:.2f}x, which meets prune.speedup."

@@ -19,9 +19,9 @@ Accuracy is judged where it counts: the model the search stopped at is recovered
 of distilled finetuning) and its top-1 checked against ``budgets.max_accuracy_drop`` (``edgeprune.speed_recovery``).
 When that breaks the budget, earlier accepted steps are recovered (a bisection over the trajectory) until the
 fastest within the budget is found. On the way, a model whose held-out top-1 has fallen ``PROXY_SLACK_POINTS``
-past the budget is recovered before the search goes on. When the target is not reached within the budget the stage still finishes with that
-model; the ``speed_search`` summary says so (``reached`` false, a one-line ``verdict`` naming the moves not
-tried) and the build's budget check turns it into exit code 13.
+past the budget is recovered before the search goes on. When the target is not reached within the budget the
+stage still finishes with that model; the ``speed_search`` summary says so (``reached`` false, a one-line
+``verdict`` naming the moves not tried) and the build's budget check turns it into exit code 13.
 """
 
 from __future__ import annotations
@@ -131,14 +131,12 @@ class GreedySearch:
         accepted step's row and model, and returns why the search stopped short ("" when it reached the target)."""
         run, start_accuracy = self.scorer.run, self.accuracy
         reporter, name = self.probe.context.reporter, self.probe.context.config.name
-        recovered_at = 0  # the step last recovered on the way
         while trajectory[-1]["speedup"] < self.target:
             if max_drop > 0 and start_accuracy - self.accuracy > max_drop + PROXY_SLACK_POINTS:
-                step = len(trajectory) - 1
-                if step == recovered_at or sum("recovered_on_the_way" in row for row in trajectory) >= MIDWAY_RECOVERIES:
+                recovered = sum("recovered_on_the_way" in row for row in trajectory)
+                if "recovered_on_the_way" in trajectory[-1] or recovered >= MIDWAY_RECOVERIES:
                     return f"held-out top-1 fell more than {max_drop + PROXY_SLACK_POINTS:g} points, recovered or not"
                 self.recover_on_the_way(trajectory, models)
-                recovered_at = step
                 continue
             scored = self.choose()
             if scored is None:

@@ -41,6 +41,7 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 from bench_structured import uniform_level_for_mac_target  # noqa: E402
 
 from edgeprune import api  # noqa: E402
+from edgeprune.artifacts import atomic_path  # noqa: E402
 from edgeprune.cache import cache_key  # noqa: E402
 from edgeprune.config import DataConfig, ExportConfig  # noqa: E402
 from edgeprune.data import EXAMPLE_DATA, load_dataset  # noqa: E402
@@ -96,8 +97,8 @@ def trained_checkpoint(name: str, data: Path, folder: Path, args: argparse.Names
     print(f"{name}: trained, top-1 {evaluate(model, dataset.x_test, dataset.y_test):.2f} % on the test split", file=sys.stderr, flush=True)
     path = kept or folder / f"{name}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path.with_suffix(".partial"))
-    path.with_suffix(".partial").replace(path)
+    with atomic_path(path) as partial:
+        torch.save(model.state_dict(), partial)
     return path
 
 
@@ -215,9 +216,10 @@ def main() -> int:
         data = write_subset(folder / "subset.npz", args.train_images, args.test_images, args.data)
         for name in args.models:
             checkpoint = trained_checkpoint(name, data, folder, args)
-            if not args.train_only:
-                print("| " + " | ".join(control_row(name, checkpoint, data, folder, args)) + " |", flush=True)
-            for target in [] if args.train_only else args.targets:
+            if args.train_only:
+                continue
+            print("| " + " | ".join(control_row(name, checkpoint, data, folder, args)) + " |", flush=True)
+            for target in args.targets:
                 result = build(name, checkpoint, data, folder, args, f"prune.speedup={target}")
                 print("| " + " | ".join(search_row(name, target, result)) + " |", flush=True)
                 reduction = prune_metrics(result)["mac_reduction"]
