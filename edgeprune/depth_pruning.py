@@ -10,8 +10,14 @@ A *residual block* is recognised by what it computes, not by its class: the inne
 parameters, holds no protected layer (stem, classifier, ``prune.ignored_layers``) and is called with one
 tensor, whose output equals its input on the model's own activations once all its parameters are zero
 (the branch then adds nothing and only the identity path is left: ResNet basic blocks with an identity
-shortcut, MobileNetV2 inverted residuals that keep their shape, transformer blocks). A ShuffleNet unit
-(split, branch, concat, shuffle) or a DenseNet layer (concat) fails that test and is never removed.
+shortcut, MobileNetV2 inverted residuals that keep their shape, transformer blocks).
+
+A *bypassable branch* is the other kind: a child of a shape-keeping unit, itself shape-keeping, called with one tensor,
+such that with the child replaced by an identity the unit computes a channel permutation of its input (every output
+channel equal to a distinct input channel). A ShuffleNetV2 unit of stride 1 is one: it splits its channels, transforms
+one half in a branch, concatenates and shuffles. Its branch removed, the unit only passes its channels through the
+shuffle, as a removed residual block passes its input through. The unit itself (not ``x + f(x)``) and a DenseNet layer
+(concat: its channels grow) are never removed.
 
 A removed block is replaced by ``DroppedBlock`` (an identity the model file records by name, so
 ``modelio.load_model`` rebuilds the network without it).
@@ -55,7 +61,8 @@ class BlockScore:
 
 
 def residual_blocks(model: nn.Module, sample: torch.Tensor, protected: Iterable[str] = (), budget: Budget | None = None) -> list[str]:
-    """Names of the blocks of ``model`` that can be removed whole, in the model's order (see the module doc).
+    """Names of the blocks of ``model`` that can be removed whole, in the model's order (see the module doc): residual
+    blocks and bypassable branches.
 
     Past ``budget`` (``budget.expired()`` then tells) the modules not checked yet are not blocks: never removed.
     """
@@ -64,10 +71,17 @@ def residual_blocks(model: nn.Module, sample: torch.Tensor, protected: Iterable[
         with (budget or Budget()).deadline():
             calls = _single_tensor_calls(model, sample)
             for name, module in model.named_modules():
-                if _may_be_block(name, module, calls, protected) and all(_is_identity_when_zeroed(module, x) for x in calls[name]):
+                if not _may_be_block(name, module, calls.inputs, protected):
+                    continue
+                if all(_is_identity_when_zeroed(module, x) for x in calls.inputs[name]):
                     passing.append(name)
+                branch = _bypassable_branch(name, module, calls, protected)
+                if branch is not None and branch not in passing:
+                    passing.append(branch)
     except AnalysisTimeout:
         pass
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    passing.sort(key=order.__getitem__)
     return [name for name in passing if not any(other.startswith(f"{name}.") for other in passing)]
 
 
@@ -81,29 +95,48 @@ def _may_be_block(name: str, module: nn.Module, calls: dict[str, list[torch.Tens
     )
 
 
-def _single_tensor_calls(model: nn.Module, sample: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+@dataclass(frozen=True)
+class ModuleCalls:
+    """One forward pass seen module by module: each module's inputs (modules called with one tensor only) and the
+    modules whose every call returned a tensor of its input's shape."""
+
+    inputs: dict[str, list[torch.Tensor]]
+    shape_kept: frozenset[str]
+
+
+def _single_tensor_calls(model: nn.Module, sample: torch.Tensor) -> ModuleCalls:
     """Per module: the input of each of its calls in one forward pass of ``sample``; modules called with anything
     but one tensor (several arguments, keyword arguments) are left out."""
-    calls: dict[str, list[torch.Tensor]] = {}
-    excluded: set[str] = set()
+    inputs: dict[str, list[torch.Tensor]] = {}
+    excluded, reshaped = set(), set()
 
     def record(name: str):
         def hook(_module, args, kwargs):
             if len(args) == 1 and not kwargs and torch.is_tensor(args[0]):
-                calls.setdefault(name, []).append(args[0].detach().clone())
+                inputs.setdefault(name, []).append(args[0].detach().clone())
             else:
                 excluded.add(name)
 
         return hook
 
-    handles = [module.register_forward_pre_hook(record(name), with_kwargs=True) for name, module in model.named_modules() if name]
+    def compare(name: str):
+        def hook(_module, args, output):
+            if not (args and torch.is_tensor(args[0]) and torch.is_tensor(output) and output.shape == args[0].shape):
+                reshaped.add(name)
+
+        return hook
+
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    handles = [module.register_forward_pre_hook(record(name), with_kwargs=True) for name, module in modules]
+    handles += [module.register_forward_hook(compare(name)) for name, module in modules]
     try:
         with torch.no_grad():
             model.eval()(sample)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: inputs for name, inputs in calls.items() if name not in excluded}
+    kept = {name: calls for name, calls in inputs.items() if name not in excluded}
+    return ModuleCalls(kept, frozenset(kept.keys() - reshaped))
 
 
 def _is_identity_when_zeroed(module: nn.Module, inputs: torch.Tensor) -> bool:
@@ -119,6 +152,76 @@ def _is_identity_when_zeroed(module: nn.Module, inputs: torch.Tensor) -> bool:
         return False
     scale = float(inputs.abs().max())  # relative: an all-zero input proves nothing, tiny activations must not pass
     return scale > 0 and float((output - inputs).abs().max()) <= TOLERANCE * scale
+
+
+def _bypassable_branch(name: str, unit: nn.Module, calls: ModuleCalls, protected: set[str]) -> str | None:
+    """The child of ``unit`` (called ``name``) that is a bypassable branch (see the module doc), or None. The branch
+    holds every parameter of the unit; with it zeroed, some of the unit's input reaches its output unchanged (a path
+    around it), and with it replaced by an identity the unit is a channel permutation of its input, on every recorded
+    call. The child is swapped in place for the test and put back."""
+    holders = [(child_name, child) for child_name, child in unit.named_children() if any(True for _ in child.parameters())]
+    if len(holders) != 1 or name not in calls.shape_kept:
+        return None
+    (child_name, child), full = holders[0], f"{name}.{holders[0][0]}"
+    if full not in calls.shape_kept or not _may_be_block(full, child, calls.inputs, protected):
+        return None
+    zeroed = copy.deepcopy(child)
+    with torch.no_grad():
+        for parameter in zeroed.parameters():
+            parameter.zero_()
+    try:
+        unit._modules[child_name] = zeroed
+        with torch.no_grad():
+            passes = all(_passes_some_channels(_run(unit, x), x) for x in calls.inputs[name])
+        unit._modules[child_name] = DroppedBlock()
+        with torch.no_grad():
+            permutes = passes and all(_is_channel_permutation(_run(unit, x), x) for x in calls.inputs[name])
+    finally:
+        unit._modules[child_name] = child
+    return full if permutes else None
+
+
+def _run(module: nn.Module, inputs: torch.Tensor) -> object:
+    try:
+        return module(inputs)
+    except Exception:  # a unit that cannot run without its branch: the branch is not bypassable
+        return None
+
+
+def _channel_distances(output: object, inputs: torch.Tensor) -> torch.Tensor | None:
+    """Largest difference between each channel of ``output`` and each of ``inputs`` (N, C, ...), relative to the input's
+    largest value: a (C, C) matrix; None when the shapes differ or the input is all zero."""
+    if not torch.is_tensor(output) or output.shape != inputs.shape or inputs.dim() < 3:
+        return None
+    scale = float(inputs.abs().max())
+    if scale == 0:
+        return None
+    channels = inputs.shape[1]
+    source = inputs.transpose(0, 1).reshape(channels, -1)
+    return torch.cdist(output.transpose(0, 1).reshape(channels, -1), source, p=float("inf")) / scale
+
+
+def _passes_some_channels(output: object, inputs: torch.Tensor) -> bool:
+    """Some channel of ``output`` equals a channel of ``inputs`` that is not all zero."""
+    distance = _channel_distances(output, inputs)
+    if distance is None:
+        return False
+    live = inputs.transpose(0, 1).reshape(inputs.shape[1], -1).abs().amax(dim=1) > TOLERANCE * float(inputs.abs().max())
+    return bool((distance[:, live] <= TOLERANCE).any())
+
+
+def _is_channel_permutation(output: object, inputs: torch.Tensor) -> bool:
+    """Every channel of ``output`` equals a distinct channel of ``inputs`` (N, C, ...), within TOLERANCE."""
+    distance = _channel_distances(output, inputs)
+    if distance is None:
+        return False
+    unused = set(range(inputs.shape[1]))
+    for row in distance:
+        match = next((int(index) for index in torch.nonzero(row <= TOLERANCE).flatten() if int(index) in unused), None)
+        if match is None:
+            return False
+        unused.discard(match)
+    return True
 
 
 def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:

@@ -55,7 +55,7 @@ def inspect_model(config: BuildConfig, dataset: Dataset, reporter: Reporter, tim
     protected = protected_layers(model, config.prune.ignored_layers, config.model.num_classes)
     reporter.info("inspect: layer groups and a trial prune")
     summary.update(_groups(model, config, protected, sample))
-    reporter.info("inspect: removable residual blocks")
+    reporter.info("inspect: removable blocks")
     summary["residual_blocks"] = residual_blocks(model, sample, protected)
     reporter.info(f"inspect: exporting to ONNX, int8 and TFLite (at most {timeout_s:.0f} s)")
     summary["conversion"] = probe_conversion(model, config, dataset, timeout_s)
@@ -170,7 +170,7 @@ def format_inspection(summary: dict[str, Any]) -> str:
         note = f"  KEPT WHOLE: {kept[row['layer']]}" if row["layer"] in kept else ""
         lines.append(f"  {row['layer']}: {row['channels']} channels, {row['members']} layers, widths {allowed}{note}")
     blocks = summary["residual_blocks"]
-    lines.append(f"removable residual blocks ({len(blocks)}): {', '.join(blocks) or 'none'}")
+    lines.append(f"removable blocks, residual or bypassable branches ({len(blocks)}): {', '.join(blocks) or 'none'}")
     for step, result in summary["conversion"].items():
         detail = {key: value for key, value in result.items() if key != "ok"}
         lines.append(f"{step}: {'converts' if result['ok'] else 'FAILS'}" + (f" {json.dumps(detail)}" if detail else ""))

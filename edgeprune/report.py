@@ -355,7 +355,8 @@ def _channels(manifest: dict[str, Any]) -> list[str]:
     lines = ["## Channels per layer (structured pruning)", ""]
     removed = manifest["model"].get("blocks_removed")
     if removed:
-        lines += [f"Residual blocks removed whole (their layers show 0 after): {', '.join(f'`{_escape(name)}`' for name in removed)}.", ""]
+        names = ", ".join(f"`{_escape(name)}`" for name in removed)
+        lines += [f"Blocks removed whole (residual blocks and bypassable branches; their layers show 0 after): {names}.", ""]
     lines += ["| layer | before | after |", "|---|---:|---:|"]
     lines += [f"| {_escape(row['layer'])} | {row['channels_before']} | {row['channels_after']} |" for row in channels]
     return lines + [""]

@@ -32,7 +32,7 @@ def removable(name: str) -> list[str]:
         ("resnet_mini", ["blocks.0"]),  # blocks.1 and .2 have a strided 1×1 conv shortcut: removing them changes shapes
         ("mobilenetv2_mini", ["features.3", "features.5"]),  # the inverted residuals with an add
         ("vit_tiny", ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]),  # whole transformer blocks, not their branches
-        ("shufflenet_mini", []),  # split-branch-concat-shuffle units are not x + f(x)
+        ("shufflenet_mini", ["features.3.branch", "features.5.branch"]),  # the branches of the stride-1 split units
         ("densenet_mini", []),  # concatenations grow the channels
         ("small_cnn", []),
     ],
@@ -90,6 +90,59 @@ def test_only_blocks_that_reduce_to_the_identity_with_their_weights_zeroed_are_r
     sample = torch.randn(4, 8, 6, 6)
     assert residual_blocks(model, sample) == ["residual", "kept"]  # the plain conv is not, the two-input block is skipped
     assert residual_blocks(model, sample, protected={"kept.branch.0.0"}) == ["residual"]  # holds a protected layer
+
+
+class SplitUnit(nn.Module):
+    """A ShuffleNetV2 unit: half the channels pass, the other half go through the branch, then a channel shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(conv_bn(4, 4), conv_bn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = x.chunk(2, dim=1)
+        out = torch.cat([left, self.branch(right)], 1)
+        batch, channels, height, width = out.shape
+        return out.view(batch, 2, channels // 2, height, width).transpose(1, 2).reshape(batch, channels, height, width)
+
+
+class Wrapped(nn.Module):
+    """A plain conv behind a wrapper: with the conv gone the wrapper is an identity, but nothing went around the conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Mixed(nn.Module):
+    """A unit whose branch output is added to a permuted half: zeroed, a path goes around it, but bypassed it is no
+    permutation (two channels summed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = conv_bn(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1) + self.branch(x)
+
+
+def test_a_split_units_branch_is_bypassable_and_removing_it_leaves_the_shuffle_of_the_input() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_bn(1, 8), SplitUnit(), Wrapped(), Mixed(), nn.Flatten(), nn.LazyLinear(10)).eval()
+    sample = torch.randn(4, 1, 6, 6)
+    model(sample)
+    assert residual_blocks(model, sample) == ["1.branch"]  # not the wrapped conv, not the summing unit
+    assert residual_blocks(model, sample, protected={"1.branch.0.0"}) == []
+    shallower = drop_blocks(model, ["1.branch"])
+    with torch.no_grad():
+        features = model[0](sample)
+        order = [0, 4, 1, 5, 2, 6, 3, 7]  # the shuffle of two halves of four: left and right channels interleaved
+        assert torch.equal(shallower[1](features), features[:, order])
+        assert not torch.allclose(model[1](features), features[:, order], atol=1e-3)  # the branch did contribute
+    assert dropped_blocks(shallower) == ["1.branch"] and residual_blocks(shallower, sample) == []
 
 
 def test_a_removed_block_computes_the_model_with_its_branch_silenced_and_the_original_is_untouched() -> None:
@@ -174,7 +227,8 @@ def test_a_build_removes_the_named_block_and_the_cheapest_other_one_then_prunes_
     model = json.loads((workdir / "out" / "manifest.json").read_text())["model"]
     assert model["macs"] == metrics["macs_after"] and model["blocks_removed"] == ["features.3", "features.5"]
     report = (workdir / "out" / "report.md").read_text()
-    assert "Residual blocks removed whole (their layers show 0 after): `features.3`, `features.5`." in report
+    removed = "Blocks removed whole (residual blocks and bypassable branches; their layers show 0 after)"
+    assert f"{removed}: `features.3`, `features.5`." in report
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from edgeprune.errors import ConfigError, InputError, StageError
 from edgeprune.models import example_input, get_spec
 from edgeprune.pruning import Guard, guarded_prune, layer_groups, protected_layers, root_channels
 from edgeprune.pruning_plan import GroupPlan
+from edgeprune.stages.prune_structured import nothing_narrowed
 from edgeprune.training import count_macs_params
 from tests.conftest import USER_MODEL
 from tests.test_models import attention_modules
@@ -658,3 +659,12 @@ def test_structured_steps_re_estimate_batchnorm_statistics_and_the_option_turns_
     assert recalibrated["accuracy"] == from_trained["accuracy"]
     # and it reads the image: above a constant guess by more than 3 standard errors of a 500-image top-1
     assert recalibrated["accuracy"] > max(one_class) + 3 * 100 * 0.5 / np.sqrt(len(labels))
+
+
+def test_an_amount_that_moves_nothing_says_why_and_names_the_blocks_that_could_go() -> None:
+    line = nothing_narrowed(11, ["layers.1", "layers.3"])
+    assert line.startswith("prune_structured: prune.amount removed no channel: all 11 layer groups are kept whole")
+    assert line.endswith("it has 2 removable blocks (layers.1, layers.3): set prune.drop_block_count or prune.speedup to remove them")
+    many = nothing_narrowed(3, [f"b{index}" for index in range(6)])
+    assert "6 removable blocks (b0, b1, b2, b3 and 2 more)" in many and "\n" not in many
+    assert nothing_narrowed(2, []).endswith("the model has no removable block either")

@@ -12,12 +12,13 @@ import torch
 
 from edgeprune.cli import main
 from edgeprune.config import PruneConfig
-from edgeprune.depth_pruning import residual_blocks
+from edgeprune.depth_pruning import drop_blocks, residual_blocks
 from edgeprune.modelio import load_weights
 from edgeprune.pruning import layer_groups, protected_layers
 from tests.checkpoint_files import WRITERS
 from tests.conftest import FAST
 from tests.zoo import load_zoo
+from tests.zoo.mobile import channel_shuffle
 from tests.zoo.trained import train_and_save, write_subset
 
 ZOO = load_zoo()
@@ -65,6 +66,19 @@ def test_option_a_resnet_identity_blocks_are_removable_and_its_padded_ones_are_n
     blocks = residual_blocks(model, torch.randn(4, 1, 28, 28), protected=("conv1", "linear"))
     identity = [f"layer{stage}.{index}" for stage in (1, 2, 3) for index in range(3) if (stage, index) not in {(2, 0), (3, 0)}]
     assert blocks == identity
+
+
+def test_shufflenet_v2_stride_one_branches_are_removable_and_its_units_are_not():
+    # Split, branch, concat, shuffle: not x + f(x), but with its branch gone the unit is the shuffle of its input.
+    model = ZOO["shufflenet_v2"].factory().eval()
+    sample = torch.randn(4, 1, 28, 28)
+    blocks = residual_blocks(model, sample, protected=("conv1.0", "linear"))
+    assert blocks == ["layers.1.branch", "layers.3.branch"]  # the stride-2 units change shapes: they stay
+    shallower = drop_blocks(model, blocks)
+    with torch.no_grad():
+        assert shallower(sample).shape == (4, 10)
+        unit_input = shallower.layers[0](shallower.conv1(sample))
+        assert torch.equal(shallower.layers[1](unit_input), channel_shuffle(unit_input, 2))
 
 
 def test_option_a_pad_shortcuts_keep_the_residual_streams_whole_and_say_why():
@@ -120,13 +134,15 @@ def test_each_architecture_builds_end_to_end_from_its_checkpoint(workdir, zoo_ch
     checkpoint, data = zoo_checkpoints[name], zoo_checkpoints.data
     args = ["build", "--target", target, "--model", ZOO[name].source, "--weights", str(checkpoint), "--data", str(data)]
     args += ["--out", str(out), "--json"] + [item for override in ZOO_FAST for item in ("--set", override)]
-    assert main(args) == 0, capsys.readouterr().err
+    status, err = main(args), capsys.readouterr().err
+    assert status == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["checkpoint"]["format"]
     pruned = next(stage for stage in manifest["stages"] if stage["name"] == "prune_structured")["metrics"]
     left = {row["layer"]: row["reason"] for row in manifest["model"].get("left_unpruned", [])}
     if manifest["model"]["macs"] >= manifest["model"]["macs_dense"]:  # nothing moved: every group must be said kept whole
         assert pruned["group_ratios"].keys() <= left.keys() and all(left.values()), (pruned["group_ratios"], left)
+        assert "prune.amount removed no channel" in err  # and the log says what would move it (blocks, if any)
     exported = [entry for entry in manifest["artifacts"].values() if entry["file"].endswith((".onnx", ".tflite"))]
     assert exported and all(entry["parity"]["top1_agreement"] >= 0.9 for entry in exported)  # the build verified each
     report = (out / "report.md").read_text()

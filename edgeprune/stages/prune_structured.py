@@ -32,7 +32,7 @@ from torch import nn
 from edgeprune.artifacts import sha256_of
 from edgeprune.config import BuildConfig
 from edgeprune.dependency import DependencyAnalysis
-from edgeprune.depth_pruning import depth_prune
+from edgeprune.depth_pruning import depth_prune, residual_blocks
 from edgeprune.errors import InputError, StageError
 from edgeprune.modelio import load_model
 from edgeprune.pruning import layer_groups, protected_layers
@@ -88,6 +88,10 @@ class PruneStructured:
         run = PruningRun(model, copy.deepcopy(dense), config, context.dataset, context.reporter, protected, groups, plan)
         trajectory, search = prune_run(context, run, [*narrow, *analysis.kept_whole])
         model = run.model
+        if not search and not movable and not depth["blocks"] and config.prune.amount > 0:
+            kept = len(groups) + len(analysis.kept_whole)
+            removable = residual_blocks(model, sample, protected_layers(model, config.prune.ignored_layers, config.model.num_classes))
+            context.reporter.warn(nothing_narrowed(kept, removable))
         artifacts = write_model(context, model)
         check_reloads(artifacts[0].path, model, sample)
         after = count_macs_params(model, example)
@@ -124,6 +128,16 @@ def prune_run(context: StageContext, run: PruningRun, kept_whole: list[Any]) -> 
     outcome = search_speedup(run, probe, config.prune, max_drop, context.cache_root, not_tried)
     (context.reporter.info if outcome.summary["reached"] else context.reporter.warn)(f"prune_structured: {outcome.summary['verdict']}")
     return outcome.trajectory, outcome.summary
+
+
+def nothing_narrowed(kept: int, removable: list[str]) -> str:
+    """One line for a ``prune.amount`` that moved no channel: why, and the blocks that could go instead."""
+    blocks = ", ".join(removable[:4]) + (f" and {len(removable) - 4} more" if len(removable) > 4 else "")
+    remedy = f"it has {len(removable)} removable blocks ({blocks}): set prune.drop_block_count or prune.speedup to remove them"
+    return (
+        f"prune_structured: prune.amount removed no channel: all {kept} layer groups are kept whole "
+        f"(metrics: dependency_analysis, kept_whole_by_rounding); " + (remedy if removable else "the model has no removable block either")
+    )
 
 
 def analyse_dependencies(context: StageContext, model: nn.Module, protected: set[str]) -> DependencyAnalysis:
