@@ -663,7 +663,7 @@ def test_structured_steps_re_estimate_batchnorm_statistics_and_the_option_turns_
 
 def test_an_amount_that_moves_nothing_says_why_and_names_the_blocks_that_could_go() -> None:
     line = nothing_narrowed(11, ["layers.1", "layers.3"])
-    assert line.startswith("prune_structured: prune.amount removed no channel: all 11 layer groups are kept whole")
+    assert line.startswith("prune_structured: prune.amount removed no channel: none of its 11 layer groups could be narrowed")
     assert line.endswith("it has 2 removable blocks (layers.1, layers.3): set prune.drop_block_count or prune.speedup to remove them")
     many = nothing_narrowed(3, [f"b{index}" for index in range(6)])
     assert "6 removable blocks (b0, b1, b2, b3 and 2 more)" in many and "\n" not in many

@@ -24,13 +24,17 @@ from tests.zoo.trained import train_and_save, write_subset
 ZOO = load_zoo()
 TARGETS = ("cpu-x86", "android")
 # Settings that keep one corpus build to seconds; every stage still runs on real data and is verified. The corpus is
-# trained one epoch on 600 images: its logit margins are thin, so int8 agrees with fp32 on ~95 % of the test images
-# (a model trained to convergence meets the default 0.97), and the accuracy budget is not what these tests check.
+# trained three epochs on 600 images and tested on 300: after one epoch the logit margins were so thin that an int8
+# *output* alone flipped 16 % of resnet20_a's predictions; after three, int8 agrees with fp32 on ~97 %, but a
+# handful of flipped images is 1.7-3 points on 300 (densenet_bc, senet). A broken int8 file loses far more than 5
+# points and agrees on far less than 90 %: those bounds stay; the 0.5-point budget is measured on the benchmark's
+# larger test split (docs/benchmarks.md), not here.
 ZOO_FAST = (
     *FAST,
     "benchmark.repeats=1",
     "benchmark.iterations=10",
     "quantize.min_top1_agreement=0.9",
+    "quantize.max_accuracy_drop=5",
     "parity.int8_min_top1_agreement=0.9",
     "budgets.max_accuracy_drop=100",
 )
@@ -93,7 +97,7 @@ def test_option_a_pad_shortcuts_keep_the_residual_streams_whole_and_say_why():
 
 
 class ZooCheckpoints:
-    """Corpus architectures trained once per session, on first use: one epoch on a 600-image subset, in their wild layouts."""
+    """Corpus architectures trained once per session, on first use: three epochs on a 600-image subset, in their wild layouts."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -102,7 +106,7 @@ class ZooCheckpoints:
 
     def __getitem__(self, name: str) -> Path:
         if name not in self._paths:
-            self._paths[name] = train_and_save(ZOO[name], self.data, self.folder, epochs=1)
+            self._paths[name] = train_and_save(ZOO[name], self.data, self.folder, epochs=3)
         return self._paths[name]
 
 

@@ -48,7 +48,8 @@ from edgeprune.training import count_macs_params
 
 class PruneStructured:
     name = "prune_structured"
-    version = "11"  # 8: BatchNorm re-estimated after each step; 9: depth pruning; 10: bounded analysis, round_to; 11: the speed-up search
+    version = "12"  # 8: BatchNorm re-estimated after each step; 9: depth pruning; 10: bounded analysis, round_to; 11: the speed-up
+    # search; 12: split units' branches removable
     trains = True  # its cache key includes torch's thread count
     sections = ("prune", "finetune")
     consumes = ("model",)
@@ -88,7 +89,7 @@ class PruneStructured:
         run = PruningRun(model, copy.deepcopy(dense), config, context.dataset, context.reporter, protected, groups, plan)
         trajectory, search = prune_run(context, run, [*narrow, *analysis.kept_whole])
         model = run.model
-        if not search and not movable and not depth["blocks"] and config.prune.amount > 0:
+        if not search and not depth["blocks"] and config.prune.amount > 0 and count_macs_params(model, example)["macs"] >= before["macs"]:
             kept = len(groups) + len(analysis.kept_whole)
             removable = residual_blocks(model, sample, protected_layers(model, config.prune.ignored_layers, config.model.num_classes))
             context.reporter.warn(nothing_narrowed(kept, removable))
@@ -135,8 +136,8 @@ def nothing_narrowed(kept: int, removable: list[str]) -> str:
     blocks = ", ".join(removable[:4]) + (f" and {len(removable) - 4} more" if len(removable) > 4 else "")
     remedy = f"it has {len(removable)} removable blocks ({blocks}): set prune.drop_block_count or prune.speedup to remove them"
     return (
-        f"prune_structured: prune.amount removed no channel: all {kept} layer groups are kept whole "
-        f"(metrics: dependency_analysis, kept_whole_by_rounding); " + (remedy if removable else "the model has no removable block either")
+        f"prune_structured: prune.amount removed no channel: none of its {kept} layer groups could be narrowed "
+        f"(the report's 'left unpruned' says why for each); " + (remedy if removable else "the model has no removable block either")
     )
 
 
