@@ -12,9 +12,11 @@ tensor, whose output equals its input on the model's own activations once all it
 (the branch then adds nothing and only the identity path is left: ResNet basic blocks with an identity
 shortcut, MobileNetV2 inverted residuals that keep their shape, transformer blocks).
 
-A *bypassable branch* is the other kind: a child of a shape-keeping unit, itself shape-keeping, called with one tensor,
-such that with the child replaced by an identity the unit computes a channel permutation of its input (every output
-channel equal to a distinct input channel). A ShuffleNetV2 unit of stride 1 is one: it splits its channels, transforms
+A *bypassable branch* is the other kind: the one child of a shape-keeping unit that holds all of the unit's parameters,
+itself shape-keeping and called with one tensor, such that with the child zeroed some input channel still reaches the
+unit's output unchanged (a path around the branch) and with the child replaced by an identity the unit computes a
+channel permutation of its input (every output channel equal to a distinct input channel), on the model's own
+activations. A ShuffleNetV2 unit of stride 1 is one: it splits its channels, transforms
 one half in a branch, concatenates and shuffles. Its branch removed, the unit only passes its channels through the
 shuffle, as a removed residual block passes its input through. The unit itself (not ``x + f(x)``) and a DenseNet layer
 (concat: its channels grow) are never removed.
