@@ -141,15 +141,18 @@ def _single_tensor_calls(model: nn.Module, sample: torch.Tensor) -> ModuleCalls:
     return ModuleCalls(kept, frozenset(kept.keys() - reshaped))
 
 
-def _is_identity_when_zeroed(module: nn.Module, inputs: torch.Tensor) -> bool:
+def _zeroed_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` in eval mode with every parameter zero (``module`` is untouched)."""
     zeroed = copy.deepcopy(module).eval()
     with torch.no_grad():
         for parameter in zeroed.parameters():
             parameter.zero_()
-        try:
-            output = zeroed(inputs)
-        except Exception:  # a module that cannot run on its own input alone is not a block to remove
-            return False
+    return zeroed
+
+
+def _is_identity_when_zeroed(module: nn.Module, inputs: torch.Tensor) -> bool:
+    with torch.no_grad():
+        output = _run(_zeroed_copy(module), inputs)
     if not torch.is_tensor(output) or output.shape != inputs.shape:
         return False
     scale = float(inputs.abs().max())  # relative: an all-zero input proves nothing, tiny activations must not pass
@@ -167,12 +170,8 @@ def _bypassable_branch(name: str, unit: nn.Module, calls: ModuleCalls, protected
     (child_name, child), full = holders[0], f"{name}.{holders[0][0]}"
     if full not in calls.shape_kept or not _may_be_block(full, child, calls.inputs, protected):
         return None
-    zeroed = copy.deepcopy(child)
-    with torch.no_grad():
-        for parameter in zeroed.parameters():
-            parameter.zero_()
     try:
-        unit._modules[child_name] = zeroed
+        unit._modules[child_name] = _zeroed_copy(child)
         with torch.no_grad():
             passes = all(_passes_some_channels(_run(unit, x), x) for x in calls.inputs[name])
         unit._modules[child_name] = DroppedBlock()
@@ -186,7 +185,7 @@ def _bypassable_branch(name: str, unit: nn.Module, calls: ModuleCalls, protected
 def _run(module: nn.Module, inputs: torch.Tensor) -> object:
     try:
         return module(inputs)
-    except Exception:  # a unit that cannot run without its branch: the branch is not bypassable
+    except Exception:  # a module that cannot run on this input alone (or a unit without its branch): not removable
         return None
 
 

@@ -42,9 +42,14 @@ def kept_whole_by_rounding(groups: Iterable[LayerGroup], round_to: int) -> list[
     ]
 
 
+def first_names(names: list[str], shown: int = 4) -> str:
+    """The first ``shown`` of ``names``, comma-separated, and how many more there are: a log line stays one line."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def rounding_warning(kept: list[KeptWhole], round_to: int) -> str:
     """One line naming the groups the rounding keeps whole and what to do about it."""
-    names = ", ".join(item.layer for item in kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+    names = first_names([item.layer for item in kept])
     narrowest, widest = min(item.channels for item in kept), max(item.channels for item in kept)
     span = f"{narrowest}" if narrowest == widest else f"{narrowest}-{widest}"
     return (

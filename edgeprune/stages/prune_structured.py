@@ -37,7 +37,7 @@ from edgeprune.errors import InputError, StageError
 from edgeprune.modelio import load_model
 from edgeprune.pruning import layer_groups, protected_layers
 from edgeprune.pruning_plan import GroupPlan
-from edgeprune.rounding import kept_whole_by_rounding, rounding_warning
+from edgeprune.rounding import first_names, kept_whole_by_rounding, rounding_warning
 from edgeprune.speed_search import latency_table_identity, search_speedup
 from edgeprune.speedup_search import LatencyProbe, prune_to_speedup
 from edgeprune.stages.base import StageContext, StageOutput
@@ -77,10 +77,10 @@ class PruneStructured:
         dense = read_model(context)
         example, sample = example_input(context), example_input(context, batch=4)
         before, widths_before = count_macs_params(dense, example), layer_widths(dense)
-        protected = protected_layers(dense, config.prune.ignored_layers, config.model.num_classes)
-        model, depth = depth_prune(dense, config.prune, context.dataset, protected, config.model.num_classes, context.reporter)
-        analysis = analyse_dependencies(context, model, protected)
-        protected, groups = analysis.protected(protected), analysis.groups
+        user_protected = protected_layers(dense, config.prune.ignored_layers, config.model.num_classes)
+        model, depth = depth_prune(dense, config.prune, context.dataset, user_protected, config.model.num_classes, context.reporter)
+        analysis = analyse_dependencies(context, model, user_protected)
+        protected, groups = analysis.protected(user_protected), analysis.groups
         narrow = kept_whole_by_rounding(groups, config.prune.round_to)
         if narrow:
             context.reporter.warn(rounding_warning(narrow, config.prune.round_to))
@@ -89,13 +89,12 @@ class PruneStructured:
         run = PruningRun(model, copy.deepcopy(dense), config, context.dataset, context.reporter, protected, groups, plan)
         trajectory, search = prune_run(context, run, [*narrow, *analysis.kept_whole])
         model = run.model
-        if not search and not depth["blocks"] and config.prune.amount > 0 and count_macs_params(model, example)["macs"] >= before["macs"]:
-            kept = len(groups) + len(analysis.kept_whole)
-            removable = residual_blocks(model, sample, protected_layers(model, config.prune.ignored_layers, config.model.num_classes))
-            context.reporter.warn(nothing_narrowed(kept, removable))
+        after = count_macs_params(model, example)
+        if not search and not depth["blocks"] and config.prune.amount > 0 and after["macs"] >= before["macs"]:
+            removable = residual_blocks(model, sample, user_protected)
+            context.reporter.warn(nothing_narrowed(len(groups) + len(analysis.kept_whole), removable))
         artifacts = write_model(context, model)
         check_reloads(artifacts[0].path, model, sample)
-        after = count_macs_params(model, example)
         metrics = {
             "macs_before": before["macs"],
             "macs_after": after["macs"],
@@ -133,8 +132,8 @@ def prune_run(context: StageContext, run: PruningRun, kept_whole: list[Any]) -> 
 
 def nothing_narrowed(kept: int, removable: list[str]) -> str:
     """One line for a ``prune.amount`` that moved no channel: why, and the blocks that could go instead."""
-    blocks = ", ".join(removable[:4]) + (f" and {len(removable) - 4} more" if len(removable) > 4 else "")
-    remedy = f"it has {len(removable)} removable blocks ({blocks}): set prune.drop_block_count or prune.speedup to remove them"
+    blocks = f"{len(removable)} removable blocks ({first_names(removable)})"
+    remedy = f"it has {blocks}: set prune.drop_block_count or prune.speedup to remove them"
     return (
         f"prune_structured: prune.amount removed no channel: none of its {kept} layer groups could be narrowed "
         f"(the report's 'left unpruned' says why for each); " + (remedy if removable else "the model has no removable block either")
